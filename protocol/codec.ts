@@ -1,0 +1,199 @@
+import type protobuf from 'protobufjs';
+import { ErrorCode, FleetError } from './errors.ts';
+import type {
+  ModelRelease,
+  ModelUpdate,
+  ModelWeights,
+  RoundTask,
+  UpdateAck,
+  VehicleStatus,
+} from './messages.ts';
+import { schema } from './schema.ts';
+
+/**
+ * Converts a 64-bit protobuf field to a JS number. protobufjs hands out
+ * Long objects (or decimal strings under toObject's `longs: String`);
+ * values above Number.MAX_SAFE_INTEGER are rejected rather than rounded.
+ */
+export function toSafeInteger(field: string, value: unknown): number {
+  const parsed =
+    typeof value === 'number'
+      ? value
+      : typeof value === 'string'
+        ? Number(value)
+        : value !== null && typeof value === 'object' && 'toString' in value
+          ? Number(String(value))
+          : Number.NaN;
+  if (!Number.isSafeInteger(parsed) || parsed < 0) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `field ${field} is ${String(value)}, expected an integer between 0 ` +
+        `and ${Number.MAX_SAFE_INTEGER}`,
+    );
+  }
+  return parsed;
+}
+
+const TO_OBJECT: protobuf.IConversionOptions = {
+  longs: String,
+  enums: Number,
+  defaults: true,
+  arrays: true,
+};
+
+function encodeWith(
+  type: protobuf.Type,
+  message: object,
+  maxBytes: number,
+): Uint8Array {
+  const problem = type.verify(message);
+  if (problem !== null) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `cannot encode ${type.name}: ${problem}`,
+    );
+  }
+  const bytes = type.encode(type.fromObject(message)).finish();
+  if (bytes.length > maxBytes) {
+    throw new FleetError(
+      ErrorCode.PayloadTooLarge,
+      `encoded ${type.name} is ${bytes.length} bytes, above the maximum ` +
+        `of ${maxBytes} bytes`,
+    );
+  }
+  return bytes;
+}
+
+function decodeWith(
+  type: protobuf.Type,
+  bytes: Uint8Array,
+): Record<string, unknown> {
+  if (!(bytes instanceof Uint8Array)) {
+    throw new TypeError(`expected a Uint8Array, received ${typeof bytes}`);
+  }
+  try {
+    return type.toObject(type.decode(bytes), TO_OBJECT);
+  } catch (err) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `cannot decode ${type.name} from ${bytes.length} bytes: ` +
+        (err as Error).message,
+      { cause: err },
+    );
+  }
+}
+
+function requireText(type: string, object: Record<string, unknown>, fields: string[]): void {
+  for (const field of fields) {
+    const value = object[field];
+    if (typeof value !== 'string' || value.length === 0) {
+      throw new FleetError(
+        ErrorCode.MalformedPayload,
+        `${type} has no ${field}; expected a non-empty string`,
+      );
+    }
+  }
+}
+
+/** Default ceiling on one encoded message: 64 MiB. */
+export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+/** Encodes a ModelUpdate; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
+export function encodeModelUpdate(
+  update: ModelUpdate,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.ModelUpdate, update, maxBytes);
+}
+
+/** Decodes a ModelUpdate; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeModelUpdate(bytes: Uint8Array): ModelUpdate {
+  const object = decodeWith(schema.ModelUpdate, bytes);
+  requireText('ModelUpdate', object, ['updateId', 'vehicleId', 'modelName']);
+  object.numExamples = toSafeInteger('numExamples', object.numExamples);
+  object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
+  object.metrics ??= { trainLoss: 0, trainAccuracy: 0, trainDurationMs: 0, backend: '' };
+  return object as unknown as ModelUpdate;
+}
+
+/** Encodes a RoundTask. */
+export function encodeRoundTask(
+  task: RoundTask,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.RoundTask, task, maxBytes);
+}
+
+/** Decodes a RoundTask; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeRoundTask(bytes: Uint8Array): RoundTask {
+  const object = decodeWith(schema.RoundTask, bytes);
+  requireText('RoundTask', object, ['fleetId', 'modelName']);
+  if (object.training === null || object.training === undefined) {
+    throw new FleetError(ErrorCode.MalformedPayload, 'RoundTask has no training config');
+  }
+  object.openedAtMs = toSafeInteger('openedAtMs', object.openedAtMs);
+  object.deadlineMs = toSafeInteger('deadlineMs', object.deadlineMs);
+  return object as unknown as RoundTask;
+}
+
+/** Encodes an UpdateAck. */
+export function encodeUpdateAck(
+  ack: UpdateAck,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.UpdateAck, ack, maxBytes);
+}
+
+/** Decodes an UpdateAck; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeUpdateAck(bytes: Uint8Array): UpdateAck {
+  const object = decodeWith(schema.UpdateAck, bytes);
+  requireText('UpdateAck', object, ['updateId']);
+  return object as unknown as UpdateAck;
+}
+
+/** Encodes a ModelRelease. */
+export function encodeModelRelease(
+  release: ModelRelease,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.ModelRelease, release, maxBytes);
+}
+
+/** Decodes a ModelRelease; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeModelRelease(bytes: Uint8Array): ModelRelease {
+  const object = decodeWith(schema.ModelRelease, bytes);
+  requireText('ModelRelease', object, ['modelName', 'sha256']);
+  object.sizeBytes = toSafeInteger('sizeBytes', object.sizeBytes);
+  object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
+  object.numExamples = toSafeInteger('numExamples', object.numExamples);
+  return object as unknown as ModelRelease;
+}
+
+/** Encodes a VehicleStatus. */
+export function encodeVehicleStatus(
+  status: VehicleStatus,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.VehicleStatus, status, maxBytes);
+}
+
+/** Decodes a VehicleStatus; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeVehicleStatus(bytes: Uint8Array): VehicleStatus {
+  const object = decodeWith(schema.VehicleStatus, bytes);
+  requireText('VehicleStatus', object, ['vehicleId']);
+  object.numExamples = toSafeInteger('numExamples', object.numExamples);
+  object.updatedAtMs = toSafeInteger('updatedAtMs', object.updatedAtMs);
+  return object as unknown as VehicleStatus;
+}
+
+/** Encodes a ModelWeights file. */
+export function encodeModelWeights(weights: ModelWeights): Uint8Array {
+  return encodeWith(schema.ModelWeights, weights, Number.MAX_SAFE_INTEGER);
+}
+
+/** Decodes a ModelWeights file; throws MALFORMED_PAYLOAD on bad bytes. */
+export function decodeModelWeights(bytes: Uint8Array): ModelWeights {
+  const object = decodeWith(schema.ModelWeights, bytes);
+  requireText('ModelWeights', object, ['modelName']);
+  return object as unknown as ModelWeights;
+}

@@ -1,0 +1,65 @@
+/**
+ * Stable error codes shared by every fleetlearn process. Reject reasons on
+ * the ack topic use these strings, and tests assert the code, not the
+ * wording of the message.
+ */
+export const ErrorCode = {
+  /** Bytes that protobufjs cannot decode, or a message missing a field. */
+  MalformedPayload: 'MALFORMED_PAYLOAD',
+  /** Encoded message larger than the configured maximum. */
+  PayloadTooLarge: 'PAYLOAD_TOO_LARGE',
+  /** Update for another model name or base version than the round's. */
+  WrongModelVersion: 'WRONG_MODEL_VERSION',
+  /** Update for a round that is not open. */
+  WrongRound: 'WRONG_ROUND',
+  /** Update from a vehicle not selected for the round. */
+  VehicleNotSelected: 'VEHICLE_NOT_SELECTED',
+  /** Tensor names differ from the round's trainable tensors. */
+  WrongTensors: 'WRONG_TENSORS',
+  /** Tensor shape differs from the model's. */
+  WrongShape: 'WRONG_SHAPE',
+  /** Tensor encoding not supported by the receiver. */
+  UnsupportedEncoding: 'UNSUPPORTED_ENCODING',
+  /** NaN or infinite value in a tensor. */
+  NonFiniteValue: 'NON_FINITE_VALUE',
+  /** numExamples is zero or not a safe integer. */
+  InvalidExampleCount: 'INVALID_EXAMPLE_COUNT',
+  /** An update with this update id, or from this vehicle, was counted. */
+  DuplicateUpdate: 'DUPLICATE_UPDATE',
+  /** The round closed before the update arrived. */
+  RoundClosed: 'ROUND_CLOSED',
+  /** Release digest does not match its bytes. */
+  DigestMismatch: 'DIGEST_MISMATCH',
+  /** Exported ONNX output differs from the training framework's. */
+  ExportMismatch: 'EXPORT_MISMATCH',
+  /** Round ended with fewer accepted updates than its quorum. */
+  QuorumNotMet: 'QUORUM_NOT_MET',
+  /** Weighted mean over zero examples. */
+  EmptyAggregate: 'EMPTY_AGGREGATE',
+  /** Data directory missing, empty or in an unknown layout. */
+  DataNotFound: 'DATA_NOT_FOUND',
+  /** Image file that cannot be decoded. */
+  InvalidImage: 'INVALID_IMAGE',
+  /** Option or configuration value that cannot work. */
+  InvalidConfig: 'INVALID_CONFIG',
+  /** Model file or weights that do not match the architecture. */
+  InvalidModel: 'INVALID_MODEL',
+} as const;
+
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** The one error class for domain failures; `code` is stable. */
+export class FleetError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'FleetError';
+    this.code = code;
+  }
+}
+
+/** Returns true when `err` is a FleetError, optionally with `code`. */
+export function isFleetError(err: unknown, code?: ErrorCode): err is FleetError {
+  return err instanceof FleetError && (code === undefined || err.code === code);
+}
