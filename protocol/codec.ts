@@ -112,7 +112,16 @@ export function decodeModelUpdate(bytes: Uint8Array): ModelUpdate {
   requireText('ModelUpdate', object, ['updateId', 'vehicleId', 'modelName']);
   object.numExamples = toSafeInteger('numExamples', object.numExamples);
   object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
-  object.metrics ??= { trainLoss: 0, trainAccuracy: 0, trainDurationMs: 0, backend: '' };
+  // protobufjs writes fields in field-number order and created_at_ms is the
+  // last one, so requiring it catches a payload cut at a field boundary,
+  // which would otherwise decode as an update with fields missing.
+  if (object.createdAtMs === 0 || object.metrics === null) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      'ModelUpdate has no createdAtMs or metrics; the payload is truncated ' +
+        'or was built without them',
+    );
+  }
   return object as unknown as ModelUpdate;
 }
 

@@ -1,0 +1,36 @@
+# One image for every fleetlearn process: broker, aggregator or vehicle
+# agent. NOTE: untested, because the development machines have no Docker
+# engine.
+#
+#   docker build -t fleetlearn .
+#   docker run --rm -p 1883:1883 fleetlearn npm run broker -- --host 0.0.0.0
+#   docker run --rm fleetlearn npm run aggregator -- --broker-url mqtt://broker:1883
+#   docker run --rm -v /frames:/frames fleetlearn npm run agent -- run \
+#     --vehicle-id veh-001 --data /frames --broker-url mqtt://broker:1883
+#
+# For a CUDA host, build on a CUDA base image so that the optional
+# @tensorflow/tfjs-node-gpu dependency installs and trains on the GPU:
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:11.8.0-cudnn8-runtime-ubuntu22.04 .
+ARG BASE_IMAGE=node:20-bookworm-slim
+FROM ${BASE_IMAGE}
+
+# CUDA base images have no Node.js; install it from the distribution there.
+RUN if ! command -v node >/dev/null; then \
+      apt-get update && \
+      apt-get install -y --no-install-recommends nodejs npm ca-certificates && \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
+
+WORKDIR /app
+COPY package.json package-lock.json ./
+# onnxruntime-node ships its CPU binaries in the package; skip its CUDA
+# download. tfjs-node-gpu is optional: where libtensorflow cannot be
+# downloaded, its install fails and the agent trains on wasm instead.
+ENV ONNXRUNTIME_NODE_INSTALL=skip
+RUN npm ci --no-audit --no-fund --omit=dev --include=optional || \
+    npm ci --no-audit --no-fund --omit=dev --omit=optional
+
+COPY . .
+ENV NODE_ENV=production
+USER node
+CMD ["npm", "run", "broker", "--", "--host", "0.0.0.0"]
