@@ -15,7 +15,12 @@ import { parsePpm, PpmFormatError } from './ppm.ts';
 export const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
 
 /** Extensions that `loadLabelledImages` picks up in a folder per class. */
-export const IMAGE_EXTENSIONS: readonly string[] = ['.ppm', '.png', '.jpg', '.jpeg'];
+export const IMAGE_EXTENSIONS: readonly string[] = [
+  '.ppm',
+  '.png',
+  '.jpg',
+  '.jpeg',
+];
 
 function isPpm(bytes: Uint8Array): boolean {
   return bytes.length >= 2 && bytes[0] === 0x50 && bytes[1] === 0x36;
@@ -88,10 +93,11 @@ export async function decodeImageInto(
     writeFloats(await decodeWithSharp(bytes), out, offset);
   } catch (err) {
     const reason = err instanceof Error ? err.message : String(err);
-    const what = err instanceof PpmFormatError ? reason : `cannot decode: ${reason}`;
+    const detail =
+      err instanceof PpmFormatError ? reason : `cannot decode: ${reason}`;
     throw new FleetError(
       ErrorCode.InvalidImage,
-      `invalid image ${path}: ${what}`,
+      `invalid image ${path}: ${detail}`,
       { cause: err },
     );
   }

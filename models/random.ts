@@ -6,9 +6,9 @@
 /**
  * Creates a seeded PRNG that returns numbers in [0, 1).
  *
- * The generator is mulberry32 (Tommy Ettinger, public domain): 32-bit state,
- * period 2^32, fast and good enough for shuffles and splits, not for
- * cryptography. Equal seeds give equal sequences.
+ * The generator is mulberry32: 32-bit state, period 2^32, fast and good
+ * enough for shuffles and splits, not for cryptography. Equal seeds give
+ * equal sequences.
  *
  * @param seed any safe integer; it is reduced to 32 bits.
  * @throws {RangeError} when `seed` is not a safe integer.

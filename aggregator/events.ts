@@ -1,0 +1,61 @@
+import type { RoundStats } from './round.ts';
+
+/** Payload of 'round-opened'. */
+export interface RoundOpenedEvent {
+  round: number;
+  /** Version the round trains from. */
+  modelVersion: number;
+  /** Selected vehicle ids, sorted. */
+  selected: string[];
+  /** Epoch milliseconds after which the round closes. */
+  deadlineMs: number;
+}
+
+/** Payload of 'round-closed': the round produced `modelVersion`. */
+export interface RoundClosedEvent extends RoundStats {
+  modelVersion: number;
+  /** Test accuracy of the new version; undefined without a test set. */
+  accuracy: number | undefined;
+  /** Bytes of the encoded ModelRelease message. */
+  releaseBytes: number;
+  /** Largest ONNX-vs-TF.js probability difference on the probe batch. */
+  exportMaxAbsDiff: number;
+}
+
+/** Payload of 'round-failed': the model stays at `modelVersion`. */
+export interface RoundFailedEvent extends RoundStats {
+  modelVersion: number;
+  /** An ErrorCode, for example QUORUM_NOT_MET or EXPORT_MISMATCH. */
+  reasonCode: string;
+  message: string;
+}
+
+/** Payload of 'update-decided', one per received update message. */
+export interface UpdateDecidedEvent {
+  vehicleId: string;
+  /** Round named in the update; undefined when it did not decode. */
+  round: number | undefined;
+  updateId: string | undefined;
+  accepted: boolean;
+  /** ErrorCode of a rejection; undefined when accepted. */
+  reasonCode: string | undefined;
+  bytes: number;
+}
+
+/** Payload of 'release-published'. */
+export interface ReleasePublishedEvent {
+  modelVersion: number;
+  round: number;
+  sha256: string;
+  /** Bytes of the encoded ModelRelease message. */
+  bytes: number;
+}
+
+/** Events of the Aggregator, for the simulator and tests. */
+export interface AggregatorEvents {
+  'round-opened': [RoundOpenedEvent];
+  'round-closed': [RoundClosedEvent];
+  'round-failed': [RoundFailedEvent];
+  'update-decided': [UpdateDecidedEvent];
+  'release-published': [ReleasePublishedEvent];
+}

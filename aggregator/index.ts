@@ -1,0 +1,20 @@
+export { Aggregator } from './aggregator.ts';
+export type {
+  AggregatorEvents,
+  ReleasePublishedEvent,
+  RoundClosedEvent,
+  RoundFailedEvent,
+  RoundOpenedEvent,
+  UpdateDecidedEvent,
+} from './events.ts';
+export { FedAvgAccumulator, applyDeltas } from './fedavg.ts';
+export { ModelStore } from './model-store.ts';
+export type { ModelManifest, StoredModel } from './model-store.ts';
+export { resolveOptions } from './options.ts';
+export type { AggregatorOptions, ResolvedOptions, TestSet } from './options.ts';
+export type { RoundStats } from './round.ts';
+export { selectVehicles } from './selection.ts';
+export { loadState, saveState } from './state.ts';
+export type { AggregatorState } from './state.ts';
+export { validateUpdate } from './validate.ts';
+export type { RoundContext, UpdateDecision } from './validate.ts';

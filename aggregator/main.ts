@@ -1,0 +1,179 @@
+/**
+ * Command line of the aggregator:
+ * `npx tsx aggregator/main.ts --fleet-id demo --state-dir state/aggregator`.
+ */
+import { fileURLToPath } from 'node:url';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import {
+  createLogger,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  isFleetError,
+  type Logger,
+} from '../protocol/index.ts';
+import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
+import { Aggregator } from './aggregator.ts';
+import type { AggregatorOptions } from './options.ts';
+
+const DEFAULT_BASE_WEIGHTS = fileURLToPath(
+  new URL('../models/base/gtsrb-cnn-v0.weights.pb', import.meta.url),
+);
+
+function integer(min: number) {
+  return (text: string): number => {
+    const value = Number(text);
+    if (!Number.isSafeInteger(value) || value < min) {
+      throw new InvalidArgumentError(`expected an integer >= ${min}, got ${text}`);
+    }
+    return value;
+  };
+}
+
+function number(min: number) {
+  return (text: string): number => {
+    const value = Number(text);
+    if (!Number.isFinite(value) || value < min) {
+      throw new InvalidArgumentError(`expected a number >= ${min}, got ${text}`);
+    }
+    return value;
+  };
+}
+
+const program = new Command('aggregator')
+  .description('Run federated rounds for one fleet over MQTT.')
+  .option('--fleet-id <id>', 'fleet id (one MQTT topic level)', 'default')
+  .option('--broker-url <url>', 'MQTT broker URL', 'mqtt://127.0.0.1:1883')
+  .option('--state-dir <dir>', 'state.json and model store', 'state/aggregator')
+  .option('--base-weights <file>', 'weights of model version 0', DEFAULT_BASE_WEIGHTS)
+  .option('--trainable-layers <names>', 'comma-separated layers vehicles train', 'dense1,dense2')
+  .option('--local-epochs <count>', 'local epochs per round', integer(1), 1)
+  .option('--batch-size <count>', 'local batch size', integer(1), 32)
+  .option('--learning-rate <number>', 'local learning rate', number(0), 0.001)
+  .option('--proximal-mu <number>', 'FedProx coefficient, 0 for FedAvg', number(0), 0)
+  .option('--vehicles-per-round <count>', 'vehicles selected per round, 0 for all online', integer(0), 0)
+  .option('--min-vehicles-online <count>', 'online vehicles to wait for before a round', integer(1), 1)
+  .option('--online-wait-timeout-ms <ms>', 'wait for --min-vehicles-online at most this long', integer(0), 60_000)
+  .option('--min-updates <count>', 'accepted updates a round needs (quorum)', integer(1), 1)
+  .option('--round-timeout-ms <ms>', 'round deadline after it opens', integer(1), 300_000)
+  .option('--max-rounds <count>', 'rounds to run, 0 to run until stopped', integer(0), 0)
+  .option('--seed <integer>', 'seed of vehicle selection', integer(0), 1)
+  .option('--max-message-bytes <bytes>', 'largest update or release message', integer(1024), DEFAULT_MAX_MESSAGE_BYTES)
+  .option('--export-tolerance-abs <number>', 'max ONNX-vs-TF.js probability difference', number(0), 1e-4)
+  .option('--test-data <dir>', 'data directory whose test split measures accuracy and feeds the export check')
+  .option('--test-limit <count>', 'use at most this many test images', integer(1))
+  .option('--probe-count <count>', 'test images in the export check batch', integer(1), 16)
+  .addOption(
+    new Option('--log-level <level>', 'pino log level')
+      .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
+      .default('info'),
+  );
+
+interface Flags {
+  fleetId: string;
+  brokerUrl: string;
+  stateDir: string;
+  baseWeights: string;
+  trainableLayers: string;
+  localEpochs: number;
+  batchSize: number;
+  learningRate: number;
+  proximalMu: number;
+  vehiclesPerRound: number;
+  minVehiclesOnline: number;
+  onlineWaitTimeoutMs: number;
+  minUpdates: number;
+  roundTimeoutMs: number;
+  maxRounds: number;
+  seed: number;
+  maxMessageBytes: number;
+  exportToleranceAbs: number;
+  testData?: string;
+  testLimit?: number;
+  probeCount: number;
+  logLevel: string;
+}
+
+/** Loads the test split and takes the probe batch evenly spaced from it. */
+async function loadTestData(
+  flags: Flags,
+  log: Logger,
+): Promise<Partial<AggregatorOptions>> {
+  if (flags.testData === undefined) return {};
+  const test = await loadLabelledImages(flags.testData, {
+    split: 'test',
+    limit: flags.testLimit,
+  });
+  const probeCount = Math.min(flags.probeCount, test.count);
+  const step = test.count / probeCount;
+  const probe = subset(
+    test,
+    Array.from({ length: probeCount }, (_, i) => Math.floor(i * step)),
+  );
+  log.info({ dir: flags.testData, count: test.count, probeCount }, 'test data loaded');
+  return {
+    testSet: { images: test.images, labels: test.labels },
+    probeImages: probe.images,
+    probeCount: probe.images.length / IMAGE_VALUES,
+  };
+}
+
+async function main(): Promise<void> {
+  program.parse();
+  const flags = program.opts<Flags>();
+  const log = createLogger({ level: flags.logLevel });
+
+  let aggregator: Aggregator;
+  try {
+    aggregator = new Aggregator({
+      fleetId: flags.fleetId,
+      brokerUrl: flags.brokerUrl,
+      stateDir: flags.stateDir,
+      baseWeightsPath: flags.baseWeights,
+      trainableLayers: flags.trainableLayers.split(',').map((name) => name.trim()),
+      localEpochs: flags.localEpochs,
+      batchSize: flags.batchSize,
+      learningRate: flags.learningRate,
+      proximalMu: flags.proximalMu,
+      vehiclesPerRound: flags.vehiclesPerRound,
+      minVehiclesOnline: flags.minVehiclesOnline,
+      onlineWaitTimeoutMs: flags.onlineWaitTimeoutMs,
+      minUpdates: flags.minUpdates,
+      roundTimeoutMs: flags.roundTimeoutMs,
+      maxRounds: flags.maxRounds,
+      seed: flags.seed,
+      maxMessageBytes: flags.maxMessageBytes,
+      exportToleranceAbs: flags.exportToleranceAbs,
+      ...(await loadTestData(flags, log)),
+      log,
+    });
+  } catch (err) {
+    log.fatal({ err, code: isFleetError(err) ? err.code : undefined }, 'invalid configuration');
+    process.exit(2);
+  }
+
+  let stopping: Promise<void> | undefined;
+  const stop = (reason: string): Promise<void> => {
+    stopping ??= (async () => {
+      log.info({ reason }, 'shutting down');
+      await aggregator.stop();
+    })();
+    return stopping;
+  };
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(signal, () => {
+      stop(signal).then(() => process.exit(0));
+    });
+  }
+
+  try {
+    await aggregator.start();
+  } catch (err) {
+    log.fatal({ err, code: isFleetError(err) ? err.code : undefined }, 'aggregator failed to start');
+    await aggregator.stop();
+    process.exit(1);
+  }
+  await aggregator.whenFinished();
+  await stop('finished');
+  process.exit(0);
+}
+
+await main();

@@ -1,0 +1,100 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ErrorCode, FleetError } from '../protocol/index.ts';
+import type { WeightMap } from '../models/architecture.ts';
+import { sha256Hex } from '../models/index.ts';
+import { readWeightsFile, writeWeightsFile } from '../models/weights-file.ts';
+import { writeFileAtomic } from './state.ts';
+
+/** Metadata of one stored model version (v<N>.json). */
+export interface ModelManifest {
+  modelName: string;
+  version: number;
+  /** Version the round trained from; version 0 names itself. */
+  parentVersion: number;
+  /** Round that produced the version; 0 for the base model. */
+  round: number;
+  numVehicles: number;
+  numExamples: number;
+  /** Top-1 accuracy on the aggregator's test split, null when not measured. */
+  testAccuracy: number | null;
+  /** Hex SHA-256 of the ONNX file. */
+  sha256: string;
+  sizeBytes: number;
+  /** ISO 8601 time of creation. */
+  createdAt: string;
+  createdAtMs: number;
+  trainableTensors: string[];
+}
+
+/** One model version: manifest, weights and ONNX bytes. */
+export interface StoredModel {
+  manifest: ModelManifest;
+  weights: WeightMap;
+  onnx: Uint8Array;
+}
+
+/**
+ * Model versions on disk under <stateDir>/models/<modelName>/: v<N>.onnx,
+ * v<N>.weights.pb and v<N>.json. The manifest is written last, so a
+ * version counts as stored only once all three files are complete.
+ */
+export class ModelStore {
+  readonly dir: string;
+  readonly modelName: string;
+
+  constructor(stateDir: string, modelName: string) {
+    this.modelName = modelName;
+    this.dir = join(stateDir, 'models', modelName);
+  }
+
+  /** Path of one file of `version`; `kind` is onnx, weights.pb or json. */
+  pathOf(version: number, kind: 'onnx' | 'weights.pb' | 'json'): string {
+    return join(this.dir, `v${version}.${kind}`);
+  }
+
+  /** Whether `version` is completely stored. */
+  has(version: number): boolean {
+    return existsSync(this.pathOf(version, 'json'));
+  }
+
+  /** Writes the three files of `model`, each atomically, manifest last. */
+  save(model: StoredModel): void {
+    const { version } = model.manifest;
+    writeFileAtomic(this.pathOf(version, 'onnx'), model.onnx);
+    writeWeightsFile(this.pathOf(version, 'weights.pb'), model.weights, {
+      modelName: this.modelName,
+      version,
+    });
+    const text = JSON.stringify(model.manifest, null, 2);
+    writeFileAtomic(this.pathOf(version, 'json'), `${text}\n`);
+  }
+
+  /**
+   * Reads `version` back.
+   *
+   * @throws {FleetError} INVALID_MODEL when a file is missing or the ONNX
+   *   bytes do not match the manifest's digest.
+   */
+  load(version: number): StoredModel {
+    const manifestPath = this.pathOf(version, 'json');
+    if (!this.has(version)) {
+      throw new FleetError(
+        ErrorCode.InvalidModel,
+        `model version ${version} is not stored: ${manifestPath} not found`,
+      );
+    }
+    const manifest = JSON.parse(readFileSync(manifestPath, 'utf8')) as ModelManifest;
+    const onnx = new Uint8Array(readFileSync(this.pathOf(version, 'onnx')));
+    const digest = sha256Hex(onnx);
+    if (digest !== manifest.sha256) {
+      throw new FleetError(
+        ErrorCode.InvalidModel,
+        `${this.pathOf(version, 'onnx')} has SHA-256 ${digest}, but its ` +
+          `manifest records ${manifest.sha256}`,
+      );
+    }
+    const weights = readWeightsFile(this.pathOf(version, 'weights.pb'));
+    return { manifest, weights, onnx };
+  }
+}

@@ -1,0 +1,238 @@
+import {
+  DEFAULT_MAX_MESSAGE_BYTES,
+  ErrorCode,
+  FleetError,
+  assertTopicLevel,
+  type Logger,
+} from '../protocol/index.ts';
+import {
+  DEFAULT_TRAINABLE_LAYERS,
+  IMAGE_CHANNELS,
+  IMAGE_SIZE,
+  NUM_CLASSES,
+  tensorNamesOfLayers,
+} from '../models/architecture.ts';
+import { createRandom } from '../models/random.ts';
+
+const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
+
+/** Images with labels, for the aggregator's accuracy measurement. */
+export interface TestSet {
+  /** NHWC [count, 32, 32, 3], values in [0, 1]. */
+  images: Float32Array;
+  /** Class ids, one per image. */
+  labels: Int32Array;
+}
+
+/** Options of the Aggregator. Only the four paths and ids are required. */
+export interface AggregatorOptions {
+  /** Fleet id; one MQTT topic level. */
+  fleetId: string;
+  /** Broker URL, for example mqtt://127.0.0.1:1883. */
+  brokerUrl: string;
+  /** Directory of state.json and the model store; created when missing. */
+  stateDir: string;
+  /** Weights file of model version 0, used when stateDir is new. */
+  baseWeightsPath: string;
+  /** Layers vehicles train. Default: dense1, dense2. */
+  trainableLayers?: readonly string[];
+  /** Local epochs per round. Default 1. */
+  localEpochs?: number;
+  /** Local batch size. Default 32. */
+  batchSize?: number;
+  /** Local learning rate. Default 0.001 (vehicles train with Adam). */
+  learningRate?: number;
+  /** FedProx proximal coefficient; 0 (default) is plain FedAvg. */
+  proximalMu?: number;
+  /** Vehicles asked per round; 0 (default) selects every online vehicle. */
+  vehiclesPerRound?: number;
+  /**
+   * Online vehicles to wait for before a round opens. Default 1. After
+   * `onlineWaitTimeoutMs` a round opens with fewer, if at least
+   * `minUpdates` are online.
+   */
+  minVehiclesOnline?: number;
+  /** How long to wait for `minVehiclesOnline`. Default 60,000 ms. */
+  onlineWaitTimeoutMs?: number;
+  /** Quorum: accepted updates a round needs. Default 1. */
+  minUpdates?: number;
+  /** Deadline of a round after it opens. Default 300,000 ms. */
+  roundTimeoutMs?: number;
+  /** Rounds to run (closed or failed) before stopping; 0 (default) runs on. */
+  maxRounds?: number;
+  /** Seed of vehicle selection. Default 1. */
+  seed?: number;
+  /** Largest update or release message accepted or sent. Default 64 MiB. */
+  maxMessageBytes?: number;
+  /**
+   * Images (NHWC, [0, 1]) on which the exported ONNX model must match
+   * TF.js. Default: 8 seeded random images.
+   */
+  probeImages?: Float32Array;
+  /** Number of images in `probeImages`. */
+  probeCount?: number;
+  /** Largest allowed ONNX-vs-TF.js probability difference. Default 1e-4. */
+  exportToleranceAbs?: number;
+  /** Test split; when given, every release carries its top-1 accuracy. */
+  testSet?: TestSet;
+  /** Parent logger; the aggregator logs through a child. */
+  log?: Logger;
+}
+
+/** Options with defaults filled in and checked. */
+export type ResolvedOptions = Required<
+  Omit<AggregatorOptions, 'testSet' | 'log'>
+> & {
+  testSet?: TestSet;
+  trainableTensors: string[];
+};
+
+function invalid(option: string, value: unknown, expected: string): never {
+  throw new FleetError(
+    ErrorCode.InvalidConfig,
+    `aggregator option ${option} is ${String(value)}, expected ${expected}`,
+  );
+}
+
+function requireInteger(option: string, value: number, min: number): void {
+  if (!Number.isSafeInteger(value) || value < min) {
+    invalid(option, value, `an integer >= ${min}`);
+  }
+}
+
+function requireText(option: string, value: unknown): void {
+  if (typeof value !== 'string' || value.length === 0) {
+    throw new TypeError(
+      `aggregator option ${option} must be a non-empty string, got ` +
+        `${JSON.stringify(value)}`,
+    );
+  }
+}
+
+/**
+ * Fills in defaults and checks every option.
+ *
+ * @throws {TypeError} for a missing or non-string id or path.
+ * @throws {FleetError} INVALID_CONFIG naming the option for a value that
+ *   cannot work, for example minUpdates above vehiclesPerRound.
+ */
+export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
+  for (const key of ['fleetId', 'brokerUrl', 'stateDir', 'baseWeightsPath']) {
+    requireText(key, options[key as keyof AggregatorOptions]);
+  }
+  try {
+    assertTopicLevel('fleet id', options.fleetId);
+  } catch (err) {
+    invalid('fleetId', JSON.stringify(options.fleetId), (err as Error).message);
+  }
+
+  const resolved = {
+    fleetId: options.fleetId,
+    brokerUrl: options.brokerUrl,
+    stateDir: options.stateDir,
+    baseWeightsPath: options.baseWeightsPath,
+    trainableLayers: [...(options.trainableLayers ?? DEFAULT_TRAINABLE_LAYERS)],
+    localEpochs: options.localEpochs ?? 1,
+    batchSize: options.batchSize ?? 32,
+    learningRate: options.learningRate ?? 0.001,
+    proximalMu: options.proximalMu ?? 0,
+    vehiclesPerRound: options.vehiclesPerRound ?? 0,
+    minVehiclesOnline: options.minVehiclesOnline ?? 1,
+    onlineWaitTimeoutMs: options.onlineWaitTimeoutMs ?? 60_000,
+    minUpdates: options.minUpdates ?? 1,
+    roundTimeoutMs: options.roundTimeoutMs ?? 300_000,
+    maxRounds: options.maxRounds ?? 0,
+    seed: options.seed ?? 1,
+    maxMessageBytes: options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
+    exportToleranceAbs: options.exportToleranceAbs ?? 1e-4,
+    testSet: options.testSet,
+    ...resolveProbe(options),
+  };
+  checkNumbers(resolved);
+  return {
+    ...resolved,
+    trainableTensors: resolveTrainableTensors(resolved.trainableLayers),
+  };
+}
+
+function checkNumbers(options: Omit<ResolvedOptions, 'trainableTensors'>): void {
+  requireInteger('localEpochs', options.localEpochs, 1);
+  requireInteger('batchSize', options.batchSize, 1);
+  if (!(options.learningRate > 0) || !Number.isFinite(options.learningRate)) {
+    invalid('learningRate', options.learningRate, 'a positive number');
+  }
+  if (!(options.proximalMu >= 0) || !Number.isFinite(options.proximalMu)) {
+    invalid('proximalMu', options.proximalMu, 'a number >= 0');
+  }
+  requireInteger('vehiclesPerRound', options.vehiclesPerRound, 0);
+  requireInteger('minVehiclesOnline', options.minVehiclesOnline, 1);
+  requireInteger('onlineWaitTimeoutMs', options.onlineWaitTimeoutMs, 0);
+  requireInteger('minUpdates', options.minUpdates, 1);
+  if (options.vehiclesPerRound > 0 && options.minUpdates > options.vehiclesPerRound) {
+    invalid(
+      'minUpdates',
+      options.minUpdates,
+      `at most vehiclesPerRound (${options.vehiclesPerRound}), or the ` +
+        'quorum can never be met',
+    );
+  }
+  requireInteger('roundTimeoutMs', options.roundTimeoutMs, 1);
+  requireInteger('maxRounds', options.maxRounds, 0);
+  requireInteger('seed', options.seed, 0);
+  requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);
+  if (!(options.exportToleranceAbs > 0)) {
+    invalid('exportToleranceAbs', options.exportToleranceAbs, 'a positive number');
+  }
+  if (options.testSet !== undefined) checkTestSet(options.testSet);
+}
+
+function resolveTrainableTensors(layers: string[]): string[] {
+  if (layers.length === 0) {
+    invalid('trainableLayers', '[]', 'at least one layer name');
+  }
+  try {
+    return tensorNamesOfLayers(layers);
+  } catch (err) {
+    return invalid('trainableLayers', layers.join(','), (err as Error).message);
+  }
+}
+
+function resolveProbe(options: AggregatorOptions): {
+  probeImages: Float32Array;
+  probeCount: number;
+} {
+  if (options.probeImages === undefined) {
+    // Random pixels still run every operator of the graph, so they catch
+    // layout and transposition bugs; real images are better when given.
+    const count = 8;
+    const random = createRandom(options.seed ?? 1);
+    const images = new Float32Array(count * IMAGE_VALUES);
+    for (let i = 0; i < images.length; i++) images[i] = random();
+    return { probeImages: images, probeCount: count };
+  }
+  const count = options.probeCount ?? options.probeImages.length / IMAGE_VALUES;
+  requireInteger('probeCount', count, 1);
+  if (options.probeImages.length !== count * IMAGE_VALUES) {
+    invalid(
+      'probeImages',
+      `${options.probeImages.length} values`,
+      `${count} * ${IMAGE_VALUES} values for probeCount ${count}`,
+    );
+  }
+  return { probeImages: options.probeImages, probeCount: count };
+}
+
+function checkTestSet(testSet: TestSet): void {
+  const count = testSet.labels.length;
+  if (count === 0 || testSet.images.length !== count * IMAGE_VALUES) {
+    invalid(
+      'testSet',
+      `${testSet.images.length} image values and ${count} labels`,
+      `${IMAGE_VALUES} values per label and at least one label`,
+    );
+  }
+  const bad = testSet.labels.findIndex((label) => label < 0 || label >= NUM_CLASSES);
+  if (bad >= 0) {
+    invalid(`testSet.labels[${bad}]`, testSet.labels[bad], `a class id 0-${NUM_CLASSES - 1}`);
+  }
+}

@@ -1,0 +1,153 @@
+import { FedAvgAccumulator } from './fedavg.ts';
+import type { RoundContext, UpdateDecision } from './validate.ts';
+
+/** Why a round stopped taking updates. */
+export type CloseTrigger = 'all-answered' | 'deadline' | 'stopped';
+
+/** Counts of one round, for logs and the round events. */
+export interface RoundStats {
+  round: number;
+  /** Model version the round trained from. */
+  baseModelVersion: number;
+  selected: string[];
+  accepted: number;
+  /** Rejected update messages, including repeats from one vehicle. */
+  rejected: number;
+  rejectedByReason: Record<string, number>;
+  /** Bytes of every update message received while the round was open. */
+  uplinkBytes: number;
+  /** Sum of numExamples over accepted updates. */
+  numExamples: number;
+  /** Vehicles with an accepted update. */
+  numVehicles: number;
+  durationMs: number;
+}
+
+/** Round-independent part of the validation context. */
+export type FleetContext = Pick<
+  RoundContext,
+  'lastRound' | 'modelName' | 'trainableShapes' | 'maxMessageBytes'
+>;
+
+/**
+ * State of one open round: who was selected, who answered, and the FedAvg
+ * sum of accepted deltas. The round closes when every selected vehicle
+ * has answered, at its deadline, or on `close('stopped')`.
+ */
+export class OpenRound {
+  readonly round: number;
+  readonly baseModelVersion: number;
+  readonly selected: ReadonlySet<string>;
+  readonly openedAtMs: number;
+  readonly deadlineMs: number;
+  readonly accumulator: FedAvgAccumulator;
+  /** Resolves once with the trigger that closed the round. */
+  readonly closed: Promise<CloseTrigger>;
+
+  readonly #seenUpdateIds = new Set<string>();
+  readonly #acceptedVehicles = new Set<string>();
+  readonly #answered = new Set<string>();
+  readonly #rejectedByReason: Record<string, number> = {};
+  #accepted = 0;
+  #rejected = 0;
+  #uplinkBytes = 0;
+  #isOpen = true;
+  #resolveClosed!: (trigger: CloseTrigger) => void;
+  #deadlineTimer: NodeJS.Timeout;
+
+  constructor(options: {
+    round: number;
+    baseModelVersion: number;
+    selected: readonly string[];
+    tensorSizes: ReadonlyMap<string, number>;
+    timeoutMs: number;
+    nowMs?: number;
+  }) {
+    this.round = options.round;
+    this.baseModelVersion = options.baseModelVersion;
+    this.selected = new Set(options.selected);
+    this.openedAtMs = options.nowMs ?? Date.now();
+    this.deadlineMs = this.openedAtMs + options.timeoutMs;
+    this.accumulator = new FedAvgAccumulator(options.tensorSizes);
+    this.closed = new Promise((resolve) => {
+      this.#resolveClosed = resolve;
+    });
+    this.#deadlineTimer = setTimeout(() => this.close('deadline'), options.timeoutMs);
+    if (this.selected.size === 0) this.close('all-answered');
+  }
+
+  get isOpen(): boolean {
+    return this.#isOpen;
+  }
+
+  get acceptedCount(): number {
+    return this.#accepted;
+  }
+
+  /** Validation context for an update arriving now. */
+  contextFor(fleet: FleetContext): RoundContext {
+    return {
+      ...fleet,
+      openRound: this.#isOpen ? this.round : undefined,
+      modelVersion: this.baseModelVersion,
+      selectedVehicles: this.selected,
+      seenUpdateIds: this.#seenUpdateIds,
+      acceptedVehicles: this.#acceptedVehicles,
+    };
+  }
+
+  /**
+   * Counts one decided update of `bytes` from the update topic of
+   * `topicVehicleId`, adds accepted deltas to the FedAvg sum, and closes
+   * the round once every selected vehicle has answered. A rejection
+   * answers for a vehicle only when it is addressed to this round by a
+   * selected vehicle on its own topic.
+   */
+  record(topicVehicleId: string, bytes: number, decision: UpdateDecision): void {
+    this.#uplinkBytes += bytes;
+    const update = decision.update;
+    if (decision.accepted) {
+      this.accumulator.add(decision.deltas, decision.update.numExamples);
+      this.#accepted += 1;
+      this.#acceptedVehicles.add(update!.vehicleId);
+    } else {
+      this.#rejected += 1;
+      this.#rejectedByReason[decision.code] =
+        (this.#rejectedByReason[decision.code] ?? 0) + 1;
+    }
+
+    const isAnswer =
+      update !== undefined &&
+      update.round === this.round &&
+      update.vehicleId === topicVehicleId &&
+      this.selected.has(update.vehicleId);
+    if (isAnswer) {
+      this.#seenUpdateIds.add(update.updateId);
+      this.#answered.add(update.vehicleId);
+    }
+    if (this.#answered.size >= this.selected.size) this.close('all-answered');
+  }
+
+  /** Stops taking updates; later calls do nothing. */
+  close(trigger: CloseTrigger): void {
+    if (!this.#isOpen) return;
+    this.#isOpen = false;
+    clearTimeout(this.#deadlineTimer);
+    this.#resolveClosed(trigger);
+  }
+
+  stats(nowMs = Date.now()): RoundStats {
+    return {
+      round: this.round,
+      baseModelVersion: this.baseModelVersion,
+      selected: [...this.selected],
+      accepted: this.#accepted,
+      rejected: this.#rejected,
+      rejectedByReason: { ...this.#rejectedByReason },
+      uplinkBytes: this.#uplinkBytes,
+      numExamples: this.accumulator.totalExamples,
+      numVehicles: this.#acceptedVehicles.size,
+      durationMs: nowMs - this.openedAtMs,
+    };
+  }
+}

@@ -1,0 +1,252 @@
+/**
+ * Checks of one incoming ModelUpdate against the open round. Pure: the
+ * caller passes the round's state and gets a decision with a stable reason
+ * code from protocol/errors.ts, so every rule can be tested without MQTT.
+ */
+import {
+  ErrorCode,
+  TensorEncoding,
+  countElements,
+  decodeModelUpdate,
+  decodeTensorValues,
+  isFleetError,
+  type ModelUpdate,
+  type WireTensor,
+} from '../protocol/index.ts';
+import type { WeightMap } from '../models/architecture.ts';
+
+/** What the validator needs to know about the aggregator's round. */
+export interface RoundContext {
+  /** Number of the open round, or undefined between rounds. */
+  openRound: number | undefined;
+  /** Highest round number opened so far (0 before the first). */
+  lastRound: number;
+  modelName: string;
+  /** Model version the open round trains from (the current version). */
+  modelVersion: number;
+  selectedVehicles: ReadonlySet<string>;
+  /** Update ids already decided in the open round. */
+  seenUpdateIds: ReadonlySet<string>;
+  /** Vehicles whose update was accepted in the open round. */
+  acceptedVehicles: ReadonlySet<string>;
+  /** Shape of each tensor an update must carry, by name. */
+  trainableShapes: ReadonlyMap<string, readonly number[]>;
+  maxMessageBytes: number;
+}
+
+/** An update that passed every check. */
+export interface AcceptedUpdate {
+  accepted: true;
+  update: ModelUpdate;
+  /** Decoded delta values by tensor name. */
+  deltas: WeightMap;
+}
+
+/** An update that failed a check; `update` is set once it decoded. */
+export interface RejectedUpdate {
+  accepted: false;
+  code: ErrorCode;
+  reason: string;
+  update?: ModelUpdate;
+}
+
+export type UpdateDecision = AcceptedUpdate | RejectedUpdate;
+
+function reject(
+  code: ErrorCode,
+  reason: string,
+  update?: ModelUpdate,
+): RejectedUpdate {
+  return { accepted: false, code, reason, update };
+}
+
+/**
+ * Decides whether the update `payload`, received on the update topic of
+ * `topicVehicleId`, counts in the open round. Checks run in a fixed order
+ * (size, decoding, sender, round, selection, model, duplicates, example
+ * count, tensors) and the first failure decides the reason code.
+ */
+export function validateUpdate(
+  topicVehicleId: string,
+  payload: Uint8Array,
+  context: RoundContext,
+): UpdateDecision {
+  if (payload.byteLength > context.maxMessageBytes) {
+    return reject(
+      ErrorCode.PayloadTooLarge,
+      `update is ${payload.byteLength} bytes, above the maximum of ` +
+        `${context.maxMessageBytes} bytes`,
+    );
+  }
+  let update: ModelUpdate;
+  try {
+    update = decodeModelUpdate(payload);
+  } catch (err) {
+    if (!isFleetError(err)) throw err;
+    return reject(err.code, err.message);
+  }
+
+  const problem =
+    checkSender(topicVehicleId, update) ??
+    checkRound(update, context) ??
+    checkModel(update, context) ??
+    checkDuplicate(update, context) ??
+    checkExampleCount(update);
+  if (problem !== undefined) return { ...problem, update };
+
+  const decoded = decodeDeltas(update, context.trainableShapes);
+  if (!(decoded instanceof Map)) return { ...decoded, update };
+  return { accepted: true, update, deltas: decoded };
+}
+
+function checkSender(
+  topicVehicleId: string,
+  update: ModelUpdate,
+): RejectedUpdate | undefined {
+  if (update.vehicleId === topicVehicleId) return undefined;
+  return reject(
+    ErrorCode.MalformedPayload,
+    `update ${update.updateId} names vehicle ${update.vehicleId} but ` +
+      `arrived on the update topic of vehicle ${topicVehicleId}`,
+  );
+}
+
+function checkRound(
+  update: ModelUpdate,
+  context: RoundContext,
+): RejectedUpdate | undefined {
+  const current =
+    `current round is ${context.openRound ?? 'none (between rounds)'}, ` +
+    `model version ${context.modelVersion}`;
+  if (context.openRound !== update.round) {
+    // A round this aggregator opened and closed: the update is a straggler.
+    const isClosed = update.round >= 1 && update.round <= context.lastRound;
+    return reject(
+      isClosed ? ErrorCode.RoundClosed : ErrorCode.WrongRound,
+      `update ${update.updateId} is for round ${update.round}` +
+        `${isClosed ? ', which has closed' : ''}; ${current}`,
+    );
+  }
+  if (!context.selectedVehicles.has(update.vehicleId)) {
+    return reject(
+      ErrorCode.VehicleNotSelected,
+      `vehicle ${update.vehicleId} is not selected for round ${update.round}`,
+    );
+  }
+  return undefined;
+}
+
+function checkModel(
+  update: ModelUpdate,
+  context: RoundContext,
+): RejectedUpdate | undefined {
+  if (
+    update.modelName === context.modelName &&
+    update.baseModelVersion === context.modelVersion
+  ) {
+    return undefined;
+  }
+  return reject(
+    ErrorCode.WrongModelVersion,
+    `update ${update.updateId} was trained from ${update.modelName} ` +
+      `version ${update.baseModelVersion}, but round ${update.round} ` +
+      `trains ${context.modelName} version ${context.modelVersion}`,
+  );
+}
+
+function checkDuplicate(
+  update: ModelUpdate,
+  context: RoundContext,
+): RejectedUpdate | undefined {
+  if (context.seenUpdateIds.has(update.updateId)) {
+    return reject(
+      ErrorCode.DuplicateUpdate,
+      `update ${update.updateId} was already received in round ${update.round}`,
+    );
+  }
+  if (context.acceptedVehicles.has(update.vehicleId)) {
+    return reject(
+      ErrorCode.DuplicateUpdate,
+      `vehicle ${update.vehicleId} already has an accepted update in ` +
+        `round ${update.round}`,
+    );
+  }
+  return undefined;
+}
+
+function checkExampleCount(update: ModelUpdate): RejectedUpdate | undefined {
+  if (update.numExamples > 0) return undefined;
+  return reject(
+    ErrorCode.InvalidExampleCount,
+    `update ${update.updateId} has numExamples ${update.numExamples}, ` +
+      'expected at least 1',
+  );
+}
+
+/** Returns the decoded deltas, or the first tensor problem found. */
+function decodeDeltas(
+  update: ModelUpdate,
+  shapes: ReadonlyMap<string, readonly number[]>,
+): WeightMap | RejectedUpdate {
+  const names = update.deltas.map((tensor) => tensor.name);
+  const expected = [...shapes.keys()];
+  const isSameSet =
+    names.length === expected.length &&
+    new Set(names).size === names.length &&
+    names.every((name) => shapes.has(name));
+  if (!isSameSet) {
+    return reject(
+      ErrorCode.WrongTensors,
+      `update ${update.updateId} carries tensors [${names.join(', ')}], ` +
+        `expected exactly [${expected.join(', ')}]`,
+    );
+  }
+
+  const deltas: WeightMap = new Map();
+  for (const tensor of update.deltas) {
+    const values = decodeDelta(tensor, shapes.get(tensor.name)!);
+    if (!(values instanceof Float32Array)) return values;
+    deltas.set(tensor.name, values);
+  }
+  return deltas;
+}
+
+function decodeDelta(
+  tensor: WireTensor,
+  shape: readonly number[],
+): Float32Array | RejectedUpdate {
+  if (tensor.encoding !== TensorEncoding.Float32) {
+    return reject(
+      ErrorCode.UnsupportedEncoding,
+      `tensor ${tensor.name} has encoding ${tensor.encoding}, expected ` +
+        `${TensorEncoding.Float32} (float32)`,
+    );
+  }
+  const isSameShape =
+    tensor.shape.length === shape.length &&
+    tensor.shape.every((dim, i) => dim === shape[i]);
+  if (!isSameShape) {
+    return reject(
+      ErrorCode.WrongShape,
+      `tensor ${tensor.name} has shape [${tensor.shape.join(', ')}], ` +
+        `expected [${shape.join(', ')}] (${countElements(shape)} values)`,
+    );
+  }
+
+  let values: Float32Array;
+  try {
+    values = decodeTensorValues(tensor);
+  } catch (err) {
+    if (!isFleetError(err)) throw err;
+    return reject(err.code, err.message);
+  }
+  const bad = values.findIndex((value) => !Number.isFinite(value));
+  if (bad >= 0) {
+    return reject(
+      ErrorCode.NonFiniteValue,
+      `tensor ${tensor.name} has value ${values[bad]} at index ${bad}; ` +
+        'expected finite numbers',
+    );
+  }
+  return values;
+}

@@ -1,0 +1,141 @@
+/**
+ * Model versions of the aggregator: version 0 from the base weights, and
+ * each later version from the previous one plus a round's mean delta.
+ */
+import { existsSync, mkdirSync } from 'node:fs';
+import { ErrorCode, FleetError, type Logger } from '../protocol/index.ts';
+import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
+import { readWeightsFile } from '../models/weights-file.ts';
+import { applyDeltas } from './fedavg.ts';
+import { checkWeights, exportAndCheck } from './model-check.ts';
+import type { ModelStore, StoredModel } from './model-store.ts';
+import type { ResolvedOptions } from './options.ts';
+import type { RoundStats } from './round.ts';
+import { loadState, saveState, type AggregatorState } from './state.ts';
+
+function checkOptionsOf(options: ResolvedOptions, docString: string) {
+  return {
+    probeImages: options.probeImages,
+    probeCount: options.probeCount,
+    toleranceAbs: options.exportToleranceAbs,
+    testSet: options.testSet,
+    docString,
+  };
+}
+
+/**
+ * Loads state.json and the current model version from the store. A new
+ * state directory starts at version 0, exported from the base weights.
+ *
+ * @throws {FleetError} INVALID_CONFIG for a missing base weights file or
+ *   bad state.json, INVALID_MODEL for a missing or corrupt stored version,
+ *   EXPORT_MISMATCH when version 0 does not export faithfully.
+ */
+export async function loadCurrentModel(
+  options: ResolvedOptions,
+  store: ModelStore,
+  log: Logger,
+): Promise<{ state: AggregatorState; model: StoredModel }> {
+  mkdirSync(options.stateDir, { recursive: true });
+  const state = loadState(options.stateDir) ?? { round: 0, modelVersion: 0 };
+
+  let model: StoredModel;
+  if (store.has(state.modelVersion)) {
+    model = store.load(state.modelVersion);
+    checkWeights(model.weights, store.pathOf(state.modelVersion, 'weights.pb'));
+  } else if (state.modelVersion === 0) {
+    model = await createBaseVersion(options, log);
+    store.save(model);
+  } else {
+    throw new FleetError(
+      ErrorCode.InvalidModel,
+      `state.json names model version ${state.modelVersion}, but ` +
+        `${store.pathOf(state.modelVersion, 'json')} does not exist`,
+    );
+  }
+  saveState(options.stateDir, state);
+  return { state, model };
+}
+
+async function createBaseVersion(
+  options: ResolvedOptions,
+  log: Logger,
+): Promise<StoredModel> {
+  const path = options.baseWeightsPath;
+  if (!existsSync(path)) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `base weights file ${path} not found; pass the path of a ModelWeights ` +
+        'file (scripts/train-base-model.ts writes one)',
+    );
+  }
+  const weights = readWeightsFile(path);
+  checkWeights(weights, path);
+
+  const checked = await exportAndCheck(
+    weights,
+    checkOptionsOf(options, `${MODEL_NAME} version 0`),
+  );
+  log.info(
+    { modelVersion: 0, path, maxAbsDiff: checked.maxAbsDiff },
+    'base model exported',
+  );
+  return {
+    weights,
+    onnx: checked.onnx,
+    manifest: {
+      modelName: MODEL_NAME,
+      version: 0,
+      parentVersion: 0,
+      round: 0,
+      numVehicles: 0,
+      numExamples: 0,
+      testAccuracy: checked.testAccuracy ?? null,
+      sha256: checked.sha256,
+      sizeBytes: checked.onnx.byteLength,
+      createdAt: new Date().toISOString(),
+      createdAtMs: Date.now(),
+      trainableTensors: [],
+    },
+  };
+}
+
+/**
+ * Builds the version after `current`: its weights plus `meanDelta`,
+ * exported and checked against TF.js. Nothing is stored here.
+ *
+ * @throws {FleetError} EXPORT_MISMATCH when ONNX and TF.js disagree.
+ */
+export async function buildNextVersion(
+  current: StoredModel,
+  meanDelta: WeightMap,
+  stats: RoundStats,
+  options: ResolvedOptions,
+): Promise<{ model: StoredModel; maxAbsDiff: number }> {
+  const version = current.manifest.version + 1;
+  const weights = applyDeltas(current.weights, meanDelta);
+  const checked = await exportAndCheck(
+    weights,
+    checkOptionsOf(options, `${MODEL_NAME} version ${version}`),
+  );
+  const createdAtMs = Date.now();
+  const model: StoredModel = {
+    weights,
+    onnx: checked.onnx,
+    manifest: {
+      modelName: MODEL_NAME,
+      version,
+      parentVersion: current.manifest.version,
+      round: stats.round,
+      numVehicles: stats.numVehicles,
+      numExamples: stats.numExamples,
+      testAccuracy: checked.testAccuracy ?? null,
+      sha256: checked.sha256,
+      sizeBytes: checked.onnx.byteLength,
+      createdAt: new Date(createdAtMs).toISOString(),
+      createdAtMs,
+      trainableTensors: [...options.trainableTensors],
+    },
+  };
+  return { model, maxAbsDiff: checked.maxAbsDiff };
+}

@@ -1,0 +1,2 @@
+export { startBroker } from './broker.ts';
+export type { BrokerOptions, RunningBroker } from './broker.ts';

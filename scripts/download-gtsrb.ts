@@ -1,0 +1,446 @@
+/**
+ * Downloads the official GTSRB archives and converts them into the
+ * gtsrb32 layout that `loadLabelledImages` reads:
+ * `train/<class>/<track>_<frame>.ppm` and `test/<nnnnn>.ppm` (32x32 binary
+ * PPM, the whole crop resized with bilinear interpolation), `train.csv`,
+ * `test.csv` and `signnames.csv`.
+ *
+ * Usage: npx tsx scripts/download-gtsrb.ts [--out DIR] [--base-url URL]
+ *   [--download-dir DIR] [--checksums FILE] [--force]
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream, existsSync } from 'node:fs';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import { Readable, Transform } from 'node:stream';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import { pipeline } from 'node:stream/promises';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+import { SingleBar } from 'cli-progress';
+import { Command } from 'commander';
+
+import { convertGtsrbArchives } from '../models/gtsrb-convert.ts';
+import { createLogger, type Logger } from '../protocol/index.ts';
+import { ErrorCode, FleetError } from '../protocol/errors.ts';
+
+/**
+ * Host and archives of the official GTSRB release, with their MD5 sums,
+ * as torchvision's `torchvision/datasets/gtsrb.py` downloads them
+ * (pytorch/vision, `GTSRB.download`).
+ */
+export const OFFICIAL_BASE_URL =
+  'https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/';
+export const GTSRB_ARCHIVES = {
+  train: {
+    name: 'GTSRB-Training_fixed.zip',
+    md5: '513f3c79a4c5141765e10e952eaa2478',
+  },
+  testImages: {
+    name: 'GTSRB_Final_Test_Images.zip',
+    md5: 'c7e4e6327067d32654124b0fe9e82185',
+  },
+  testLabels: {
+    name: 'GTSRB_Final_Test_GT.zip',
+    md5: 'fe31e9c9270bbcd7b84b7f21a9d9d9e5',
+  },
+} as const;
+
+type ArchiveRole = keyof typeof GTSRB_ARCHIVES;
+
+const REPOSITORY_ROOT = resolve(fileURLToPath(import.meta.url), '..', '..');
+
+export interface DownloadGtsrbOptions {
+  /** Directory of the converted dataset; default `<repo>/data/gtsrb32-full`. */
+  outDir?: string;
+  /** Directory of the downloaded archives; default `<repo>/data/downloads`. */
+  downloadDir?: string;
+  /** URL prefix of the three archives; default the official host. */
+  baseUrl?: string;
+  /** Expected MD5 per archive file name, replacing the built-in sums. */
+  checksums?: Record<string, string>;
+  /** Replace an existing output directory instead of keeping it. */
+  force?: boolean;
+  /** Draw progress bars on stderr; default: when stderr is a terminal. */
+  showProgress?: boolean;
+  log?: Logger;
+}
+
+export interface DownloadGtsrbResult {
+  outDir: string;
+  trainCount: number;
+  testCount: number;
+  /** True when the output existed and nothing was converted. */
+  wasPresent: boolean;
+}
+
+/** Computes the MD5 of a file as lower-case hex. */
+async function md5File(path: string): Promise<string> {
+  const hash = createHash('md5');
+  await pipeline(createReadStream(path), hash);
+  return hash.digest('hex');
+}
+
+async function fileSize(path: string): Promise<number> {
+  return existsSync(path) ? (await stat(path)).size : 0;
+}
+
+function createProgressBar(
+  show: boolean,
+  label: string,
+): SingleBar | undefined {
+  if (!show) return undefined;
+  return new SingleBar({
+    format: `${label} [{bar}] {percentage}% | {value}/{total} bytes`,
+    stream: process.stderr,
+  });
+}
+
+/** Sends the GET request, resuming from `start` bytes with a Range header. */
+async function requestArchive(url: string, start: number): Promise<Response> {
+  try {
+    const headers: Record<string, string> =
+      start > 0 ? { Range: `bytes=${start}-` } : {};
+    return await fetch(url, { headers });
+  } catch (err) {
+    const cause =
+      err instanceof Error && err.cause instanceof Error ? err.cause : err;
+    const reason = cause instanceof Error ? cause.message : String(cause);
+    throw new FleetError(
+      ErrorCode.DataNotFound,
+      `download of ${url} failed: ${reason}; check the network or pass ` +
+        `--base-url with a reachable mirror`,
+      { cause: err },
+    );
+  }
+}
+
+/**
+ * Streams the response body to `partPath`, appending when `append`.
+ *
+ * @throws {FleetError} DATA_NOT_FOUND when the connection breaks; the
+ *   bytes received so far stay in `partPath` for the next run to resume.
+ */
+async function saveBody(
+  url: string,
+  response: Response,
+  partPath: string,
+  append: boolean,
+  bar: SingleBar | undefined,
+): Promise<void> {
+  let received = append ? await fileSize(partPath) : 0;
+  const length = Number(response.headers.get('content-length') ?? 0);
+  if (length > 0) bar?.start(received + length, received);
+  const counter = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      received += chunk.length;
+      bar?.update(received);
+      callback(null, chunk);
+    },
+  });
+
+  try {
+    await pipeline(
+      Readable.fromWeb(response.body as WebReadableStream),
+      counter,
+      createWriteStream(partPath, { flags: append ? 'a' : 'w' }),
+    );
+  } catch (err) {
+    throw new FleetError(
+      ErrorCode.DataNotFound,
+      `download of ${url} was interrupted after ${received} bytes; run ` +
+        `again to resume`,
+      { cause: err },
+    );
+  } finally {
+    bar?.stop();
+  }
+}
+
+/** Returns true when `dest` exists with the expected MD5; deletes it otherwise. */
+async function isVerified(
+  dest: string,
+  expectedMd5: string,
+  log: Logger,
+): Promise<boolean> {
+  if (!existsSync(dest)) return false;
+  const actualMd5 = await md5File(dest);
+  if (actualMd5 === expectedMd5) return true;
+
+  log.warn(
+    { path: dest, expectedMd5, actualMd5 },
+    'archive checksum mismatch, downloading again',
+  );
+  await rm(dest);
+  return false;
+}
+
+/**
+ * Fetches `url` into `partPath`, resuming from its current size with an
+ * HTTP Range request. A server that ignores Range (status 200) restarts
+ * the file.
+ */
+async function fetchToPart(
+  url: string,
+  partPath: string,
+  showProgress: boolean,
+  log: Logger,
+): Promise<void> {
+  const start = await fileSize(partPath);
+  const response = await requestArchive(url, start);
+  if (response.status === 416 && start > 0) {
+    // The server has no bytes past `start`, so the part file is complete.
+    await response.body?.cancel();
+    return;
+  }
+  const isResumed = response.status === 206;
+  if (response.status !== 200 && !isResumed) {
+    await response.body?.cancel();
+    throw new FleetError(
+      ErrorCode.DataNotFound,
+      `download of ${url} failed: HTTP ${response.status} ` +
+        `${response.statusText}; check --base-url`,
+    );
+  }
+
+  log.info(
+    { url, resumeFromBytes: isResumed ? start : 0 },
+    'archive download started',
+  );
+  const bar = createProgressBar(showProgress, basename(partPath, '.part'));
+  await saveBody(url, response, partPath, isResumed, bar);
+}
+
+/**
+ * Downloads one archive into `dest` unless a file with the expected MD5
+ * is there. A partial download (`dest.part`) is resumed. The file is
+ * renamed to `dest` only after its MD5 matches.
+ *
+ * @throws {FleetError} DATA_NOT_FOUND when the request fails,
+ *   DIGEST_MISMATCH when the downloaded file has another MD5.
+ */
+async function downloadArchive(
+  url: string,
+  dest: string,
+  expectedMd5: string,
+  showProgress: boolean,
+  log: Logger,
+): Promise<void> {
+  if (await isVerified(dest, expectedMd5, log)) {
+    log.info({ path: dest }, 'archive already downloaded');
+    return;
+  }
+
+  const partPath = `${dest}.part`;
+  await fetchToPart(url, partPath, showProgress, log);
+
+  const actualMd5 = await md5File(partPath);
+  if (actualMd5 !== expectedMd5) {
+    await rm(partPath, { force: true });
+    throw new FleetError(
+      ErrorCode.DigestMismatch,
+      `checksum mismatch for ${basename(dest)}: expected MD5 ${expectedMd5}, ` +
+        `got ${actualMd5}; the download was deleted, so run again, or check ` +
+        `--base-url and --checksums`,
+    );
+  }
+  await rename(partPath, dest);
+  log.info({ path: dest, bytes: await fileSize(dest) }, 'archive downloaded');
+}
+
+/** Resolves the expected MD5 of each archive, applying `overrides`. */
+function expectedChecksums(
+  overrides: Record<string, string> = {},
+): Record<ArchiveRole, string> {
+  const names = Object.values(GTSRB_ARCHIVES).map(
+    (archive) => archive.name as string,
+  );
+  for (const [name, md5] of Object.entries(overrides)) {
+    if (!names.includes(name)) {
+      throw new RangeError(
+        `checksum for unknown archive "${name}": expected one of ${names.join(', ')}`,
+      );
+    }
+    if (typeof md5 !== 'string' || !/^[0-9a-f]{32}$/i.test(md5)) {
+      throw new RangeError(
+        `checksum for ${name} must be 32 hex digits of MD5, got ${String(md5)}`,
+      );
+    }
+  }
+  const sums = {} as Record<ArchiveRole, string>;
+  for (const role of Object.keys(GTSRB_ARCHIVES) as ArchiveRole[]) {
+    const { name, md5 } = GTSRB_ARCHIVES[role];
+    sums[role] = (overrides[name] ?? md5).toLowerCase();
+  }
+  return sums;
+}
+
+/**
+ * Downloads the three GTSRB archives (skipping verified ones, resuming
+ * partial ones) and converts them into `outDir`. The dataset is written to
+ * a temporary sibling folder and renamed into place when complete, so a
+ * failed run leaves no half-written dataset. An existing `outDir` is kept
+ * unless `force` is set.
+ *
+ * @throws {FleetError} DATA_NOT_FOUND for a failed download or an archive
+ *   without the expected files, DIGEST_MISMATCH for a wrong checksum,
+ *   INVALID_IMAGE for an image that cannot be decoded.
+ */
+export async function downloadGtsrb(
+  options: DownloadGtsrbOptions = {},
+): Promise<DownloadGtsrbResult> {
+  const outDir = resolve(
+    options.outDir ?? join(REPOSITORY_ROOT, 'data', 'gtsrb32-full'),
+  );
+  const downloadDir = resolve(
+    options.downloadDir ?? join(REPOSITORY_ROOT, 'data', 'downloads'),
+  );
+  const baseUrl = (options.baseUrl ?? OFFICIAL_BASE_URL).replace(/\/?$/, '/');
+  const showProgress = options.showProgress ?? process.stderr.isTTY === true;
+  const log = (options.log ?? createLogger()).child({ component: 'download' });
+  const sums = expectedChecksums(options.checksums);
+
+  if (existsSync(outDir) && !options.force) {
+    log.info({ path: outDir }, 'dataset already present');
+    return { outDir, trainCount: 0, testCount: 0, wasPresent: true };
+  }
+
+  await mkdir(downloadDir, { recursive: true });
+  const paths = {} as Record<ArchiveRole, string>;
+  for (const role of Object.keys(GTSRB_ARCHIVES) as ArchiveRole[]) {
+    const { name } = GTSRB_ARCHIVES[role];
+    paths[role] = join(downloadDir, name);
+    await downloadArchive(
+      new URL(name, baseUrl).href,
+      paths[role],
+      sums[role],
+      showProgress,
+      log,
+    );
+  }
+
+  const tempDir = `${outDir}.partial-${process.pid}`;
+  await rm(tempDir, { recursive: true, force: true });
+  try {
+    const startedAt = performance.now();
+    const counts = await convertGtsrbArchives(paths, tempDir, { showProgress });
+    await writeSourceNote(tempDir, baseUrl, sums);
+    await replaceDirectory(tempDir, outDir);
+    log.info(
+      {
+        path: outDir,
+        ...counts,
+        durationMs: Math.round(performance.now() - startedAt),
+      },
+      'dataset converted',
+    );
+    return { outDir, ...counts, wasPresent: false };
+  } catch (err) {
+    await rm(tempDir, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+async function writeSourceNote(
+  dir: string,
+  baseUrl: string,
+  sums: Record<ArchiveRole, string>,
+): Promise<void> {
+  const archives = (Object.keys(GTSRB_ARCHIVES) as ArchiveRole[]).map(
+    (role) => `- ${GTSRB_ARCHIVES[role].name} (MD5 ${sums[role]})`,
+  );
+  const source = [
+    '# GTSRB resized to 32x32',
+    '',
+    'German Traffic Sign Recognition Benchmark (J. Stallkamp, M. Schlipsing,',
+    'J. Salmen, C. Igel, Neural Networks 32 (2012) 323-332), converted by',
+    'scripts/download-gtsrb.ts: each whole crop resized to 32x32 with',
+    'bilinear interpolation (sharp), stored as binary PPM.',
+    '',
+    `Downloaded from ${baseUrl}:`,
+    ...archives,
+    '',
+  ];
+  await writeFile(join(dir, 'SOURCE.md'), source.join('\n'));
+}
+
+/** Renames `from` to `to`, moving an existing `to` aside first. */
+async function replaceDirectory(from: string, to: string): Promise<void> {
+  const old = `${to}.old-${process.pid}`;
+  const hadOld = existsSync(to);
+  if (hadOld) await rename(to, old);
+  await rename(from, to);
+  if (hadOld) await rm(old, { recursive: true, force: true });
+}
+
+async function readChecksumsFile(
+  path: string,
+): Promise<Record<string, string>> {
+  try {
+    return JSON.parse(await readFile(path, 'utf8')) as Record<string, string>;
+  } catch (err) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `cannot read checksums file ${path}: expected JSON mapping archive file names to MD5 hex`,
+      { cause: err },
+    );
+  }
+}
+
+async function main(argv: string[]): Promise<void> {
+  const program = new Command()
+    .name('download-gtsrb')
+    .description(
+      'Download GTSRB and convert it to 32x32 PPMs in the gtsrb32 layout.',
+    )
+    .option(
+      '--out <dir>',
+      'output dataset directory',
+      join(REPOSITORY_ROOT, 'data', 'gtsrb32-full'),
+    )
+    .option(
+      '--download-dir <dir>',
+      'where the archives are kept',
+      join(REPOSITORY_ROOT, 'data', 'downloads'),
+    )
+    .option(
+      '--base-url <url>',
+      'URL prefix of the three archives (a mirror)',
+      OFFICIAL_BASE_URL,
+    )
+    .option(
+      '--checksums <file>',
+      'JSON file mapping archive file names to expected MD5 hex',
+    )
+    .option('--force', 'replace an existing output directory', false)
+    .parse(argv);
+  const opts = program.opts<{
+    out: string;
+    downloadDir: string;
+    baseUrl: string;
+    checksums?: string;
+    force: boolean;
+  }>();
+
+  const checksums = opts.checksums
+    ? await readChecksumsFile(opts.checksums)
+    : undefined;
+  await downloadGtsrb({
+    outDir: opts.out,
+    downloadDir: opts.downloadDir,
+    baseUrl: opts.baseUrl,
+    checksums,
+    force: opts.force,
+  });
+}
+
+if (
+  process.argv[1] &&
+  import.meta.url === pathToFileURL(resolve(process.argv[1])).href
+) {
+  main(process.argv).catch((err: unknown) => {
+    const message = err instanceof Error ? err.message : String(err);
+    process.stderr.write(`download-gtsrb: ${message}\n`);
+    process.exitCode = 1;
+  });
+}

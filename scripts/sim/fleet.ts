@@ -1,0 +1,288 @@
+/**
+ * One simulation run: the embedded broker, the aggregator and N vehicle
+ * agents in this process. Every agent is a real MQTT client on loopback;
+ * they share the CPU, so vehicles train one after another in practice.
+ */
+import { mkdirSync, mkdtempSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Aggregator, type RoundClosedEvent, type RoundFailedEvent } from '../../aggregator/index.ts';
+import { startBroker } from '../../broker/index.ts';
+import {
+  MODEL_NAME,
+  NUM_CLASSES,
+  OnnxClassifier,
+  predictTfjs,
+  evaluateAccuracy,
+  exportOnnx,
+  readWeightsFile,
+  selectTrainingBackend,
+  tensorNamesOfLayers,
+} from '../../models/index.ts';
+import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
+import { VehicleAgent } from '../../vehicle-agent/index.ts';
+import { trainCentralized } from './centralized.ts';
+import { prepareFleetData, unionOf } from './data.ts';
+import { RoundProgress } from './progress.ts';
+import { buildReport, printRoundTable, type RoundRow, type SimulationReport } from './report.ts';
+
+const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
+
+/** Base model (version 0) that ships with the project. */
+export const BASE_WEIGHTS_PATH = path.join(REPO_ROOT, 'models/base/gtsrb-cnn-v0.weights.pb');
+
+const FLEET_ID = 'sim';
+const PROBE_IMAGES = 64;
+
+export interface SimulationOptions {
+  vehicles: number;
+  rounds: number;
+  dataDir?: string;
+  seed: number;
+  reportPath?: string;
+  /** Dirichlet concentration of the per-vehicle class split. */
+  alpha: number;
+  localEpochs: number;
+  batchSize: number;
+  learningRate: number;
+  proximalMu: number;
+  trainLayers: string[];
+  /** Default: half the vehicles, rounded up. */
+  minUpdates?: number;
+  roundTimeoutMs: number;
+  /** Default: a new directory under the system temp dir. */
+  stateDir?: string;
+  /** Train the centralized baseline too. */
+  centralized: boolean;
+  progress: boolean;
+  log: Logger;
+}
+
+/** Runs the simulation, prints the per-round table and writes the report. */
+export async function runSimulation(options: SimulationOptions): Promise<SimulationReport> {
+  const log = options.log.child({ component: 'sim' });
+  const started = Date.now();
+  const trainableTensors = tensorNamesOfLayers(options.trainLayers);
+  const minUpdates = options.minUpdates ?? Math.ceil(options.vehicles / 2);
+  if (minUpdates > options.vehicles) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `--min-updates ${minUpdates} is above --vehicles ${options.vehicles}; ` +
+        'the quorum could never be met',
+    );
+  }
+  const stateDir = options.stateDir ?? mkdtempSync(path.join(tmpdir(), 'fleetlearn-sim-'));
+  mkdirSync(stateDir, { recursive: true });
+  log.info({ ...summarize(options), stateDir }, 'simulation started');
+
+  const backend = await selectTrainingBackend(log);
+  const data = await prepareFleetData(options, log);
+  const base = readWeightsFile(BASE_WEIGHTS_PATH);
+  const baseAccuracy = await measureAccuracy(exportOnnx(base), data.test);
+  console.error(
+    `data ${data.dataDir}: ${data.shares.map((s) => s.count).join('+')} ` +
+      `training images on ${options.vehicles} vehicles, ${data.test.count} ` +
+      `test images; base model accuracy ${baseAccuracy.toFixed(4)}; ` +
+      `training backend ${backend}`,
+  );
+
+  const broker = await startBroker({ port: 0, host: '127.0.0.1', log });
+  const brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
+  const aggregator = new Aggregator({
+    fleetId: FLEET_ID,
+    brokerUrl,
+    stateDir: path.join(stateDir, 'aggregator'),
+    baseWeightsPath: BASE_WEIGHTS_PATH,
+    trainableLayers: options.trainLayers,
+    localEpochs: options.localEpochs,
+    batchSize: options.batchSize,
+    learningRate: options.learningRate,
+    proximalMu: options.proximalMu,
+    vehiclesPerRound: 0,
+    minVehiclesOnline: options.vehicles,
+    onlineWaitTimeoutMs: 120_000,
+    minUpdates,
+    roundTimeoutMs: options.roundTimeoutMs,
+    maxRounds: options.rounds,
+    seed: options.seed,
+    probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
+    probeCount: Math.min(PROBE_IMAGES, data.test.count),
+    testSet: { images: data.test.images, labels: data.test.labels },
+    log,
+  });
+  const agents = data.shares.map(
+    (frames, index) =>
+      new VehicleAgent({
+        vehicleId: `veh-${String(index + 1).padStart(3, '0')}`,
+        fleetId: FLEET_ID,
+        brokerUrl,
+        stateDir: path.join(stateDir, `vehicle-${index + 1}`),
+        frames,
+        seed: options.seed,
+        log,
+      }),
+  );
+
+  const rows: RoundRow[] = [];
+  const progress = new RoundProgress(options.rounds, options.vehicles, options.progress);
+  let downlinkSeen = 0;
+  const downlinkSinceLastRound = (): number => {
+    const total = agents.reduce((sum, agent) => sum + agent.counters.bytesReceived, 0);
+    const delta = total - downlinkSeen;
+    downlinkSeen = total;
+    return delta;
+  };
+  aggregator.on('round-opened', (event) => progress.roundOpened(event.round));
+  for (const agent of agents) {
+    agent.on('update-sent', () => progress.updateSent());
+  }
+  aggregator.on('round-closed', (event: RoundClosedEvent) => {
+    rows.push(rowOf(event, event.accuracy, downlinkSinceLastRound(), event.modelVersion));
+    progress.roundDone(event.round, event.accuracy);
+  });
+  aggregator.on('round-failed', (event: RoundFailedEvent) => {
+    rows.push({ ...rowOf(event, undefined, downlinkSinceLastRound(), event.modelVersion), failure: event.reasonCode });
+    progress.roundDone(event.round, undefined);
+    log.warn({ round: event.round, code: event.reasonCode }, 'round failed');
+  });
+
+  try {
+    await aggregator.start();
+    await Promise.all(agents.map((agent) => agent.start()));
+    await aggregator.whenFinished();
+  } finally {
+    progress.stop();
+    await Promise.allSettled(agents.map((agent) => agent.stop()));
+    await aggregator.stop();
+    await broker.close();
+  }
+
+  const federatedMs = Date.now() - started;
+  printRoundTable(rows);
+
+  let centralizedAccuracy: number | undefined;
+  if (options.centralized) {
+    console.error(
+      `training the centralized baseline: ${options.rounds * options.localEpochs} epochs`,
+    );
+    centralizedAccuracy = await trainCentralized(
+      base,
+      unionOf(data.shares),
+      data.test,
+      {
+        trainableTensors,
+        epochs: options.rounds * options.localEpochs,
+        batchSize: options.batchSize,
+        learningRate: options.learningRate,
+        seed: options.seed,
+      },
+      log,
+    );
+  }
+
+  const modelPath = path.join(
+    stateDir,
+    'aggregator',
+    'models',
+    MODEL_NAME,
+    `v${aggregator.currentModelVersion}.onnx`,
+  );
+  const agreement = await compareWithTfjs(
+    modelPath,
+    modelPath.replace(/\.onnx$/, '.weights.pb'),
+    data.test,
+  );
+  const report = buildReport({
+    top1Agreement: agreement,
+    options: summarize(options),
+    backend,
+    baseAccuracy,
+    centralizedAccuracy,
+    modelPath,
+    modelVersion: aggregator.currentModelVersion,
+    rows,
+    federatedMs,
+    totalMs: Date.now() - started,
+  });
+  console.error(
+    `base ${baseAccuracy.toFixed(4)}, final ${report.finalAccuracy?.toFixed(4) ?? 'n/a'}` +
+      (centralizedAccuracy === undefined ? '' : `, centralized ${centralizedAccuracy.toFixed(4)}`) +
+      `, model ${modelPath}, ${(report.totalMs / 1000).toFixed(0)} s`,
+  );
+  if (options.reportPath !== undefined) writeJsonAtomic(options.reportPath, report);
+  log.info({ reportPath: options.reportPath, durationMs: report.totalMs }, 'simulation finished');
+  return report;
+}
+
+function rowOf(
+  event: RoundClosedEvent | RoundFailedEvent,
+  accuracy: number | undefined,
+  downlinkBytes: number,
+  modelVersion: number,
+): RoundRow {
+  return {
+    round: event.round,
+    modelVersion,
+    accepted: event.accepted,
+    rejected: event.rejected,
+    rejectedByReason: event.rejectedByReason,
+    accuracy: accuracy ?? null,
+    uplinkBytes: event.uplinkBytes,
+    downlinkBytes,
+    numExamples: event.numExamples,
+    durationMs: event.durationMs,
+  };
+}
+
+/**
+ * Returns the share of test images on which the final ONNX model and
+ * TF.js, run on the same weights, pick the same top-1 class.
+ */
+async function compareWithTfjs(
+  onnxPath: string,
+  weightsPath: string,
+  test: { images: Float32Array; count: number },
+): Promise<number> {
+  const classifier = await OnnxClassifier.create(readFileSync(onnxPath));
+  const onnxProbabilities = await classifier.predict(test.images, test.count);
+  await classifier.close();
+  const tfjsProbabilities = await predictTfjs(readWeightsFile(weightsPath), test.images, test.count);
+  let same = 0;
+  for (let i = 0; i < test.count; i++) {
+    const offset = i * NUM_CLASSES;
+    const onnxTop = argMax(onnxProbabilities.subarray(offset, offset + NUM_CLASSES));
+    const tfjsTop = argMax(tfjsProbabilities.subarray(offset, offset + NUM_CLASSES));
+    if (onnxTop === tfjsTop) same += 1;
+  }
+  return same / test.count;
+}
+
+function argMax(values: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  return best;
+}
+
+async function measureAccuracy(
+  onnx: Uint8Array,
+  test: { images: Float32Array; labels: Int32Array },
+): Promise<number> {
+  const classifier = await OnnxClassifier.create(onnx);
+  try {
+    return await evaluateAccuracy(classifier, test.images, test.labels);
+  } finally {
+    await classifier.close();
+  }
+}
+
+function summarize(options: SimulationOptions): Record<string, unknown> {
+  const { log: _log, ...rest } = options;
+  return rest;
+}
+
+function writeJsonAtomic(file: string, value: unknown): void {
+  const temp = `${file}.${process.pid}.tmp`;
+  writeFileSync(temp, JSON.stringify(value, null, 2) + '\n');
+  renameSync(temp, file);
+}

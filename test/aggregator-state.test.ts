@@ -1,0 +1,195 @@
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  Aggregator,
+  type RoundClosedEvent,
+  type RoundFailedEvent,
+} from '../aggregator/index.ts';
+import {
+  AckStatus,
+  ErrorCode,
+  FleetError,
+  encodeModelUpdate,
+} from '../protocol/index.ts';
+import { MODEL_NAME } from '../models/architecture.ts';
+import type { RunningBroker } from '../broker/index.ts';
+import {
+  TestVehicle,
+  buildUpdate,
+  createWorkspace,
+  fetchRetainedRelease,
+  loadRealImages,
+  startTestBroker,
+  testOptions,
+  type RealImages,
+  type Workspace,
+} from './aggregator-fixtures.ts';
+
+let images: RealImages;
+let broker: RunningBroker;
+
+// Each group gets its own broker, so no retained status leaks across.
+before(async () => {
+  images = await loadRealImages();
+});
+
+function isInvalidConfig(option: string) {
+  return (err: unknown): boolean =>
+    err instanceof FleetError &&
+    err.code === ErrorCode.InvalidConfig &&
+    err.message.includes(option);
+}
+
+describe('aggregator options', () => {
+  let workspace: Workspace;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+  });
+
+  after(async () => {
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('invalid config rejected at construction', () => {
+    const options = testOptions(broker, workspace, images);
+
+    assert.throws(
+      () => new Aggregator({ ...options, vehiclesPerRound: 2, minUpdates: 3 }),
+      isInvalidConfig('minUpdates'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, roundTimeoutMs: 0 }),
+      isInvalidConfig('roundTimeoutMs'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, trainableLayers: ['dense9'] }),
+      isInvalidConfig('trainableLayers'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, learningRate: Number.NaN }),
+      isInvalidConfig('learningRate'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, probeCount: 3 }),
+      isInvalidConfig('probeImages'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, fleetId: 'a/b' }),
+      isInvalidConfig('fleetId'),
+    );
+    assert.throws(() => new Aggregator({ ...options, stateDir: '' }), TypeError);
+  });
+
+  test('missing base weights fail start', async () => {
+    const aggregator = new Aggregator(
+      testOptions(broker, workspace, images, {
+        baseWeightsPath: join(workspace.dir, 'missing.weights.pb'),
+      }),
+    );
+
+    await assert.rejects(aggregator.start(), isInvalidConfig('missing.weights.pb'));
+
+    await aggregator.stop();
+  });
+});
+
+describe('aggregator quorum', () => {
+  let workspace: Workspace;
+  let vehicles: TestVehicle[] = [];
+  let aggregator: Aggregator | undefined;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+  });
+
+  after(async () => {
+    await aggregator?.stop();
+    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('quorum not met keeps model', async () => {
+    vehicles = await Promise.all(
+      ['q-1', 'q-2'].map((id) => TestVehicle.connect(broker, id)),
+    );
+    aggregator = new Aggregator(
+      testOptions(broker, workspace, images, {
+        minVehiclesOnline: 2,
+        minUpdates: 2,
+        roundTimeoutMs: 1500,
+      }),
+    );
+    const failed = once(aggregator, 'round-failed');
+    await aggregator.start();
+
+    const [event] = (await failed) as [RoundFailedEvent];
+    assert.equal(event.reasonCode, ErrorCode.QuorumNotMet);
+    assert.equal(event.accepted, 0);
+    assert.equal(event.modelVersion, 0);
+    assert.ok(event.durationMs >= 1400);
+    assert.equal(aggregator.currentModelVersion, 0);
+    assert.equal(aggregator.currentRound, 1);
+  });
+});
+
+describe('aggregator restart', () => {
+  let workspace: Workspace;
+  let vehicle: TestVehicle;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+    vehicle = await TestVehicle.connect(broker, 'restart-veh');
+  });
+
+  after(async () => {
+    await vehicle.close();
+    await broker.close();
+    workspace.remove();
+  });
+
+  async function runOneRound(): Promise<RoundClosedEvent> {
+    const aggregator = new Aggregator(testOptions(broker, workspace, images));
+    const closed = once(aggregator, 'round-closed');
+    await aggregator.start();
+    const task = await vehicle.nextTask();
+    const ack = await vehicle.send(encodeModelUpdate(buildUpdate(vehicle.id, task)));
+    assert.equal(ack.status, AckStatus.Accepted, ack.reason);
+    const [event] = (await closed) as [RoundClosedEvent];
+    await aggregator.stop();
+    return event;
+  }
+
+  test('restart resumes round and version', async () => {
+    const first = await runOneRound();
+    assert.equal(first.round, 1);
+    assert.equal(first.modelVersion, 1);
+
+    const second = await runOneRound();
+    assert.equal(second.round, 2);
+    assert.equal(second.modelVersion, 2);
+
+    const stateDir = join(workspace.dir, 'state');
+    const state = JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8'));
+    assert.deepEqual(state, { round: 2, modelVersion: 2 });
+    const modelDir = join(stateDir, 'models', MODEL_NAME);
+    for (const file of ['v0.onnx', 'v1.onnx', 'v2.onnx', 'v2.weights.pb', 'v2.json']) {
+      assert.ok(existsSync(join(modelDir, file)), `${file} missing`);
+    }
+    const manifest = JSON.parse(readFileSync(join(modelDir, 'v2.json'), 'utf8'));
+    assert.equal(manifest.parentVersion, 1);
+    assert.equal(manifest.round, 2);
+    assert.equal(manifest.numVehicles, 1);
+    const release = await fetchRetainedRelease(broker);
+    assert.equal(release.version, 2);
+    assert.equal(release.sha256, manifest.sha256);
+  });
+});

@@ -1,0 +1,118 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { FedAvgAccumulator, applyDeltas } from '../aggregator/fedavg.ts';
+import { ErrorCode, FleetError } from '../protocol/index.ts';
+
+const SIZES = new Map([
+  ['a', 3],
+  ['b', 1],
+]);
+
+function deltas(a: number[], b: number[]): Map<string, Float32Array> {
+  return new Map([
+    ['a', Float32Array.from(a)],
+    ['b', Float32Array.from(b)],
+  ]);
+}
+
+describe('FedAvgAccumulator', () => {
+  test('fedavg weights by numExamples', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    accumulator.add(deltas([1, 2, 3], [10]), 1);
+    accumulator.add(deltas([4, 5, 6], [-2]), 3);
+    const mean = accumulator.result();
+
+    // a: (1*1 + 3*4) / 4 = 3.25, (1*2 + 3*5) / 4 = 4.25, (3 + 18) / 4 = 5.25
+    assert.deepEqual([...mean.get('a')!], [3.25, 4.25, 5.25]);
+    // b: (1*10 + 3*(-2)) / 4 = 1
+    assert.deepEqual([...mean.get('b')!], [1]);
+    assert.equal(accumulator.totalExamples, 4);
+    assert.equal(accumulator.count, 2);
+  });
+
+  test('single update is its own mean', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    accumulator.add(deltas([0.5, -0.25, 0], [7]), 42);
+
+    assert.deepEqual([...accumulator.result().get('a')!], [0.5, -0.25, 0]);
+    assert.deepEqual([...accumulator.result().get('b')!], [7]);
+  });
+
+  test('three vehicles exact weighted mean', () => {
+    const accumulator = new FedAvgAccumulator(new Map([['w', 2]]));
+
+    accumulator.add(new Map([['w', Float32Array.from([0.01, 1])]]), 10);
+    accumulator.add(new Map([['w', Float32Array.from([0.02, 2])]]), 20);
+    accumulator.add(new Map([['w', Float32Array.from([0.04, 4])]]), 30);
+    const mean = accumulator.result().get('w')!;
+
+    // (10*0.01 + 20*0.02 + 30*0.04) / 60 = 1.7 / 60 = 0.028333...
+    assert.ok(Math.abs(mean[0] - 1.7 / 60) < 1e-8);
+    // (10 + 40 + 120) / 60 = 2.8333...
+    assert.ok(Math.abs(mean[1] - 170 / 60) < 1e-6);
+  });
+
+  test('empty aggregate throws EMPTY_AGGREGATE', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(
+      () => accumulator.result(),
+      (err: unknown) =>
+        err instanceof FleetError && err.code === ErrorCode.EmptyAggregate,
+    );
+  });
+
+  test('zero examples rejected', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(() => accumulator.add(deltas([1, 2, 3], [4]), 0), RangeError);
+    assert.throws(() => accumulator.add(deltas([1, 2, 3], [4]), 1.5), RangeError);
+    assert.equal(accumulator.totalExamples, 0);
+  });
+
+  test('bad tensor leaves sums unchanged', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+    accumulator.add(deltas([1, 1, 1], [1]), 2);
+
+    assert.throws(() => accumulator.add(deltas([9, 9], [9]), 5), RangeError);
+    assert.throws(
+      () => accumulator.add(new Map([['a', new Float32Array(3)]]), 5),
+      RangeError,
+    );
+    const extra = deltas([9, 9, 9], [9]);
+    extra.set('c', new Float32Array(1));
+    assert.throws(() => accumulator.add(extra, 5), RangeError);
+
+    assert.equal(accumulator.totalExamples, 2);
+    assert.deepEqual([...accumulator.result().get('a')!], [1, 1, 1]);
+  });
+
+  test('invalid tensor size rejected', () => {
+    assert.throws(() => new FedAvgAccumulator(new Map([['a', 0]])), RangeError);
+  });
+});
+
+describe('applyDeltas', () => {
+  test('adds deltas to named tensors', () => {
+    const frozen = Float32Array.from([5, 6]);
+    const weights = new Map([
+      ['a', Float32Array.from([1, 2, 3])],
+      ['frozen', frozen],
+    ]);
+
+    const next = applyDeltas(weights, new Map([['a', Float32Array.from([0.5, -1, 0])]]));
+
+    assert.deepEqual([...next.get('a')!], [1.5, 1, 3]);
+    assert.equal(next.get('frozen'), frozen);
+    assert.deepEqual([...weights.get('a')!], [1, 2, 3]);
+  });
+
+  test('unknown or resized tensor rejected', () => {
+    const weights = new Map([['a', new Float32Array(2)]]);
+
+    assert.throws(() => applyDeltas(weights, new Map([['x', new Float32Array(2)]])), RangeError);
+    assert.throws(() => applyDeltas(weights, new Map([['a', new Float32Array(3)]])), RangeError);
+  });
+});

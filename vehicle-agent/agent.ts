@@ -1,0 +1,457 @@
+/**
+ * The vehicle daemon: deploys model releases, trains on round tasks and
+ * publishes updates over MQTT.
+ */
+import { EventEmitter } from 'node:events';
+import type { MqttClient } from 'mqtt';
+import {
+  selectTrainingBackend,
+  type TrainingBackend,
+} from '../models/backend.ts';
+import { loadLabelledImages, type LabelledImages } from '../models/index.ts';
+import {
+  AckStatus,
+  ErrorCode,
+  FleetTopics,
+  VehicleState,
+  createLogger,
+  decodeModelRelease,
+  decodeRoundTask,
+  decodeUpdateAck,
+  encodeVehicleStatus,
+  isFleetError,
+  type Logger,
+  type ModelRelease,
+  type RoundTask,
+} from '../protocol/index.ts';
+import { connectToBroker } from './connection.ts';
+import { ModelDeployment } from './deployment.ts';
+import {
+  createCounters,
+  type AgentCounters,
+  type AgentEvents,
+} from './events.ts';
+import { FeatureCache } from './feature-cache.ts';
+import {
+  resolveAgentOptions,
+  type ResolvedAgentOptions,
+  type VehicleAgentOptions,
+} from './options.ts';
+import { ReleaseHandler } from './release-handler.ts';
+import { RoundRunner } from './round-runner.ts';
+
+/** Reject reasons that mean the vehicle trained from an outdated task. */
+const BEHIND_CODES: readonly string[] = [
+  ErrorCode.WrongModelVersion,
+  ErrorCode.WrongRound,
+  ErrorCode.RoundClosed,
+];
+
+/**
+ * A vehicle agent. The constructor only checks options; `start()` loads
+ * the frames, picks the training backend, restores the deployed model and
+ * connects. Malformed or rejected input is logged at warn and skipped, so
+ * the daemon keeps running.
+ */
+export class VehicleAgent extends EventEmitter<AgentEvents> {
+  readonly vehicleId: string;
+  readonly fleetId: string;
+  private readonly options: ResolvedAgentOptions;
+  private readonly log: Logger;
+  private readonly topics: FleetTopics;
+  private readonly deployment: ModelDeployment;
+  private readonly featureCache = new FeatureCache();
+  private readonly stats = createCounters();
+  private frames: LabelledImages | undefined;
+  private trainingBackend: TrainingBackend | undefined;
+  private client: MqttClient | undefined;
+  private rounds: RoundRunner | undefined;
+  private state: 'idle' | 'starting' | 'running' | 'stopped' = 'idle';
+  private readonly releases: ReleaseHandler;
+
+  /**
+   * @throws {TypeError} for a missing or wrongly typed option.
+   * @throws {RangeError} for an id that is not one MQTT topic level or a
+   *   number out of range.
+   */
+  constructor(options: VehicleAgentOptions) {
+    super();
+    this.options = resolveAgentOptions(options);
+    this.vehicleId = this.options.vehicleId;
+    this.fleetId = this.options.fleetId;
+    this.topics = new FleetTopics(this.fleetId);
+    this.log = (options.log ?? createLogger()).child({
+      component: 'agent',
+      vehicleId: this.vehicleId,
+    });
+    this.deployment = new ModelDeployment(this.options.stateDir, this.log);
+    this.releases = new ReleaseHandler({
+      deployment: this.deployment,
+      log: this.log,
+      stats: this.stats,
+      events: this,
+      isTraining: () => this.isTraining,
+      onModelChanged: () => this.publishStatus(),
+    });
+  }
+
+  /** Version of the model in service, undefined before the first one. */
+  get deployedVersion(): number | undefined {
+    return this.deployment.current?.version;
+  }
+
+  /** The training backend, known after `start()`. */
+  get backend(): TrainingBackend | undefined {
+    return this.trainingBackend;
+  }
+
+  /** Number of local frames, known after `start()`. */
+  get numExamples(): number {
+    return this.frames?.count ?? 0;
+  }
+
+  /** True while a round's features are computed or the model trains. */
+  get isTraining(): boolean {
+    return this.rounds?.isTraining ?? false;
+  }
+
+  /** A snapshot of the traffic and outcome counters. */
+  get counters(): AgentCounters {
+    return {
+      ...this.stats,
+      acksRejected: { ...this.stats.acksRejected },
+      featureCacheHits: this.featureCache.hits,
+      featureCacheMisses: this.featureCache.misses,
+    };
+  }
+
+  /**
+   * Classifies `count` images (NHWC [count,32,32,3], values in [0,1])
+   * with the deployed model; returns probabilities [count*43].
+   *
+   * @throws {FleetError} INVALID_MODEL when no model is deployed.
+   */
+  classify(images: Float32Array, count: number): Promise<Float32Array> {
+    return this.deployment.classify(images, count);
+  }
+
+  /**
+   * Serves the previous model version again, after any deployment in
+   * progress. NOTE: a newer retained release that arrives later, for
+   * example after a reconnect, is deployed again.
+   *
+   * @throws {FleetError} INVALID_MODEL when there is no previous version.
+   */
+  rollback(): Promise<number> {
+    return this.releases.rollback();
+  }
+
+  /**
+   * Loads frames, selects the training backend, restores the deployed
+   * model, connects and publishes the ONLINE status. While the broker is
+   * unreachable it keeps retrying.
+   *
+   * @throws {FleetError} DATA_NOT_FOUND or INVALID_IMAGE for the frames.
+   */
+  async start(): Promise<void> {
+    if (this.state !== 'idle') {
+      throw new Error(`VehicleAgent.start() called while ${this.state}`);
+    }
+    this.state = 'starting';
+    try {
+      await this.startSteps();
+    } catch (err) {
+      this.state = 'stopped';
+      this.client?.end(true);
+      await this.deployment.close();
+      throw err;
+    }
+  }
+
+  private async startSteps(): Promise<void> {
+    const started = Date.now();
+
+    this.frames = await this.loadFrames();
+    this.trainingBackend = await selectTrainingBackend(
+      this.log,
+      this.options.preferredBackend,
+    );
+    const restored = await this.deployment.restore();
+    if (restored !== undefined) {
+      this.log.info(
+        { modelVersion: restored.version },
+        'deployed model restored',
+      );
+    }
+    this.rounds = this.createRoundRunner(this.frames, this.trainingBackend);
+
+    this.client = await connectToBroker({
+      brokerUrl: this.options.brokerUrl,
+      clientId: `vehicle-${this.vehicleId}`,
+      will: {
+        topic: this.topics.status(this.vehicleId),
+        payload: this.statusBytes(VehicleState.Offline),
+      },
+      log: this.log,
+      onReconnect: () => void this.publishStatus(),
+    });
+    if (this.state === 'stopped') {
+      await this.client.endAsync();
+      return;
+    }
+    this.client.on('message', (topic, payload) =>
+      this.onMessage(topic, payload),
+    );
+    await this.client.subscribeAsync(
+      [
+        this.topics.release(),
+        this.topics.roundTask(),
+        this.topics.ack(this.vehicleId),
+      ],
+      { qos: 1 },
+    );
+    this.state = 'running';
+    await this.publishStatus();
+
+    this.log.info(
+      {
+        brokerUrl: this.options.brokerUrl,
+        numExamples: this.frames.count,
+        backend: this.trainingBackend,
+        modelVersion: this.deployedVersion,
+        durationMs: Date.now() - started,
+      },
+      'agent started',
+    );
+  }
+
+  /**
+   * Publishes the OFFLINE status, disconnects and closes the models. A
+   * training run in progress finishes in the background and is dropped.
+   */
+  async stop(): Promise<void> {
+    if (this.state === 'stopped' || this.state === 'idle') return;
+    // A stop during start() leaves the connection to start(), which ends
+    // it once connected.
+    this.state = 'stopped';
+    this.rounds?.stop();
+    const releasesStopped = this.releases.stop();
+
+    const client = this.client;
+    if (client !== undefined) {
+      try {
+        await client.publishAsync(
+          this.topics.status(this.vehicleId),
+          Buffer.from(this.statusBytes(VehicleState.Offline)),
+          { qos: 1, retain: true },
+        );
+      } catch (err) {
+        this.log.warn({ err }, 'offline status not published');
+      }
+      await client.endAsync();
+    }
+    await releasesStopped;
+    await this.deployment.close();
+    this.log.info('agent stopped');
+  }
+
+  private async loadFrames(): Promise<LabelledImages> {
+    if (this.options.frames !== undefined) return this.options.frames;
+    return loadLabelledImages(this.options.dataDir!, {
+      split: 'train',
+      limit: this.options.dataLimit,
+    });
+  }
+
+  private createRoundRunner(
+    frames: LabelledImages,
+    backend: TrainingBackend,
+  ): RoundRunner {
+    return new RoundRunner({
+      vehicleId: this.vehicleId,
+      fleetId: this.fleetId,
+      frames,
+      backend,
+      featureCache: this.featureCache,
+      baseSeed: this.options.seed,
+      maxMessageBytes: this.options.maxMessageBytes,
+      log: this.log,
+      waitForModel: (task) => this.releases.waitForModel(task),
+      beforeTraining: () => this.releases.flush(),
+      afterTraining: () => this.releases.afterTraining(),
+      publishUpdate: (payload) => this.publishUpdate(payload),
+      publishStatus: () => this.publishStatus(),
+      events: this,
+    });
+  }
+
+  private onMessage(topic: string, payload: Buffer): void {
+    if (this.state !== 'running') return;
+    if (payload.length === 0) {
+      this.log.debug({ topic }, 'empty retained message ignored');
+      return;
+    }
+    if (topic === this.topics.release()) {
+      this.stats.bytesReceived += payload.length;
+      this.handleRelease(payload);
+    } else if (topic === this.topics.roundTask()) {
+      this.stats.bytesReceived += payload.length;
+      this.handleRoundTask(payload);
+    } else if (topic === this.topics.ack(this.vehicleId)) {
+      this.handleAck(payload);
+    } else {
+      this.log.debug({ topic }, 'message on unexpected topic ignored');
+    }
+  }
+
+  private rejectInput(topic: string, err: unknown): void {
+    if (isFleetError(err, ErrorCode.MalformedPayload)) {
+      this.stats.malformedMessages += 1;
+    }
+    this.log.warn(
+      { err, topic, code: (err as { code?: string }).code },
+      'message rejected',
+    );
+  }
+
+  private isTooLarge(topic: string, bytes: number): boolean {
+    if (bytes <= this.options.maxMessageBytes) return false;
+    this.log.warn(
+      {
+        topic,
+        bytes,
+        maxMessageBytes: this.options.maxMessageBytes,
+        code: ErrorCode.PayloadTooLarge,
+      },
+      'message too large',
+    );
+    return true;
+  }
+
+  private handleRelease(payload: Buffer): void {
+    const topic = this.topics.release();
+    if (this.isTooLarge(topic, payload.length)) return;
+    let release: ModelRelease;
+    try {
+      release = decodeModelRelease(payload);
+    } catch (err) {
+      if (isFleetError(err, ErrorCode.MalformedPayload)) {
+        this.stats.malformedMessages += 1;
+      }
+      this.releases.reject(err, -1);
+      return;
+    }
+    this.releases.offer(release);
+  }
+
+  private handleRoundTask(payload: Buffer): void {
+    const topic = this.topics.roundTask();
+    if (this.isTooLarge(topic, payload.length)) return;
+    let task: RoundTask;
+    try {
+      task = decodeRoundTask(payload);
+    } catch (err) {
+      this.rejectInput(topic, err);
+      return;
+    }
+    this.rounds!.offer(task);
+  }
+
+  private async publishUpdate(payload: Uint8Array): Promise<void> {
+    await this.client!.publishAsync(
+      this.topics.update(this.vehicleId),
+      Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength),
+      { qos: 1 },
+    );
+    this.stats.bytesSent += payload.length;
+    this.stats.updatesSent += 1;
+  }
+
+  private handleAck(payload: Buffer): void {
+    let ack;
+    try {
+      ack = decodeUpdateAck(payload);
+    } catch (err) {
+      this.rejectInput(this.topics.ack(this.vehicleId), err);
+      return;
+    }
+    const sent = this.rounds!.takeSentUpdate(ack.updateId);
+    const fields = {
+      updateId: ack.updateId,
+      round: ack.round,
+      known: sent !== undefined,
+    };
+    if (ack.status === AckStatus.Accepted) {
+      this.stats.acksAccepted += 1;
+      this.log.info(fields, 'update accepted');
+    } else {
+      const reason = ack.reasonCode || 'UNSPECIFIED';
+      this.stats.acksRejected[reason] =
+        (this.stats.acksRejected[reason] ?? 0) + 1;
+      this.log.warn(
+        { ...fields, reasonCode: reason, reason: ack.reason },
+        'update rejected',
+      );
+      if (BEHIND_CODES.includes(reason))
+        void this.resynchronise(ack.currentRound, ack.currentModelVersion);
+    }
+    this.emit('ack', ack);
+  }
+
+  /**
+   * Subscribes again to the round and release topics, so that the broker
+   * sends their retained messages and the agent catches up with the
+   * aggregator's current round and model.
+   */
+  private async resynchronise(
+    currentRound: number,
+    currentModelVersion: number,
+  ): Promise<void> {
+    const client = this.client;
+    if (client === undefined || this.state !== 'running') return;
+    this.log.info(
+      {
+        round: currentRound,
+        modelVersion: currentModelVersion,
+        deployedVersion: this.deployedVersion,
+      },
+      'resynchronising with aggregator',
+    );
+    const filters = [this.topics.release(), this.topics.roundTask()];
+    try {
+      await client.unsubscribeAsync(filters);
+      await client.subscribeAsync(filters, { qos: 1 });
+    } catch (err) {
+      this.log.warn({ err }, 'resynchronisation failed');
+    }
+  }
+
+  private statusBytes(state: number): Uint8Array {
+    const model = this.deployment.current;
+    return encodeVehicleStatus({
+      vehicleId: this.vehicleId,
+      state,
+      modelName: model?.modelName ?? '',
+      modelVersion: model?.version ?? 0,
+      numExamples: this.frames?.count ?? 0,
+      updatedAtMs: Date.now(),
+      backend: this.trainingBackend ?? '',
+    });
+  }
+
+  /** Publishes the retained status: TRAINING or ONLINE. */
+  private async publishStatus(): Promise<void> {
+    const client = this.client;
+    if (client === undefined || this.state !== 'running') return;
+    const state = this.isTraining ? VehicleState.Training : VehicleState.Online;
+    try {
+      await client.publishAsync(
+        this.topics.status(this.vehicleId),
+        Buffer.from(this.statusBytes(state)),
+        { qos: 1, retain: true },
+      );
+    } catch (err) {
+      this.log.warn({ err, state }, 'status not published');
+    }
+  }
+}

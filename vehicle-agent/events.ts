@@ -1,0 +1,91 @@
+/** Events and counters a VehicleAgent exposes, for the simulator. */
+import type { UpdateAck } from '../protocol/index.ts';
+
+/** Payload of the 'update-sent' event. */
+export interface UpdateSentEvent {
+  updateId: string;
+  round: number;
+  baseModelVersion: number;
+  numExamples: number;
+  /** Encoded ModelUpdate size. */
+  bytes: number;
+  trainLoss: number;
+  trainAccuracy: number;
+}
+
+/** Payload of the 'release-deployed' event. */
+export interface ReleaseDeployedEvent {
+  version: number;
+  sha256: string;
+  /** Version served before, undefined for the first deployment. */
+  previousVersion: number | undefined;
+  durationMs: number;
+}
+
+/** Payload of the 'release-rejected' event. */
+export interface ReleaseRejectedEvent {
+  version: number;
+  /** Error code from protocol/errors.ts. */
+  code: string;
+}
+
+/** Payload of the 'training-started' event. */
+export interface TrainingStartedEvent {
+  round: number;
+  modelVersion: number;
+}
+
+/** Payload of the 'training-finished' event. */
+export interface TrainingFinishedEvent {
+  round: number;
+  modelVersion: number;
+  durationMs: number;
+  /** False when training or publishing failed; the error was logged. */
+  succeeded: boolean;
+}
+
+/** Event names and listener arguments of VehicleAgent. */
+export type AgentEvents = {
+  'update-sent': [UpdateSentEvent];
+  ack: [UpdateAck];
+  'release-deployed': [ReleaseDeployedEvent];
+  'release-rejected': [ReleaseRejectedEvent];
+  'training-started': [TrainingStartedEvent];
+  'training-finished': [TrainingFinishedEvent];
+};
+
+/** Traffic and outcome counters of one agent since it was created. */
+export interface AgentCounters {
+  /** Round task and release payload bytes received. */
+  bytesReceived: number;
+  /** Encoded update bytes published. */
+  bytesSent: number;
+  updatesSent: number;
+  acksAccepted: number;
+  /** Rejected updates by reason code. */
+  acksRejected: Record<string, number>;
+  releasesDeployed: number;
+  releasesRejected: number;
+  /** Payloads that failed to decode, on any subscribed topic. */
+  malformedMessages: number;
+  /** Rounds whose features came from the cache. */
+  featureCacheHits: number;
+  /** Rounds that ran the frozen prefix in onnxruntime. */
+  featureCacheMisses: number;
+}
+
+/** Returns counters with every value zero. */
+export function createCounters(): AgentCounters {
+  return {
+    bytesReceived: 0,
+    bytesSent: 0,
+    updatesSent: 0,
+    acksAccepted: 0,
+    acksRejected: {},
+    releasesDeployed: 0,
+    releasesRejected: 0,
+    malformedMessages: 0,
+    featureCacheHits: 0,
+    featureCacheMisses: 0,
+  };
+}

@@ -1,0 +1,18 @@
+export { VehicleAgent } from './agent.ts';
+export type { VehicleAgentOptions } from './options.ts';
+export type {
+  AgentCounters,
+  AgentEvents,
+  ReleaseDeployedEvent,
+  ReleaseRejectedEvent,
+  TrainingFinishedEvent,
+  TrainingStartedEvent,
+  UpdateSentEvent,
+} from './events.ts';
+export { ModelDeployment, verifyRelease } from './deployment.ts';
+export type { DeployedModel } from './deployment.ts';
+export { FeatureCache, hashFrozenPrefix } from './feature-cache.ts';
+export { readDeployedModel } from './model-files.ts';
+export { classifyImageFile, topClasses } from './classify.ts';
+export type { ClassScore, ImageClassification } from './classify.ts';
+export { deriveTrainingSeed } from './trainer.ts';

@@ -1,0 +1,170 @@
+import type { LabelledImages } from '../models/index.ts';
+import {
+  DEFAULT_MAX_MESSAGE_BYTES,
+  assertTopicLevel,
+  type Logger,
+} from '../protocol/index.ts';
+
+/** Options of a VehicleAgent. Give exactly one of `dataDir` and `frames`. */
+export interface VehicleAgentOptions {
+  /** Vehicle id; one MQTT topic level. */
+  vehicleId: string;
+  /** Fleet id; one MQTT topic level. */
+  fleetId: string;
+  /** Broker URL, for example `mqtt://127.0.0.1:1883`. */
+  brokerUrl: string;
+  /** Directory for the deployed models and `current.json`. */
+  stateDir: string;
+  /** Directory of labelled frames, loaded with split "train". */
+  dataDir?: string;
+  /** At most this many frames from `dataDir`; default all. */
+  dataLimit?: number;
+  /** Frames in memory, for the simulator. */
+  frames?: LabelledImages;
+  /** Training backend to try first ("tensorflow", "wasm", "cpu", ...). */
+  preferredBackend?: string;
+  /** Largest update the agent sends; default 64 MiB. */
+  maxMessageBytes?: number;
+  /** Base seed, combined with vehicle id and round; default 0. */
+  seed?: number;
+  /** Parent logger; the agent takes a child with component "agent". */
+  log?: Logger;
+}
+
+/** Options after validation, with defaults applied. */
+export interface ResolvedAgentOptions {
+  vehicleId: string;
+  fleetId: string;
+  brokerUrl: string;
+  stateDir: string;
+  dataDir: string | undefined;
+  dataLimit: number | undefined;
+  frames: LabelledImages | undefined;
+  preferredBackend: string | undefined;
+  maxMessageBytes: number;
+  seed: number;
+}
+
+const BROKER_PROTOCOLS = ['mqtt:', 'mqtts:', 'tcp:', 'tls:', 'ws:', 'wss:'];
+
+function requireString(name: string, value: unknown): string {
+  if (typeof value !== 'string' || value.length === 0) {
+    throw new TypeError(
+      `option ${name} must be a non-empty string, received ` +
+        `${value === '' ? 'an empty string' : typeof value}`,
+    );
+  }
+  return value;
+}
+
+function checkBrokerUrl(value: unknown): string {
+  const text = requireString('brokerUrl', value);
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new TypeError(
+      `option brokerUrl ${JSON.stringify(text)} is not a URL; expected ` +
+        'for example mqtt://127.0.0.1:1883',
+    );
+  }
+  if (!BROKER_PROTOCOLS.includes(url.protocol)) {
+    throw new RangeError(
+      `option brokerUrl has protocol ${url.protocol}, expected one of ` +
+        BROKER_PROTOCOLS.join(' '),
+    );
+  }
+  return text;
+}
+
+function checkFrames(frames: LabelledImages): LabelledImages {
+  const valuesPerImage = 32 * 32 * 3;
+  if (
+    !(frames.images instanceof Float32Array) ||
+    !(frames.labels instanceof Int32Array) ||
+    !Number.isInteger(frames.count) ||
+    frames.count < 1
+  ) {
+    throw new TypeError(
+      'option frames must hold Float32Array images, Int32Array labels and ' +
+        'a count of at least 1',
+    );
+  }
+  if (
+    frames.images.length !== frames.count * valuesPerImage ||
+    frames.labels.length !== frames.count
+  ) {
+    throw new RangeError(
+      `option frames has count ${frames.count} but ` +
+        `${frames.images.length} image values and ${frames.labels.length} ` +
+        `labels; expected ${frames.count * valuesPerImage} and ${frames.count}`,
+    );
+  }
+  return frames;
+}
+
+function checkPositiveInteger(
+  name: string,
+  value: number | undefined,
+  fallback: number | undefined,
+): number | undefined {
+  if (value === undefined) return fallback;
+  if (!Number.isSafeInteger(value) || value < 1) {
+    throw new RangeError(
+      `option ${name} must be a positive integer, received ${value}`,
+    );
+  }
+  return value;
+}
+
+/**
+ * Checks the options of a VehicleAgent and applies defaults.
+ *
+ * @throws {TypeError} for a missing or wrongly typed option.
+ * @throws {RangeError} for an id that is not one topic level, or a value
+ *   out of range.
+ */
+export function resolveAgentOptions(
+  options: VehicleAgentOptions,
+): ResolvedAgentOptions {
+  if (options === null || typeof options !== 'object') {
+    throw new TypeError('VehicleAgent options must be an object');
+  }
+  const vehicleId = requireString('vehicleId', options.vehicleId);
+  const fleetId = requireString('fleetId', options.fleetId);
+  assertTopicLevel('vehicle id', vehicleId);
+  assertTopicLevel('fleet id', fleetId);
+
+  const hasDir = options.dataDir !== undefined;
+  const hasFrames = options.frames !== undefined;
+  if (hasDir === hasFrames) {
+    throw new TypeError(
+      'VehicleAgent needs exactly one of the options dataDir and frames, ' +
+        `received ${hasDir ? 'both' : 'neither'}`,
+    );
+  }
+
+  const seed = options.seed ?? 0;
+  if (!Number.isSafeInteger(seed)) {
+    throw new RangeError(
+      `option seed must be a safe integer, received ${seed}`,
+    );
+  }
+
+  return {
+    vehicleId,
+    fleetId,
+    brokerUrl: checkBrokerUrl(options.brokerUrl),
+    stateDir: requireString('stateDir', options.stateDir),
+    dataDir: hasDir ? requireString('dataDir', options.dataDir) : undefined,
+    dataLimit: checkPositiveInteger('dataLimit', options.dataLimit, undefined),
+    frames: hasFrames ? checkFrames(options.frames!) : undefined,
+    preferredBackend: options.preferredBackend,
+    maxMessageBytes: checkPositiveInteger(
+      'maxMessageBytes',
+      options.maxMessageBytes,
+      DEFAULT_MAX_MESSAGE_BYTES,
+    )!,
+    seed,
+  };
+}

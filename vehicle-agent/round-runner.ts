@@ -1,0 +1,251 @@
+/**
+ * Round orchestration on the vehicle: which tasks to take, one training
+ * run at a time, and the update it publishes.
+ */
+import type { EventEmitter } from 'node:events';
+import { MODEL_NAME } from '../models/architecture.ts';
+import type { TrainingBackend } from '../models/backend.ts';
+import type { LabelledImages } from '../models/index.ts';
+import {
+  ErrorCode,
+  FleetError,
+  isFleetError,
+  type Logger,
+  type RoundTask,
+} from '../protocol/index.ts';
+import type { DeployedModel } from './deployment.ts';
+import type { AgentEvents } from './events.ts';
+import type { FeatureCache } from './feature-cache.ts';
+import { checkTrainingConfig, trainForRound } from './trainer.ts';
+
+/** Rounds remembered as handled, and sent updates awaiting an ack. */
+const MEMORY_SIZE = 64;
+
+/** What the runner needs from its agent. */
+export interface RoundRunnerOptions {
+  vehicleId: string;
+  fleetId: string;
+  frames: LabelledImages;
+  backend: TrainingBackend;
+  featureCache: FeatureCache;
+  baseSeed: number;
+  maxMessageBytes: number;
+  log: Logger;
+  /** Resolves with the task's model once deployed, or undefined. */
+  waitForModel: (task: RoundTask) => Promise<DeployedModel | undefined>;
+  /** Resolves once deployments already started have finished. */
+  beforeTraining: () => Promise<void>;
+  /** Applies a release that was held back during training. */
+  afterTraining: () => void;
+  publishUpdate: (payload: Uint8Array) => Promise<void>;
+  publishStatus: () => Promise<void>;
+  /** Emitter of the agent's events. */
+  events: EventEmitter<AgentEvents>;
+}
+
+/** A published update awaiting its ack. */
+export interface SentUpdate {
+  round: number;
+  baseModelVersion: number;
+  sentAtMs: number;
+}
+
+function remember<K, V>(map: Map<K, V>, key: K, value: V): void {
+  map.set(key, value);
+  if (map.size > MEMORY_SIZE) map.delete(map.keys().next().value as K);
+}
+
+/**
+ * Takes round tasks and trains on at most one at a time. A task that
+ * arrives during a run waits, and only the newest waiting task is kept.
+ * Handled rounds are remembered in memory only, so after a restart the
+ * retained task of the open round trains again and the aggregator
+ * rejects the second update if the first one was counted.
+ */
+export class RoundRunner {
+  private running = false;
+  private training = false;
+  private stopped = false;
+  private waitingTask: RoundTask | undefined;
+  private readonly handledRounds = new Map<string, true>();
+  private readonly sentUpdates = new Map<string, SentUpdate>();
+
+  constructor(private readonly options: RoundRunnerOptions) {}
+
+  /** True while features are computed or the model trains. */
+  get isTraining(): boolean {
+    return this.training;
+  }
+
+  /** Stops taking tasks; a run in progress publishes nothing more. */
+  stop(): void {
+    this.stopped = true;
+    this.waitingTask = undefined;
+  }
+
+  /** Returns and forgets the sent update with this id, if known. */
+  takeSentUpdate(updateId: string): SentUpdate | undefined {
+    const sent = this.sentUpdates.get(updateId);
+    this.sentUpdates.delete(updateId);
+    return sent;
+  }
+
+  /** Considers a decoded round task. */
+  offer(task: RoundTask): void {
+    const { log, vehicleId, fleetId } = this.options;
+    if (this.stopped) return;
+    const fields = { round: task.round, modelVersion: task.modelVersion };
+    if (task.fleetId !== fleetId) {
+      log.warn(
+        { ...fields, taskFleetId: task.fleetId },
+        'round task for another fleet ignored',
+      );
+      return;
+    }
+    const selected =
+      task.selectedVehicles.length === 0 ||
+      task.selectedVehicles.includes(vehicleId);
+    if (!selected) {
+      log.debug(fields, 'vehicle not selected for round');
+      return;
+    }
+    if (this.handledRounds.has(roundKey(task))) {
+      log.debug(fields, 'round already handled');
+      return;
+    }
+    if (this.running) {
+      this.waitingTask = task;
+      log.info(fields, 'round task waits for the current run');
+      return;
+    }
+    void this.run(task);
+  }
+
+  private async run(task: RoundTask): Promise<void> {
+    this.running = true;
+    remember(this.handledRounds, roundKey(task), true);
+    try {
+      const model = await this.prepare(task);
+      if (model !== undefined && !this.stopped) await this.train(task, model);
+    } finally {
+      this.running = false;
+      const next = this.waitingTask;
+      this.waitingTask = undefined;
+      if (next !== undefined) this.offer(next);
+    }
+  }
+
+  /** Checks the task and waits for its model; undefined means skip. */
+  private async prepare(task: RoundTask): Promise<DeployedModel | undefined> {
+    const { log } = this.options;
+    const fields = { round: task.round, modelVersion: task.modelVersion };
+    if (task.deadlineMs > 0 && Date.now() >= task.deadlineMs) {
+      log.info(fields, 'round deadline already passed');
+      return undefined;
+    }
+    try {
+      if (task.modelName !== MODEL_NAME) {
+        throw new FleetError(
+          ErrorCode.WrongModelVersion,
+          `round task names model ${task.modelName}, but this vehicle ` +
+            `runs ${MODEL_NAME}`,
+        );
+      }
+      checkTrainingConfig(task.training);
+    } catch (err) {
+      const code = isFleetError(err) ? err.code : undefined;
+      log.warn({ ...fields, err, code }, 'round task rejected');
+      return undefined;
+    }
+    return this.options.waitForModel(task);
+  }
+
+  private async train(task: RoundTask, model: DeployedModel): Promise<void> {
+    const { log, events } = this.options;
+    const fields = { round: task.round, modelVersion: model.version };
+    this.training = true;
+    events.emit('training-started', fields);
+    await this.options.publishStatus();
+    const started = Date.now();
+    let succeeded = false;
+    try {
+      await this.options.beforeTraining();
+      succeeded = await this.trainAndPublish(task, model);
+    } catch (err) {
+      const code = isFleetError(err) ? err.code : undefined;
+      log.error({ ...fields, err, code }, 'round training failed');
+    } finally {
+      this.training = false;
+      const durationMs = Date.now() - started;
+      events.emit('training-finished', { ...fields, durationMs, succeeded });
+      this.options.afterTraining();
+      await this.options.publishStatus();
+    }
+  }
+
+  private async trainAndPublish(
+    task: RoundTask,
+    model: DeployedModel,
+  ): Promise<boolean> {
+    const { log, frames } = this.options;
+    log.info(
+      {
+        round: task.round,
+        modelVersion: model.version,
+        numExamples: frames.count,
+        trainableTensors: task.training.trainableTensors,
+      },
+      'local training started',
+    );
+    const output = await trainForRound({
+      task,
+      model,
+      frames,
+      featureCache: this.options.featureCache,
+      vehicleId: this.options.vehicleId,
+      baseSeed: this.options.baseSeed,
+      backend: this.options.backend,
+      maxMessageBytes: this.options.maxMessageBytes,
+    });
+    if (this.stopped) return false;
+
+    const { update, payload, result } = output;
+    await this.options.publishUpdate(payload);
+    remember(this.sentUpdates, update.updateId, {
+      round: update.round,
+      baseModelVersion: update.baseModelVersion,
+      sentAtMs: Date.now(),
+    });
+    log.info(
+      {
+        round: update.round,
+        modelVersion: update.baseModelVersion,
+        updateId: update.updateId,
+        numExamples: update.numExamples,
+        bytes: payload.length,
+        loss: result.loss,
+        accuracy: result.accuracy,
+        durationMs: Math.round(result.durationMs),
+      },
+      'update sent',
+    );
+    this.options.events.emit('update-sent', {
+      updateId: update.updateId,
+      round: update.round,
+      baseModelVersion: update.baseModelVersion,
+      numExamples: update.numExamples,
+      bytes: payload.length,
+      trainLoss: result.loss,
+      trainAccuracy: result.accuracy,
+    });
+    return true;
+  }
+}
+
+/**
+ * Identifies a round; the open time tells apart a round number that a
+ * reset aggregator reuses.
+ */
+function roundKey(task: RoundTask): string {
+  return `${task.round}@${task.openedAtMs}`;
+}

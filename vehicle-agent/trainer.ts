@@ -1,0 +1,199 @@
+/**
+ * Local training for one round: features from the frozen prefix, the
+ * suffix trained from exactly the announced model version, and the
+ * resulting ModelUpdate.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import { LAYER_NAMES, TENSOR_SPECS } from '../models/architecture.ts';
+import type { TrainingBackend } from '../models/backend.ts';
+import type { LabelledImages } from '../models/index.ts';
+import {
+  firstTrainableLayer,
+  trainLocal,
+  type LocalTrainingResult,
+} from '../models/training.ts';
+import {
+  ErrorCode,
+  FleetError,
+  encodeFloat32Tensor,
+  encodeModelUpdate,
+  type ModelUpdate,
+  type RoundTask,
+  type TrainingConfig,
+} from '../protocol/index.ts';
+import type { DeployedModel } from './deployment.ts';
+import type { FeatureCache } from './feature-cache.ts';
+
+const SHAPES = new Map(TENSOR_SPECS.map((spec) => [spec.name, spec.shape]));
+
+/**
+ * Checks a round's training config before any work starts.
+ *
+ * @throws {FleetError} WRONG_TENSORS for an empty, unknown or repeated
+ *   tensor name, INVALID_CONFIG for hyperparameters out of range.
+ */
+export function checkTrainingConfig(config: TrainingConfig): void {
+  const names = config.trainableTensors;
+  const unknown = names.filter((name) => !SHAPES.has(name));
+  if (names.length === 0 || unknown.length > 0) {
+    throw new FleetError(
+      ErrorCode.WrongTensors,
+      `trainable tensors [${names.join(', ')}] are empty or name tensors ` +
+        `the model lacks (${unknown.join(', ')})`,
+    );
+  }
+  if (new Set(names).size !== names.length) {
+    throw new FleetError(
+      ErrorCode.WrongTensors,
+      `trainable tensors [${names.join(', ')}] repeat a name`,
+    );
+  }
+  const valid =
+    Number.isInteger(config.localEpochs) &&
+    config.localEpochs >= 1 &&
+    Number.isInteger(config.batchSize) &&
+    config.batchSize >= 1 &&
+    Number.isFinite(config.learningRate) &&
+    config.learningRate > 0 &&
+    Number.isFinite(config.proximalMu) &&
+    config.proximalMu >= 0;
+  if (!valid) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `training config has localEpochs ${config.localEpochs}, batchSize ` +
+        `${config.batchSize}, learningRate ${config.learningRate}, ` +
+        `proximalMu ${config.proximalMu}; expected epochs and batch size ` +
+        '>= 1, learning rate > 0 and mu >= 0',
+    );
+  }
+}
+
+/**
+ * Derives the training seed of one vehicle and round, so that vehicles
+ * shuffle differently and a repeated run trains the same way.
+ */
+export function deriveTrainingSeed(
+  baseSeed: number,
+  vehicleId: string,
+  round: number,
+): number {
+  const digest = createHash('sha256')
+    .update(`${baseSeed}\0${vehicleId}\0${round}`)
+    .digest();
+  return digest.readUInt32LE(0);
+}
+
+/** Inputs of one round's local training. */
+export interface RoundTrainingInput {
+  task: RoundTask;
+  /** The deployed model whose version and digest the task names. */
+  model: DeployedModel;
+  frames: LabelledImages;
+  featureCache: FeatureCache;
+  vehicleId: string;
+  baseSeed: number;
+  backend: TrainingBackend;
+  maxMessageBytes: number;
+}
+
+/** A trained, encoded update ready to publish. */
+export interface RoundTrainingOutput {
+  update: ModelUpdate;
+  payload: Uint8Array;
+  result: LocalTrainingResult;
+  /** First trained layer; the layers before it ran in onnxruntime. */
+  fromLayer: string;
+}
+
+async function trainingInputs(
+  input: RoundTrainingInput,
+  fromLayer: string,
+): Promise<Float32Array> {
+  const { frames, model } = input;
+  if (fromLayer === LAYER_NAMES[0]) return frames.images;
+  const cached = await input.featureCache.get(
+    model.weights,
+    fromLayer,
+    frames.images,
+    frames.count,
+  );
+  return cached.features;
+}
+
+/**
+ * Trains the task's tensors from `model` and encodes the update.
+ *
+ * @throws {FleetError} NON_FINITE_VALUE when training produced NaN or
+ *   infinity, PAYLOAD_TOO_LARGE when the update exceeds `maxMessageBytes`.
+ */
+export async function trainForRound(
+  input: RoundTrainingInput,
+): Promise<RoundTrainingOutput> {
+  const { task, model, frames } = input;
+  const config = task.training;
+  checkTrainingConfig(config);
+  const fromLayer = firstTrainableLayer(config.trainableTensors);
+
+  const inputs = await trainingInputs(input, fromLayer);
+  const result = await trainLocal(model.weights, inputs, frames.labels, {
+    trainableTensors: config.trainableTensors,
+    epochs: config.localEpochs,
+    batchSize: config.batchSize,
+    learningRate: config.learningRate,
+    proximalMu: config.proximalMu,
+    seed: deriveTrainingSeed(input.baseSeed, input.vehicleId, task.round),
+    fromLayer: fromLayer === LAYER_NAMES[0] ? undefined : fromLayer,
+  });
+
+  const update = buildModelUpdate(input, result);
+  const payload = encodeModelUpdate(update, input.maxMessageBytes);
+  return { update, payload, result, fromLayer };
+}
+
+/**
+ * Builds the ModelUpdate of a training result: one float32 delta per
+ * trainable tensor, in the task's order.
+ *
+ * @throws {FleetError} WRONG_TENSORS when a delta is missing,
+ *   NON_FINITE_VALUE when one holds NaN or infinity.
+ */
+export function buildModelUpdate(
+  input: Pick<RoundTrainingInput, 'task' | 'vehicleId' | 'backend'>,
+  result: LocalTrainingResult,
+): ModelUpdate {
+  const { task } = input;
+  const deltas = task.training.trainableTensors.map((name) => {
+    const values = result.deltas.get(name);
+    if (values === undefined) {
+      throw new FleetError(
+        ErrorCode.WrongTensors,
+        `training returned no delta for tensor ${name}`,
+      );
+    }
+    if (!values.every(Number.isFinite)) {
+      throw new FleetError(
+        ErrorCode.NonFiniteValue,
+        `delta of tensor ${name} holds NaN or infinity after round ` +
+          `${task.round}; the update is not sent`,
+      );
+    }
+    return encodeFloat32Tensor(name, SHAPES.get(name)!, values);
+  });
+
+  return {
+    updateId: randomUUID(),
+    vehicleId: input.vehicleId,
+    modelName: task.modelName,
+    baseModelVersion: task.modelVersion,
+    round: task.round,
+    numExamples: result.numExamples,
+    deltas,
+    metrics: {
+      trainLoss: result.loss,
+      trainAccuracy: result.accuracy,
+      trainDurationMs: Math.round(result.durationMs),
+      backend: input.backend,
+    },
+    createdAtMs: Date.now(),
+  };
+}
