@@ -18,7 +18,7 @@ export interface RoundClosedEvent extends RoundStats {
   accuracy: number | undefined;
   /** Bytes of the encoded ModelRelease message. */
   releaseBytes: number;
-  /** Largest ONNX-vs-TF.js probability difference on the probe batch. */
+  /** Maximum ONNX-vs-TF.js probability difference on the probe batch. */
   exportMaxAbsDiff: number;
 }
 

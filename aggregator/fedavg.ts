@@ -1,8 +1,8 @@
 /**
- * Streaming federated averaging (FedAvg, McMahan et al. 2017): the new
- * global delta is the mean of the vehicles' deltas weighted by their
- * numExamples. Updates are folded into one float64 sum as they arrive, so
- * memory is O(model size) whatever the number of vehicles.
+ * Streaming federated averaging (FedAvg): the new global delta is the mean
+ * of the vehicles' deltas weighted by their numExamples. Updates are folded
+ * into one float64 sum as they arrive, so memory is O(model size) whatever
+ * the number of vehicles.
  */
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
@@ -107,7 +107,11 @@ export class FedAvgAccumulator {
   }
 }
 
-function addScaled(sum: Float64Array, values: Float32Array, scale: number): void {
+function addScaled(
+  sum: Float64Array,
+  values: Float32Array,
+  scale: number,
+): void {
   for (let i = 0; i < sum.length; i++) sum[i] += values[i] * scale;
 }
 

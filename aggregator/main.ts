@@ -22,7 +22,9 @@ function integer(min: number) {
   return (text: string): number => {
     const value = Number(text);
     if (!Number.isSafeInteger(value) || value < min) {
-      throw new InvalidArgumentError(`expected an integer >= ${min}, got ${text}`);
+      throw new InvalidArgumentError(
+        `expected an integer >= ${min}, got ${text}`,
+      );
     }
     return value;
   };
@@ -32,7 +34,9 @@ function number(min: number) {
   return (text: string): number => {
     const value = Number(text);
     if (!Number.isFinite(value) || value < min) {
-      throw new InvalidArgumentError(`expected a number >= ${min}, got ${text}`);
+      throw new InvalidArgumentError(
+        `expected a number >= ${min}, got ${text}`,
+      );
     }
     return value;
   };
@@ -43,24 +47,89 @@ const program = new Command('aggregator')
   .option('--fleet-id <id>', 'fleet id (one MQTT topic level)', 'default')
   .option('--broker-url <url>', 'MQTT broker URL', 'mqtt://127.0.0.1:1883')
   .option('--state-dir <dir>', 'state.json and model store', 'state/aggregator')
-  .option('--base-weights <file>', 'weights of model version 0', DEFAULT_BASE_WEIGHTS)
-  .option('--trainable-layers <names>', 'comma-separated layers vehicles train', 'dense1,dense2')
+  .option(
+    '--base-weights <file>',
+    'weights of model version 0',
+    DEFAULT_BASE_WEIGHTS,
+  )
+  .option(
+    '--trainable-layers <names>',
+    'comma-separated layers vehicles train',
+    'dense1,dense2',
+  )
   .option('--local-epochs <count>', 'local epochs per round', integer(1), 1)
   .option('--batch-size <count>', 'local batch size', integer(1), 32)
   .option('--learning-rate <number>', 'local learning rate', number(0), 0.001)
-  .option('--proximal-mu <number>', 'FedProx coefficient, 0 for FedAvg', number(0), 0)
-  .option('--vehicles-per-round <count>', 'vehicles selected per round, 0 for all online', integer(0), 0)
-  .option('--min-vehicles-online <count>', 'online vehicles to wait for before a round', integer(1), 1)
-  .option('--online-wait-timeout-ms <ms>', 'wait for --min-vehicles-online at most this long', integer(0), 60_000)
-  .option('--min-updates <count>', 'accepted updates a round needs (quorum)', integer(1), 1)
-  .option('--round-timeout-ms <ms>', 'round deadline after it opens', integer(1), 300_000)
-  .option('--max-rounds <count>', 'rounds to run, 0 to run until stopped', integer(0), 0)
+  .option(
+    '--proximal-mu <number>',
+    'FedProx coefficient, 0 for FedAvg',
+    number(0),
+    0,
+  )
+  .option(
+    '--vehicles-per-round <count>',
+    'vehicles selected per round, 0 for all online',
+    integer(0),
+    0,
+  )
+  .option(
+    '--min-vehicles-online <count>',
+    'online vehicles to wait for before a round',
+    integer(1),
+    1,
+  )
+  .option(
+    '--online-wait-timeout-ms <ms>',
+    'wait for --min-vehicles-online at most this long',
+    integer(0),
+    60_000,
+  )
+  .option(
+    '--min-updates <count>',
+    'accepted updates a round needs (quorum)',
+    integer(1),
+    1,
+  )
+  .option(
+    '--round-timeout-ms <ms>',
+    'round deadline after it opens',
+    integer(1),
+    300_000,
+  )
+  .option(
+    '--max-rounds <count>',
+    'rounds to run, 0 to run until stopped',
+    integer(0),
+    0,
+  )
   .option('--seed <integer>', 'seed of vehicle selection', integer(0), 1)
-  .option('--max-message-bytes <bytes>', 'largest update or release message', integer(1024), DEFAULT_MAX_MESSAGE_BYTES)
-  .option('--export-tolerance-abs <number>', 'max ONNX-vs-TF.js probability difference', number(0), 1e-4)
-  .option('--test-data <dir>', 'data directory whose test split measures accuracy and feeds the export check')
-  .option('--test-limit <count>', 'use at most this many test images', integer(1))
-  .option('--probe-count <count>', 'test images in the export check batch', integer(1), 16)
+  .option(
+    '--max-message-bytes <bytes>',
+    'maximum size of an update or release message',
+    integer(1024),
+    DEFAULT_MAX_MESSAGE_BYTES,
+  )
+  .option(
+    '--export-tolerance-abs <number>',
+    'max ONNX-vs-TF.js probability difference',
+    number(0),
+    1e-4,
+  )
+  .option(
+    '--test-data <dir>',
+    'data directory whose test split measures accuracy and feeds the export check',
+  )
+  .option(
+    '--test-limit <count>',
+    'use at most this many test images',
+    integer(1),
+  )
+  .option(
+    '--probe-count <count>',
+    'test images in the export check batch',
+    integer(1),
+    16,
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -108,12 +177,45 @@ async function loadTestData(
     test,
     Array.from({ length: probeCount }, (_, i) => Math.floor(i * step)),
   );
-  log.info({ dir: flags.testData, count: test.count, probeCount }, 'test data loaded');
+  log.info(
+    { dir: flags.testData, count: test.count, probeCount },
+    'test data loaded',
+  );
   return {
     testSet: { images: test.images, labels: test.labels },
     probeImages: probe.images,
     probeCount: probe.images.length / IMAGE_VALUES,
   };
+}
+
+function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
+  return {
+    fleetId: flags.fleetId,
+    brokerUrl: flags.brokerUrl,
+    stateDir: flags.stateDir,
+    baseWeightsPath: flags.baseWeights,
+    trainableLayers: flags.trainableLayers
+      .split(',')
+      .map((name) => name.trim()),
+    localEpochs: flags.localEpochs,
+    batchSize: flags.batchSize,
+    learningRate: flags.learningRate,
+    proximalMu: flags.proximalMu,
+    vehiclesPerRound: flags.vehiclesPerRound,
+    minVehiclesOnline: flags.minVehiclesOnline,
+    onlineWaitTimeoutMs: flags.onlineWaitTimeoutMs,
+    minUpdates: flags.minUpdates,
+    roundTimeoutMs: flags.roundTimeoutMs,
+    maxRounds: flags.maxRounds,
+    seed: flags.seed,
+    maxMessageBytes: flags.maxMessageBytes,
+    exportToleranceAbs: flags.exportToleranceAbs,
+    log,
+  };
+}
+
+function codeOf(err: unknown): string | undefined {
+  return isFleetError(err) ? err.code : undefined;
 }
 
 async function main(): Promise<void> {
@@ -123,30 +225,10 @@ async function main(): Promise<void> {
 
   let aggregator: Aggregator;
   try {
-    aggregator = new Aggregator({
-      fleetId: flags.fleetId,
-      brokerUrl: flags.brokerUrl,
-      stateDir: flags.stateDir,
-      baseWeightsPath: flags.baseWeights,
-      trainableLayers: flags.trainableLayers.split(',').map((name) => name.trim()),
-      localEpochs: flags.localEpochs,
-      batchSize: flags.batchSize,
-      learningRate: flags.learningRate,
-      proximalMu: flags.proximalMu,
-      vehiclesPerRound: flags.vehiclesPerRound,
-      minVehiclesOnline: flags.minVehiclesOnline,
-      onlineWaitTimeoutMs: flags.onlineWaitTimeoutMs,
-      minUpdates: flags.minUpdates,
-      roundTimeoutMs: flags.roundTimeoutMs,
-      maxRounds: flags.maxRounds,
-      seed: flags.seed,
-      maxMessageBytes: flags.maxMessageBytes,
-      exportToleranceAbs: flags.exportToleranceAbs,
-      ...(await loadTestData(flags, log)),
-      log,
-    });
+    const testData = await loadTestData(flags, log);
+    aggregator = new Aggregator({ ...optionsOf(flags, log), ...testData });
   } catch (err) {
-    log.fatal({ err, code: isFleetError(err) ? err.code : undefined }, 'invalid configuration');
+    log.fatal({ err, code: codeOf(err) }, 'invalid configuration');
     process.exit(2);
   }
 
@@ -167,7 +249,9 @@ async function main(): Promise<void> {
   try {
     await aggregator.start();
   } catch (err) {
-    log.fatal({ err, code: isFleetError(err) ? err.code : undefined }, 'aggregator failed to start');
+    // A signal during start aborts it, and its handler exits with 0.
+    if (stopping !== undefined) return;
+    log.fatal({ err, code: codeOf(err) }, 'aggregator failed to start');
     await aggregator.stop();
     process.exit(1);
   }

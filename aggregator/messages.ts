@@ -16,11 +16,14 @@ import type { UpdateDecision } from './validate.ts';
  */
 export const UNKNOWN_UPDATE_ID = 'unknown';
 
-/** Longest reason text sent back to a vehicle or logged. */
+/** Maximum length of a reason text sent to a vehicle or logged. */
 const MAX_REASON_CHARS = 500;
 
 /** Cuts `text` to `maxChars`, marking the cut, for logs and acks. */
-export function truncateText(text: string, maxChars = MAX_REASON_CHARS): string {
+export function truncateText(
+  text: string,
+  maxChars = MAX_REASON_CHARS,
+): string {
   return text.length <= maxChars ? text : `${text.slice(0, maxChars - 3)}...`;
 }
 

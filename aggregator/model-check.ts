@@ -13,7 +13,7 @@ import type { TestSet } from './options.ts';
 export interface CheckedExport {
   onnx: Uint8Array;
   sha256: string;
-  /** Largest |onnx - tfjs| over the probe batch's probabilities. */
+  /** Maximum |onnx - tfjs| over the probe batch's probabilities. */
   maxAbsDiff: number;
   /** Top-1 accuracy on the test set, undefined without one. */
   testAccuracy: number | undefined;

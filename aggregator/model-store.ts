@@ -53,7 +53,7 @@ export class ModelStore {
     return join(this.dir, `v${version}.${kind}`);
   }
 
-  /** Whether `version` is completely stored. */
+  /** Returns whether all files of `version` are stored. */
   has(version: number): boolean {
     return existsSync(this.pathOf(version, 'json'));
   }
@@ -73,8 +73,8 @@ export class ModelStore {
   /**
    * Reads `version` back.
    *
-   * @throws {FleetError} INVALID_MODEL when a file is missing or the ONNX
-   *   bytes do not match the manifest's digest.
+   * @throws {FleetError} INVALID_MODEL when the manifest is missing or
+   *   unreadable, or the ONNX bytes do not match its digest.
    */
   load(version: number): StoredModel {
     const manifestPath = this.pathOf(version, 'json');
@@ -84,7 +84,18 @@ export class ModelStore {
         `model version ${version} is not stored: ${manifestPath} not found`,
       );
     }
-    const manifest = JSON.parse(readFileSync(manifestPath, 'utf8')) as ModelManifest;
+    let manifest: ModelManifest;
+    try {
+      manifest = JSON.parse(
+        readFileSync(manifestPath, 'utf8'),
+      ) as ModelManifest;
+    } catch (err) {
+      throw new FleetError(
+        ErrorCode.InvalidModel,
+        `cannot read model manifest ${manifestPath}: ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
     const onnx = new Uint8Array(readFileSync(this.pathOf(version, 'onnx')));
     const digest = sha256Hex(onnx);
     if (digest !== manifest.sha256) {

@@ -62,7 +62,7 @@ export interface AggregatorOptions {
   maxRounds?: number;
   /** Seed of vehicle selection. Default 1. */
   seed?: number;
-  /** Largest update or release message accepted or sent. Default 64 MiB. */
+  /** Maximum size of an update or release message. Default 64 MiB. */
   maxMessageBytes?: number;
   /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
@@ -71,7 +71,7 @@ export interface AggregatorOptions {
   probeImages?: Float32Array;
   /** Number of images in `probeImages`. */
   probeCount?: number;
-  /** Largest allowed ONNX-vs-TF.js probability difference. Default 1e-4. */
+  /** Maximum ONNX-vs-TF.js probability difference. Default 1e-4. */
   exportToleranceAbs?: number;
   /** Test split; when given, every release carries its top-1 accuracy. */
   testSet?: TestSet;
@@ -155,7 +155,9 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
   };
 }
 
-function checkNumbers(options: Omit<ResolvedOptions, 'trainableTensors'>): void {
+function checkNumbers(
+  options: Omit<ResolvedOptions, 'trainableTensors'>,
+): void {
   requireInteger('localEpochs', options.localEpochs, 1);
   requireInteger('batchSize', options.batchSize, 1);
   if (!(options.learningRate > 0) || !Number.isFinite(options.learningRate)) {
@@ -164,11 +166,15 @@ function checkNumbers(options: Omit<ResolvedOptions, 'trainableTensors'>): void 
   if (!(options.proximalMu >= 0) || !Number.isFinite(options.proximalMu)) {
     invalid('proximalMu', options.proximalMu, 'a number >= 0');
   }
+
   requireInteger('vehiclesPerRound', options.vehiclesPerRound, 0);
   requireInteger('minVehiclesOnline', options.minVehiclesOnline, 1);
   requireInteger('onlineWaitTimeoutMs', options.onlineWaitTimeoutMs, 0);
   requireInteger('minUpdates', options.minUpdates, 1);
-  if (options.vehiclesPerRound > 0 && options.minUpdates > options.vehiclesPerRound) {
+  if (
+    options.vehiclesPerRound > 0 &&
+    options.minUpdates > options.vehiclesPerRound
+  ) {
     invalid(
       'minUpdates',
       options.minUpdates,
@@ -176,12 +182,17 @@ function checkNumbers(options: Omit<ResolvedOptions, 'trainableTensors'>): void 
         'quorum can never be met',
     );
   }
+
   requireInteger('roundTimeoutMs', options.roundTimeoutMs, 1);
   requireInteger('maxRounds', options.maxRounds, 0);
   requireInteger('seed', options.seed, 0);
   requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);
   if (!(options.exportToleranceAbs > 0)) {
-    invalid('exportToleranceAbs', options.exportToleranceAbs, 'a positive number');
+    invalid(
+      'exportToleranceAbs',
+      options.exportToleranceAbs,
+      'a positive number',
+    );
   }
   if (options.testSet !== undefined) checkTestSet(options.testSet);
 }
@@ -231,8 +242,14 @@ function checkTestSet(testSet: TestSet): void {
       `${IMAGE_VALUES} values per label and at least one label`,
     );
   }
-  const bad = testSet.labels.findIndex((label) => label < 0 || label >= NUM_CLASSES);
+  const bad = testSet.labels.findIndex(
+    (label) => label < 0 || label >= NUM_CLASSES,
+  );
   if (bad >= 0) {
-    invalid(`testSet.labels[${bad}]`, testSet.labels[bad], `a class id 0-${NUM_CLASSES - 1}`);
+    invalid(
+      `testSet.labels[${bad}]`,
+      testSet.labels[bad],
+      `a class id 0-${NUM_CLASSES - 1}`,
+    );
   }
 }

@@ -1,8 +1,8 @@
 import { FedAvgAccumulator } from './fedavg.ts';
 import type { RoundContext, UpdateDecision } from './validate.ts';
 
-/** Why a round stopped taking updates. */
-export type CloseTrigger = 'all-answered' | 'deadline' | 'stopped';
+/** Reason a round stopped taking updates. */
+export type CloseTrigger = 'all-responded' | 'deadline' | 'stopped';
 
 /** Counts of one round, for logs and the round events. */
 export interface RoundStats {
@@ -30,9 +30,9 @@ export type FleetContext = Pick<
 >;
 
 /**
- * State of one open round: who was selected, who answered, and the FedAvg
+ * State of one open round: who was selected, who responded, and the FedAvg
  * sum of accepted deltas. The round closes when every selected vehicle
- * has answered, at its deadline, or on `close('stopped')`.
+ * has responded, at its deadline, or on `close('stopped')`.
  */
 export class OpenRound {
   readonly round: number;
@@ -46,7 +46,7 @@ export class OpenRound {
 
   readonly #seenUpdateIds = new Set<string>();
   readonly #acceptedVehicles = new Set<string>();
-  readonly #answered = new Set<string>();
+  readonly #responded = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
   #accepted = 0;
   #rejected = 0;
@@ -72,8 +72,11 @@ export class OpenRound {
     this.closed = new Promise((resolve) => {
       this.#resolveClosed = resolve;
     });
-    this.#deadlineTimer = setTimeout(() => this.close('deadline'), options.timeoutMs);
-    if (this.selected.size === 0) this.close('all-answered');
+    this.#deadlineTimer = setTimeout(
+      () => this.close('deadline'),
+      options.timeoutMs,
+    );
+    if (this.selected.size === 0) this.close('all-responded');
   }
 
   get isOpen(): boolean {
@@ -99,33 +102,39 @@ export class OpenRound {
   /**
    * Counts one decided update of `bytes` from the update topic of
    * `topicVehicleId`, adds accepted deltas to the FedAvg sum, and closes
-   * the round once every selected vehicle has answered. A rejection
-   * answers for a vehicle only when it is addressed to this round by a
+   * the round once every selected vehicle has responded. A rejection
+   * counts as a response only when it is addressed to this round by a
    * selected vehicle on its own topic.
    */
-  record(topicVehicleId: string, bytes: number, decision: UpdateDecision): void {
+  record(
+    topicVehicleId: string,
+    bytes: number,
+    decision: UpdateDecision,
+  ): void {
     this.#uplinkBytes += bytes;
     const update = decision.update;
     if (decision.accepted) {
       this.accumulator.add(decision.deltas, decision.update.numExamples);
       this.#accepted += 1;
-      this.#acceptedVehicles.add(update!.vehicleId);
+      this.#acceptedVehicles.add(decision.update.vehicleId);
     } else {
       this.#rejected += 1;
       this.#rejectedByReason[decision.code] =
         (this.#rejectedByReason[decision.code] ?? 0) + 1;
     }
 
-    const isAnswer =
+    const isResponse =
       update !== undefined &&
       update.round === this.round &&
       update.vehicleId === topicVehicleId &&
       this.selected.has(update.vehicleId);
-    if (isAnswer) {
+    if (isResponse) {
       this.#seenUpdateIds.add(update.updateId);
-      this.#answered.add(update.vehicleId);
+      this.#responded.add(update.vehicleId);
     }
-    if (this.#answered.size >= this.selected.size) this.close('all-answered');
+    // NOTE: a selected vehicle that goes offline is still awaited, so a
+    // round with such a vehicle runs until its deadline.
+    if (this.#responded.size >= this.selected.size) this.close('all-responded');
   }
 
   /** Stops taking updates; later calls do nothing. */

@@ -15,7 +15,7 @@ import {
 } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
 
-/** What the validator needs to know about the aggregator's round. */
+/** Round state that an update is validated against. */
 export interface RoundContext {
   /** Number of the open round, or undefined between rounds. */
   openRound: number | undefined;

@@ -3,14 +3,20 @@
  * each later version from the previous one plus a round's mean delta.
  */
 import { existsSync, mkdirSync } from 'node:fs';
-import { ErrorCode, FleetError, type Logger } from '../protocol/index.ts';
+import {
+  ErrorCode,
+  FleetError,
+  encodeModelRelease,
+  type Logger,
+} from '../protocol/index.ts';
 import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
 import { readWeightsFile } from '../models/weights-file.ts';
 import { applyDeltas } from './fedavg.ts';
+import { buildRelease } from './messages.ts';
 import { checkWeights, exportAndCheck } from './model-check.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
-import type { RoundStats } from './round.ts';
+import type { OpenRound, RoundStats } from './round.ts';
 import { loadState, saveState, type AggregatorState } from './state.ts';
 
 function checkOptionsOf(options: ResolvedOptions, docString: string) {
@@ -138,4 +144,55 @@ export async function buildNextVersion(
     },
   };
   return { model, maxAbsDiff: checked.maxAbsDiff };
+}
+
+/** A new version, stored and recorded in state.json, not yet published. */
+export interface CommittedVersion {
+  model: StoredModel;
+  /** Encoded ModelRelease of the version. */
+  release: Uint8Array;
+  exportMaxAbsDiff: number;
+}
+
+/**
+ * Turns a closed round into the next model version: checks the quorum,
+ * adds the FedAvg mean delta, exports and checks the ONNX model, stores
+ * it, then updates state.json. Nothing is written when a step fails.
+ *
+ * @throws {FleetError} QUORUM_NOT_MET, EXPORT_MISMATCH, or
+ *   PAYLOAD_TOO_LARGE when the release exceeds maxMessageBytes.
+ */
+export async function commitRound(
+  round: OpenRound,
+  current: StoredModel,
+  store: ModelStore,
+  options: ResolvedOptions,
+): Promise<CommittedVersion> {
+  const stats = round.stats();
+  if (stats.accepted < options.minUpdates) {
+    throw new FleetError(
+      ErrorCode.QuorumNotMet,
+      `round ${stats.round} closed with ${stats.accepted} accepted ` +
+        `updates, below the quorum of ${options.minUpdates}`,
+    );
+  }
+
+  const mean = round.accumulator.result();
+  const { model, maxAbsDiff } = await buildNextVersion(
+    current,
+    mean,
+    stats,
+    options,
+  );
+  const release = encodeModelRelease(
+    buildRelease(model.manifest, model.onnx),
+    options.maxMessageBytes,
+  );
+
+  store.save(model);
+  saveState(options.stateDir, {
+    round: stats.round,
+    modelVersion: model.manifest.version,
+  });
+  return { model, release, exportMaxAbsDiff: maxAbsDiff };
 }

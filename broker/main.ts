@@ -50,6 +50,9 @@ try {
   process.on('SIGINT', () => stop('SIGINT'));
   process.on('SIGTERM', () => stop('SIGTERM'));
 } catch (err) {
-  log.fatal({ err, host: flags.host, port: flags.port }, 'broker failed to start');
+  log.fatal(
+    { err, host: flags.host, port: flags.port },
+    'broker failed to start',
+  );
   process.exitCode = 1;
 }

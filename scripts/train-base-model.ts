@@ -196,6 +196,9 @@ async function trainWithProgress(
     {
       format: `${title} epoch {epoch}/{epochs} [{bar}] {value}/{total} | {rate}/s | eta {eta_formatted}`,
       etaBuffer: 50,
+      // Without a terminal (a log file), print a line every 10 s.
+      noTTYOutput: true,
+      notTTYSchedule: 10_000,
     },
     cliProgress.Presets.shades_classic,
   );

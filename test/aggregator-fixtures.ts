@@ -35,7 +35,9 @@ import type { AggregatorOptions } from '../aggregator/index.ts';
 
 export const FLEET_ID = 'test-fleet';
 export const topics = new FleetTopics(FLEET_ID);
-export const quietLog = createLogger({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
+export const quietLog = createLogger({
+  level: process.env.TEST_LOG_LEVEL ?? 'silent',
+});
 
 /** A temporary directory with random base weights in it. */
 export interface Workspace {
@@ -49,7 +51,10 @@ export function createWorkspace(seed = 7): Workspace {
   const dir = mkdtempSync(join(tmpdir(), 'fleetlearn-aggregator-'));
   const baseWeights = initializeWeights(seed);
   const baseWeightsPath = join(dir, 'base.weights.pb');
-  writeWeightsFile(baseWeightsPath, baseWeights, { modelName: MODEL_NAME, version: 0 });
+  writeWeightsFile(baseWeightsPath, baseWeights, {
+    modelName: MODEL_NAME,
+    version: 0,
+  });
   return {
     dir,
     baseWeightsPath,
@@ -124,7 +129,9 @@ class Inbox<T> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#waiters.splice(this.#waiters.indexOf(onItem), 1);
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+        reject(
+          new Error(`timed out after ${timeoutMs} ms waiting for ${what}`),
+        );
       }, timeoutMs);
       const onItem = (value: T): void => {
         clearTimeout(timer);
@@ -136,8 +143,8 @@ class Inbox<T> {
 }
 
 /**
- * A vehicle as the aggregator sees it: an MQTT client that publishes a
- * retained status, receives round tasks and acks, and publishes updates.
+ * Stand-in for a vehicle agent: an MQTT client that publishes a retained
+ * status, receives round tasks and acks, and publishes updates.
  */
 export class TestVehicle {
   readonly id: string;
@@ -150,7 +157,8 @@ export class TestVehicle {
     this.client = client;
     client.on('message', (topic, payload) => {
       if (topic === topics.ack(id)) this.#acks.push(decodeUpdateAck(payload));
-      if (topic === topics.roundTask()) this.#tasks.push(decodeRoundTask(payload));
+      if (topic === topics.roundTask())
+        this.#tasks.push(decodeRoundTask(payload));
     });
   }
 
@@ -170,7 +178,9 @@ export class TestVehicle {
       client.once('error', reject);
     });
     const vehicle = new TestVehicle(id, client);
-    await client.subscribeAsync([topics.ack(id), topics.roundTask()], { qos: 1 });
+    await client.subscribeAsync([topics.ack(id), topics.roundTask()], {
+      qos: 1,
+    });
     if (isOnline) {
       const status = encodeVehicleStatus({
         vehicleId: id,
@@ -198,9 +208,13 @@ export class TestVehicle {
   }
 
   async publish(payload: Uint8Array): Promise<void> {
-    await this.client.publishAsync(topics.update(this.id), Buffer.from(payload), {
-      qos: 1,
-    });
+    await this.client.publishAsync(
+      topics.update(this.id),
+      Buffer.from(payload),
+      {
+        qos: 1,
+      },
+    );
   }
 
   /** Publishes `payload` and returns the aggregator's ack. */
@@ -235,7 +249,7 @@ export function buildDeltas(
   });
 }
 
-/** A valid update for `task` from `vehicleId`, with overrides. */
+/** Builds a valid update for `task` from `vehicleId`, with overrides. */
 export function buildUpdate(
   vehicleId: string,
   task: RoundTask,
@@ -254,7 +268,12 @@ export function buildUpdate(
     round: task.round,
     numExamples: options.numExamples ?? 10,
     deltas: buildDeltas(task.training.trainableTensors, value),
-    metrics: { trainLoss: 1, trainAccuracy: 0.5, trainDurationMs: 10, backend: 'test' },
+    metrics: {
+      trainLoss: 1,
+      trainAccuracy: 0.5,
+      trainDurationMs: 10,
+      backend: 'test',
+    },
     createdAtMs: Date.now(),
     ...options.overrides,
   };
@@ -282,7 +301,9 @@ export async function fetchRetainedRelease(
         resolve(decodeModelRelease(payload));
       });
     });
-    await new Promise<void>((resolve) => client.once('connect', () => resolve()));
+    await new Promise<void>((resolve) =>
+      client.once('connect', () => resolve()),
+    );
     await client.subscribeAsync(topics.release(), { qos: 1 });
     return await release;
   } finally {

@@ -83,7 +83,10 @@ describe('aggregator options', () => {
       () => new Aggregator({ ...options, fleetId: 'a/b' }),
       isInvalidConfig('fleetId'),
     );
-    assert.throws(() => new Aggregator({ ...options, stateDir: '' }), TypeError);
+    assert.throws(
+      () => new Aggregator({ ...options, stateDir: '' }),
+      TypeError,
+    );
   });
 
   test('missing base weights fail start', async () => {
@@ -93,7 +96,10 @@ describe('aggregator options', () => {
       }),
     );
 
-    await assert.rejects(aggregator.start(), isInvalidConfig('missing.weights.pb'));
+    await assert.rejects(
+      aggregator.start(),
+      isInvalidConfig('missing.weights.pb'),
+    );
 
     await aggregator.stop();
   });
@@ -161,7 +167,9 @@ describe('aggregator restart', () => {
     const closed = once(aggregator, 'round-closed');
     await aggregator.start();
     const task = await vehicle.nextTask();
-    const ack = await vehicle.send(encodeModelUpdate(buildUpdate(vehicle.id, task)));
+    const ack = await vehicle.send(
+      encodeModelUpdate(buildUpdate(vehicle.id, task)),
+    );
     assert.equal(ack.status, AckStatus.Accepted, ack.reason);
     const [event] = (await closed) as [RoundClosedEvent];
     await aggregator.stop();
@@ -178,18 +186,110 @@ describe('aggregator restart', () => {
     assert.equal(second.modelVersion, 2);
 
     const stateDir = join(workspace.dir, 'state');
-    const state = JSON.parse(readFileSync(join(stateDir, 'state.json'), 'utf8'));
+    const state = JSON.parse(
+      readFileSync(join(stateDir, 'state.json'), 'utf8'),
+    );
     assert.deepEqual(state, { round: 2, modelVersion: 2 });
     const modelDir = join(stateDir, 'models', MODEL_NAME);
-    for (const file of ['v0.onnx', 'v1.onnx', 'v2.onnx', 'v2.weights.pb', 'v2.json']) {
+    for (const file of [
+      'v0.onnx',
+      'v1.onnx',
+      'v2.onnx',
+      'v2.weights.pb',
+      'v2.json',
+    ]) {
       assert.ok(existsSync(join(modelDir, file)), `${file} missing`);
     }
-    const manifest = JSON.parse(readFileSync(join(modelDir, 'v2.json'), 'utf8'));
+    const manifest = JSON.parse(
+      readFileSync(join(modelDir, 'v2.json'), 'utf8'),
+    );
     assert.equal(manifest.parentVersion, 1);
     assert.equal(manifest.round, 2);
     assert.equal(manifest.numVehicles, 1);
     const release = await fetchRetainedRelease(broker);
     assert.equal(release.version, 2);
     assert.equal(release.sha256, manifest.sha256);
+  });
+});
+
+describe('aggregator deadline and export check', () => {
+  let workspace: Workspace;
+  let vehicles: TestVehicle[] = [];
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+    vehicles = await Promise.all(
+      ['d-1', 'd-2'].map((id) => TestVehicle.connect(broker, id)),
+    );
+  });
+
+  after(async () => {
+    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('deadline closes round with quorum', async () => {
+    const aggregator = new Aggregator(
+      testOptions(broker, workspace, images, {
+        minVehiclesOnline: 2,
+        minUpdates: 1,
+        roundTimeoutMs: 1500,
+      }),
+    );
+    const closed = once(aggregator, 'round-closed');
+    await aggregator.start();
+    const task = await vehicles[0].nextTask();
+    const update = buildUpdate('d-1', task, { numExamples: 5 });
+    const ack = await vehicles[0].send(encodeModelUpdate(update));
+
+    const [event] = (await closed) as [RoundClosedEvent];
+    await aggregator.stop();
+
+    assert.equal(ack.status, AckStatus.Accepted);
+    assert.deepEqual(event.selected, ['d-1', 'd-2']);
+    assert.equal(event.accepted, 1);
+    assert.equal(event.numExamples, 5);
+    assert.equal(event.modelVersion, 1);
+    assert.ok(event.durationMs >= 1400);
+  });
+
+  test('export mismatch keeps previous model', async () => {
+    // A tolerance below float32 rounding makes every export check fail.
+    // Version 1 is already stored, so only the new version is checked.
+    const aggregator = new Aggregator(
+      testOptions(broker, workspace, images, {
+        minVehiclesOnline: 2,
+        exportToleranceAbs: 1e-30,
+      }),
+    );
+    const failed = once(aggregator, 'round-failed');
+    await aggregator.start();
+    const task = await vehicles[0].nextTask();
+    await Promise.all(
+      vehicles.map((vehicle) =>
+        vehicle.send(encodeModelUpdate(buildUpdate(vehicle.id, task))),
+      ),
+    );
+
+    const [event] = (await failed) as [RoundFailedEvent];
+    await aggregator.stop();
+
+    assert.equal(task.round, 2);
+    assert.equal(event.reasonCode, ErrorCode.ExportMismatch);
+    assert.equal(event.accepted, 2);
+    assert.equal(event.modelVersion, 1);
+    assert.equal(aggregator.currentModelVersion, 1);
+    const stateDir = join(workspace.dir, 'state');
+    const state = JSON.parse(
+      readFileSync(join(stateDir, 'state.json'), 'utf8'),
+    );
+    assert.deepEqual(state, { round: 2, modelVersion: 1 });
+    assert.equal(
+      existsSync(join(stateDir, 'models', MODEL_NAME, 'v2.json')),
+      false,
+    );
+    assert.equal((await fetchRetainedRelease(broker)).version, 1);
   });
 });

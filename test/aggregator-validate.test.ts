@@ -46,7 +46,12 @@ function update(overrides: Partial<ModelUpdate> = {}): ModelUpdate {
     round: 5,
     numExamples: 12,
     deltas: [tensor('dense2/kernel'), tensor('dense2/bias')],
-    metrics: { trainLoss: 1, trainAccuracy: 0.5, trainDurationMs: 3, backend: 'cpu' },
+    metrics: {
+      trainLoss: 1,
+      trainAccuracy: 0.5,
+      trainDurationMs: 3,
+      backend: 'cpu',
+    },
     createdAtMs: 1,
     ...overrides,
   };
@@ -63,7 +68,11 @@ function codeOf(
 
 describe('validateUpdate', () => {
   test('valid update accepted with deltas', () => {
-    const decision = validateUpdate('veh-1', encodeModelUpdate(update()), context());
+    const decision = validateUpdate(
+      'veh-1',
+      encodeModelUpdate(update()),
+      context(),
+    );
 
     assert.equal(decision.accepted, true);
     assert.ok(decision.accepted);
@@ -97,10 +106,22 @@ describe('validateUpdate', () => {
   test('round checks name the code', () => {
     const bytes = encodeModelUpdate(update());
 
-    assert.equal(codeOf(bytes, context({ openRound: undefined, lastRound: 4 })), ErrorCode.WrongRound);
-    assert.equal(codeOf(bytes, context({ openRound: 6, lastRound: 6 })), ErrorCode.RoundClosed);
-    assert.equal(codeOf(bytes, context({ openRound: undefined, lastRound: 5 })), ErrorCode.RoundClosed);
-    assert.equal(codeOf(encodeModelUpdate(update({ round: 9 }))), ErrorCode.WrongRound);
+    assert.equal(
+      codeOf(bytes, context({ openRound: undefined, lastRound: 4 })),
+      ErrorCode.WrongRound,
+    );
+    assert.equal(
+      codeOf(bytes, context({ openRound: 6, lastRound: 6 })),
+      ErrorCode.RoundClosed,
+    );
+    assert.equal(
+      codeOf(bytes, context({ openRound: undefined, lastRound: 5 })),
+      ErrorCode.RoundClosed,
+    );
+    assert.equal(
+      codeOf(encodeModelUpdate(update({ round: 9 }))),
+      ErrorCode.WrongRound,
+    );
   });
 
   test('wrong round reason names current', () => {
@@ -118,7 +139,10 @@ describe('validateUpdate', () => {
   test('unselected vehicle rejected', () => {
     const bytes = encodeModelUpdate(update({ vehicleId: 'veh-9' }));
 
-    assert.equal(codeOf(bytes, context(), 'veh-9'), ErrorCode.VehicleNotSelected);
+    assert.equal(
+      codeOf(bytes, context(), 'veh-9'),
+      ErrorCode.VehicleNotSelected,
+    );
   });
 
   test('wrong model name or version', () => {
@@ -132,8 +156,14 @@ describe('validateUpdate', () => {
   test('duplicate id or vehicle rejected', () => {
     const bytes = encodeModelUpdate(update());
 
-    assert.equal(codeOf(bytes, context({ seenUpdateIds: new Set(['u-1']) })), ErrorCode.DuplicateUpdate);
-    assert.equal(codeOf(bytes, context({ acceptedVehicles: new Set(['veh-1']) })), ErrorCode.DuplicateUpdate);
+    assert.equal(
+      codeOf(bytes, context({ seenUpdateIds: new Set(['u-1']) })),
+      ErrorCode.DuplicateUpdate,
+    );
+    assert.equal(
+      codeOf(bytes, context({ acceptedVehicles: new Set(['veh-1']) })),
+      ErrorCode.DuplicateUpdate,
+    );
   });
 
   test('zero examples rejected', () => {
@@ -144,7 +174,9 @@ describe('validateUpdate', () => {
 
   test('tensor set must match exactly', () => {
     const missing = update({ deltas: [tensor('dense2/kernel')] });
-    const repeated = update({ deltas: [tensor('dense2/kernel'), tensor('dense2/kernel')] });
+    const repeated = update({
+      deltas: [tensor('dense2/kernel'), tensor('dense2/kernel')],
+    });
     const extra = update({
       deltas: [
         tensor('dense2/kernel'),
@@ -159,7 +191,11 @@ describe('validateUpdate', () => {
   });
 
   test('wrong shape or byte count', () => {
-    const reshaped = encodeFloat32Tensor('dense2/bias', [42], new Float32Array(42));
+    const reshaped = encodeFloat32Tensor(
+      'dense2/bias',
+      [42],
+      new Float32Array(42),
+    );
     const shortData = { ...tensor('dense2/bias'), data: new Uint8Array(40) };
 
     const withShape = update({ deltas: [tensor('dense2/kernel'), reshaped] });
@@ -172,14 +208,20 @@ describe('validateUpdate', () => {
   test('float16 encoding unsupported', () => {
     const half = { ...tensor('dense2/bias'), encoding: TensorEncoding.Float16 };
 
-    const bytes = encodeModelUpdate(update({ deltas: [tensor('dense2/kernel'), half] }));
+    const bytes = encodeModelUpdate(
+      update({ deltas: [tensor('dense2/kernel'), half] }),
+    );
 
     assert.equal(codeOf(bytes), ErrorCode.UnsupportedEncoding);
   });
 
   test('nan and infinity rejected', () => {
-    const nan = update({ deltas: [tensor('dense2/kernel', Number.NaN), tensor('dense2/bias')] });
-    const inf = update({ deltas: [tensor('dense2/kernel'), tensor('dense2/bias', -Infinity)] });
+    const nan = update({
+      deltas: [tensor('dense2/kernel', Number.NaN), tensor('dense2/bias')],
+    });
+    const inf = update({
+      deltas: [tensor('dense2/kernel'), tensor('dense2/bias', -Infinity)],
+    });
 
     assert.equal(codeOf(encodeModelUpdate(nan)), ErrorCode.NonFiniteValue);
     assert.equal(codeOf(encodeModelUpdate(inf)), ErrorCode.NonFiniteValue);

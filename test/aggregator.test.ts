@@ -37,13 +37,21 @@ before(async () => {
 });
 
 function assertRejected(ack: UpdateAck, code: string): void {
-  assert.equal(ack.status, AckStatus.Rejected, `expected ${code}, got ${ack.reasonCode}`);
+  assert.equal(
+    ack.status,
+    AckStatus.Rejected,
+    `expected ${code}, got ${ack.reasonCode}`,
+  );
   assert.equal(ack.reasonCode, code);
   assert.ok(ack.reason.length > 0);
 }
 
 function assertAccepted(ack: UpdateAck): void {
-  assert.equal(ack.status, AckStatus.Accepted, `rejected: ${ack.reasonCode} ${ack.reason}`);
+  assert.equal(
+    ack.status,
+    AckStatus.Accepted,
+    `rejected: ${ack.reasonCode} ${ack.reason}`,
+  );
   assert.equal(ack.reasonCode, '');
 }
 
@@ -118,7 +126,9 @@ describe('aggregator round', () => {
     assert.equal(event.numExamples, 60);
     assert.ok(event.uplinkBytes > 3 * 4 * (1024 * 128));
     assert.ok(event.releaseBytes > 0);
-    assert.ok(event.accuracy !== undefined && event.accuracy >= 0 && event.accuracy <= 1);
+    assert.equal(typeof event.accuracy, 'number');
+    assert.ok(event.accuracy! >= 0);
+    assert.ok(event.accuracy! <= 1);
     assert.ok(event.exportMaxAbsDiff <= 1e-4);
     assert.equal(aggregator.currentModelVersion, 1);
 
@@ -134,7 +144,9 @@ describe('aggregator round', () => {
     const released = importOnnxWeights(release.onnx);
     const base = workspace.baseWeights;
     for (const index of [0, 7, 42]) {
-      const expected = base.get('dense2/bias')![index] + ((170 / 60) * (1 + (index % 5))) / 1000;
+      const expected =
+        base.get('dense2/bias')![index] +
+        ((170 / 60) * (1 + (index % 5))) / 1000;
       assert.ok(
         Math.abs(released.get('dense2/bias')![index] - expected) < 1e-6,
         `dense2/bias[${index}] = ${released.get('dense2/bias')![index]}, expected ${expected}`,
@@ -164,11 +176,23 @@ describe('aggregator rejects bad updates', () => {
 
   test('each bad input acked, round continues', async () => {
     const online = [
-      'good-a', 'good-b', 'v-trunc', 'v-version', 'v-round', 'v-shape',
-      'v-nan', 'v-zero', 'v-tensors', 'v-encoding',
+      'good-a',
+      'good-b',
+      'v-trunc',
+      'v-version',
+      'v-round',
+      'v-shape',
+      'v-nan',
+      'v-zero',
+      'v-tensors',
+      'v-encoding',
     ];
-    for (const id of online) vehicles.set(id, await TestVehicle.connect(broker, id));
-    vehicles.set('v-outsider', await TestVehicle.connect(broker, 'v-outsider', false));
+    for (const id of online)
+      vehicles.set(id, await TestVehicle.connect(broker, id));
+    vehicles.set(
+      'v-outsider',
+      await TestVehicle.connect(broker, 'v-outsider', false),
+    );
     const v = (id: string): TestVehicle => vehicles.get(id)!;
     aggregator = new Aggregator(
       testOptions(broker, workspace, images, {
@@ -183,49 +207,94 @@ describe('aggregator rejects bad updates', () => {
     const names = task.training.trainableTensors;
 
     assertAccepted(await v('good-a').send(encodeModelUpdate(valid('good-a'))));
-    assertRejected(await v('good-a').send(encodeModelUpdate(valid('good-a'))), ErrorCode.DuplicateUpdate);
+    assertRejected(
+      await v('good-a').send(encodeModelUpdate(valid('good-a'))),
+      ErrorCode.DuplicateUpdate,
+    );
     const retry = { ...valid('good-a'), updateId: 'good-a-second' };
-    assertRejected(await v('good-a').send(encodeModelUpdate(retry)), ErrorCode.DuplicateUpdate);
+    assertRejected(
+      await v('good-a').send(encodeModelUpdate(retry)),
+      ErrorCode.DuplicateUpdate,
+    );
 
     const bytes = encodeModelUpdate(valid('v-trunc'));
-    const truncated = await v('v-trunc').send(bytes.subarray(0, bytes.length - 1000));
+    const truncated = await v('v-trunc').send(
+      bytes.subarray(0, bytes.length - 1000),
+    );
     assertRejected(truncated, ErrorCode.MalformedPayload);
     assert.equal(truncated.currentRound, 1);
     assert.equal(truncated.currentModelVersion, 0);
 
     const wrongVersion = { ...valid('v-version'), baseModelVersion: 7 };
-    assertRejected(await v('v-version').send(encodeModelUpdate(wrongVersion)), ErrorCode.WrongModelVersion);
+    assertRejected(
+      await v('v-version').send(encodeModelUpdate(wrongVersion)),
+      ErrorCode.WrongModelVersion,
+    );
 
-    const wrongRound = await v('v-round').send(encodeModelUpdate({ ...valid('v-round'), round: 9 }));
+    const wrongRound = await v('v-round').send(
+      encodeModelUpdate({ ...valid('v-round'), round: 9 }),
+    );
     assertRejected(wrongRound, ErrorCode.WrongRound);
     assert.match(wrongRound.reason, /current round is 1, model version 0/);
 
     const shapes = valid('v-shape');
-    shapes.deltas[3] = encodeFloat32Tensor('dense2/bias', [42], new Float32Array(42));
-    assertRejected(await v('v-shape').send(encodeModelUpdate(shapes)), ErrorCode.WrongShape);
+    shapes.deltas[3] = encodeFloat32Tensor(
+      'dense2/bias',
+      [42],
+      new Float32Array(42),
+    );
+    assertRejected(
+      await v('v-shape').send(encodeModelUpdate(shapes)),
+      ErrorCode.WrongShape,
+    );
 
-    const nan = buildUpdate('v-nan', task, { value: (name, i) => (i === 5 ? Number.NaN : 0) });
-    assertRejected(await v('v-nan').send(encodeModelUpdate(nan)), ErrorCode.NonFiniteValue);
+    const nan = buildUpdate('v-nan', task, {
+      value: (name, i) => (i === 5 ? Number.NaN : 0),
+    });
+    assertRejected(
+      await v('v-nan').send(encodeModelUpdate(nan)),
+      ErrorCode.NonFiniteValue,
+    );
 
     const zero = buildUpdate('v-zero', task, { numExamples: 0 });
-    assertRejected(await v('v-zero').send(encodeModelUpdate(zero)), ErrorCode.InvalidExampleCount);
+    assertRejected(
+      await v('v-zero').send(encodeModelUpdate(zero)),
+      ErrorCode.InvalidExampleCount,
+    );
 
-    const partial = { ...valid('v-tensors'), deltas: buildDeltas(names.slice(2), () => 0) };
-    assertRejected(await v('v-tensors').send(encodeModelUpdate(partial)), ErrorCode.WrongTensors);
+    const partial = {
+      ...valid('v-tensors'),
+      deltas: buildDeltas(names.slice(2), () => 0),
+    };
+    assertRejected(
+      await v('v-tensors').send(encodeModelUpdate(partial)),
+      ErrorCode.WrongTensors,
+    );
 
     const half = valid('v-encoding');
     half.deltas[1] = { ...half.deltas[1], encoding: TensorEncoding.Float16 };
-    assertRejected(await v('v-encoding').send(encodeModelUpdate(half)), ErrorCode.UnsupportedEncoding);
+    assertRejected(
+      await v('v-encoding').send(encodeModelUpdate(half)),
+      ErrorCode.UnsupportedEncoding,
+    );
 
-    const outsider = await v('v-outsider').send(encodeModelUpdate(valid('v-outsider')));
+    const outsider = await v('v-outsider').send(
+      encodeModelUpdate(valid('v-outsider')),
+    );
     assertRejected(outsider, ErrorCode.VehicleNotSelected);
-    const spoofed = await v('v-outsider').send(encodeModelUpdate(valid('good-b')));
+    const spoofed = await v('v-outsider').send(
+      encodeModelUpdate(valid('good-b')),
+    );
     assertRejected(spoofed, ErrorCode.MalformedPayload);
 
-    // The vehicles whose input named no round of theirs can still answer.
+    // Input that named no round of theirs left these vehicles free to retry.
     assert.equal(aggregator.roundsCompleted, 0);
-    assertAccepted(await v('v-trunc').send(encodeModelUpdate(valid('v-trunc'))));
-    assertAccepted(await v('v-round').send(encodeModelUpdate(valid('v-round'))));
+    assertAccepted(
+      await v('v-trunc').send(encodeModelUpdate(valid('v-trunc'))),
+    );
+    assertAccepted(
+      await v('v-round').send(encodeModelUpdate(valid('v-round'))),
+    );
     assertAccepted(await v('good-b').send(encodeModelUpdate(valid('good-b'))));
 
     const [event] = (await closed) as [RoundClosedEvent];
@@ -245,7 +314,9 @@ describe('aggregator rejects bad updates', () => {
     });
     assert.equal(event.modelVersion, 1);
 
-    const late = await v('good-b').send(encodeModelUpdate({ ...valid('good-b'), updateId: 'late' }));
+    const late = await v('good-b').send(
+      encodeModelUpdate({ ...valid('good-b'), updateId: 'late' }),
+    );
     assertRejected(late, ErrorCode.RoundClosed);
     assert.equal(late.currentModelVersion, 1);
   });

@@ -1,10 +1,14 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { connect, type MqttClient } from 'mqtt';
 import { startBroker } from '../broker/index.ts';
 import { createLogger } from '../protocol/index.ts';
 
 const log = createLogger({ level: 'silent' });
+const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 
 function connectClient(port: number, clientId: string): Promise<MqttClient> {
   const client = connect(`mqtt://127.0.0.1:${port}`, {
@@ -37,11 +41,13 @@ describe('startBroker', () => {
     });
 
     const subscriber = await connectClient(broker.port, 'subscriber');
-    const received = new Promise<{ payload: string; retain: boolean }>((resolve) => {
-      subscriber.on('message', (_topic, payload, packet) =>
-        resolve({ payload: payload.toString(), retain: packet.retain }),
-      );
-    });
+    const received = new Promise<{ payload: string; retain: boolean }>(
+      (resolve) => {
+        subscriber.on('message', (_topic, payload, packet) =>
+          resolve({ payload: payload.toString(), retain: packet.retain }),
+        );
+      },
+    );
     await subscriber.subscribeAsync('fleet/v1/t/releases/current', { qos: 1 });
 
     assert.deepEqual(await received, { payload: 'v1', retain: true });
@@ -54,15 +60,20 @@ describe('startBroker', () => {
   test('close disconnects clients and stops listening', async () => {
     const broker = await startBroker({ port: 0, log });
     const client = await connectClient(broker.port, 'to-be-closed');
-    const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
+    const closed = new Promise<void>((resolve) =>
+      client.once('close', () => resolve()),
+    );
 
     await broker.close();
     await closed;
     await broker.close();
 
-    await assert.rejects(connectClient(broker.port, 'after-close'), (err: unknown) => {
-      return err instanceof Error && /ECONNREFUSED/.test(err.message);
-    });
+    await assert.rejects(
+      connectClient(broker.port, 'after-close'),
+      (err: unknown) => {
+        return err instanceof Error && /ECONNREFUSED/.test(err.message);
+      },
+    );
     await client.endAsync(true);
   });
 
@@ -80,5 +91,37 @@ describe('startBroker', () => {
     );
 
     await first.close();
+  });
+});
+
+describe('broker command line', () => {
+  test('sigterm stops with exit 0', async () => {
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', 'broker/main.ts', '--port', '0'],
+      { cwd: REPOSITORY_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let output = '';
+    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    const exited = once(child, 'exit');
+
+    const started = await new Promise<{ port: number }>((resolve, reject) => {
+      child.once('exit', () => reject(new Error(`broker exited: ${output}`)));
+      child.stdout.on('data', (chunk: Buffer) => {
+        output += chunk.toString();
+        const line = output
+          .split('\n')
+          .find((text) => text.includes('broker started'));
+        if (line !== undefined) resolve(JSON.parse(line));
+      });
+    });
+    const client = await connectClient(started.port, 'cli-client');
+    child.kill('SIGTERM');
+    const [code, signal] = await exited;
+
+    assert.equal(code, 0, output);
+    assert.equal(signal, null);
+    assert.match(output, /broker stopped/);
+    await client.endAsync(true);
   });
 });

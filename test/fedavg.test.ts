@@ -68,7 +68,10 @@ describe('FedAvgAccumulator', () => {
     const accumulator = new FedAvgAccumulator(SIZES);
 
     assert.throws(() => accumulator.add(deltas([1, 2, 3], [4]), 0), RangeError);
-    assert.throws(() => accumulator.add(deltas([1, 2, 3], [4]), 1.5), RangeError);
+    assert.throws(
+      () => accumulator.add(deltas([1, 2, 3], [4]), 1.5),
+      RangeError,
+    );
     assert.equal(accumulator.totalExamples, 0);
   });
 
@@ -102,7 +105,10 @@ describe('applyDeltas', () => {
       ['frozen', frozen],
     ]);
 
-    const next = applyDeltas(weights, new Map([['a', Float32Array.from([0.5, -1, 0])]]));
+    const next = applyDeltas(
+      weights,
+      new Map([['a', Float32Array.from([0.5, -1, 0])]]),
+    );
 
     assert.deepEqual([...next.get('a')!], [1.5, 1, 3]);
     assert.equal(next.get('frozen'), frozen);
@@ -112,7 +118,13 @@ describe('applyDeltas', () => {
   test('unknown or resized tensor rejected', () => {
     const weights = new Map([['a', new Float32Array(2)]]);
 
-    assert.throws(() => applyDeltas(weights, new Map([['x', new Float32Array(2)]])), RangeError);
-    assert.throws(() => applyDeltas(weights, new Map([['a', new Float32Array(3)]])), RangeError);
+    assert.throws(
+      () => applyDeltas(weights, new Map([['x', new Float32Array(2)]])),
+      RangeError,
+    );
+    assert.throws(
+      () => applyDeltas(weights, new Map([['a', new Float32Array(3)]])),
+      RangeError,
+    );
   });
 });

@@ -314,23 +314,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     );
   }
 
-  private isTooLarge(topic: string, bytes: number): boolean {
-    if (bytes <= this.options.maxMessageBytes) return false;
-    this.log.warn(
-      {
-        topic,
-        bytes,
-        maxMessageBytes: this.options.maxMessageBytes,
-        code: ErrorCode.PayloadTooLarge,
-      },
-      'message too large',
-    );
-    return true;
-  }
-
   private handleRelease(payload: Buffer): void {
-    const topic = this.topics.release();
-    if (this.isTooLarge(topic, payload.length)) return;
     let release: ModelRelease;
     try {
       release = decodeModelRelease(payload);
@@ -346,7 +330,6 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
 
   private handleRoundTask(payload: Buffer): void {
     const topic = this.topics.roundTask();
-    if (this.isTooLarge(topic, payload.length)) return;
     let task: RoundTask;
     try {
       task = decodeRoundTask(payload);

@@ -169,7 +169,7 @@ program
   )
   .option(
     '--max-message-bytes <bytes>',
-    'largest update to send and message to accept, in bytes; default 64 MiB',
+    'largest encoded update to send, in bytes; default 64 MiB',
     parsePositiveInteger,
   )
   .option('--seed <integer>', 'base seed of local training', parseSeed, 0)

@@ -1,0 +1,68 @@
+import { connect, type MqttClient } from 'mqtt';
+import type { Logger } from '../protocol/index.ts';
+
+/** Inputs of {@link connectToBroker}. */
+export interface ConnectionOptions {
+  brokerUrl: string;
+  clientId: string;
+  /** Topic filters to subscribe to with QoS 1. */
+  subscriptions: string[];
+  onMessage: (topic: string, payload: Buffer) => void;
+  signal: AbortSignal;
+  log: Logger;
+}
+
+/**
+ * Connects with MQTT 3.1.1, retrying every second until the broker
+ * accepts, then subscribes. mqtt.js resubscribes after a reconnect.
+ *
+ * @throws {Error} when `signal` aborts before the connection is up.
+ */
+export async function connectToBroker(
+  options: ConnectionOptions,
+): Promise<MqttClient> {
+  const { brokerUrl, clientId, log, signal } = options;
+  // A persistent session (clean: false) lets the broker queue QoS 1
+  // updates while the aggregator reconnects.
+  const client = connect(brokerUrl, {
+    protocolVersion: 4,
+    clientId,
+    clean: false,
+    reconnectPeriod: 1000,
+  });
+  client.on('message', options.onMessage);
+  client.on('error', (err) => log.warn({ err, clientId }, 'mqtt client error'));
+  client.on('offline', () => log.warn({ clientId }, 'mqtt client offline'));
+  client.on('reconnect', () =>
+    log.debug({ clientId }, 'mqtt client reconnecting'),
+  );
+
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => {
+        client.off('connect', onConnect);
+        reject(
+          new Error(`connection to ${brokerUrl} aborted before it was up`),
+        );
+      };
+      const onConnect = (): void => {
+        signal.removeEventListener('abort', onAbort);
+        resolve();
+      };
+      client.once('connect', onConnect);
+      signal.addEventListener('abort', onAbort, { once: true });
+      if (signal.aborted) onAbort();
+    });
+  } catch (err) {
+    await client.endAsync(true);
+    throw err;
+  }
+  client.on('connect', () => log.info({ clientId }, 'mqtt client reconnected'));
+
+  const filters = Object.fromEntries(
+    options.subscriptions.map((filter) => [filter, { qos: 1 as const }]),
+  );
+  await client.subscribeAsync(filters);
+  log.info({ clientId, brokerUrl }, 'connected to broker');
+  return client;
+}

@@ -1,0 +1,258 @@
+/**
+ * Round orchestration: wait for vehicles, select them, open a round with
+ * a deadline, then turn the closed round into a new model version or a
+ * failed round. MQTT publishing and events go through a RoundHost.
+ */
+import type { EventEmitter } from 'node:events';
+import { setTimeout as delay } from 'node:timers/promises';
+import {
+  ErrorCode,
+  countElements,
+  encodeRoundTask,
+  isFleetError,
+  type Logger,
+} from '../protocol/index.ts';
+import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
+import type { AggregatorEvents } from './events.ts';
+import { buildRoundTask } from './messages.ts';
+import type { ModelStore, StoredModel } from './model-store.ts';
+import type { ResolvedOptions } from './options.ts';
+import { OpenRound, type CloseTrigger, type RoundStats } from './round.ts';
+import { selectVehicles } from './selection.ts';
+import { saveState } from './state.ts';
+import { commitRound, type CommittedVersion } from './versions.ts';
+import { waitForVehicles, type VehicleRegistry } from './vehicles.ts';
+
+/** Interface between the runner and the aggregator process. */
+export interface RoundHost {
+  readonly options: ResolvedOptions;
+  readonly log: Logger;
+  readonly store: ModelStore;
+  readonly vehicles: VehicleRegistry;
+  /** Aborted by `stop()`. */
+  readonly signal: AbortSignal;
+  /** Publishes the retained RoundTask. The host logs publish failures. */
+  publishRoundTask(bytes: Uint8Array, round: number): void;
+  /** Publishes the retained release of `model`. */
+  publishRelease(model: StoredModel, bytes: Uint8Array): Promise<void>;
+  /** The aggregator's `emit`. */
+  emit: EventEmitter<AggregatorEvents>['emit'];
+  /** Called after every closed or failed round and when the loop ends. */
+  onRoundEnded(): void;
+}
+
+/** Sizes of the trainable tensors, by name. */
+function tensorSizesOf(names: readonly string[]): Map<string, number> {
+  const sizes = new Map<string, number>();
+  for (const spec of TENSOR_SPECS) {
+    if (names.includes(spec.name))
+      sizes.set(spec.name, countElements(spec.shape));
+  }
+  return sizes;
+}
+
+/** Runs rounds one after another until maxRounds or abort. */
+export class RoundRunner {
+  readonly #host: RoundHost;
+  readonly #tensorSizes: Map<string, number>;
+  #model: StoredModel;
+  #lastRound: number;
+  #openRound: OpenRound | undefined;
+  #roundsCompleted = 0;
+
+  constructor(host: RoundHost, model: StoredModel, lastRound: number) {
+    this.#host = host;
+    this.#model = model;
+    this.#lastRound = lastRound;
+    this.#tensorSizes = tensorSizesOf(host.options.trainableTensors);
+  }
+
+  get model(): StoredModel {
+    return this.#model;
+  }
+
+  /** The open round, or the last one opened. */
+  get lastRound(): number {
+    return this.#lastRound;
+  }
+
+  /** The round of the last RoundTask, until its outcome is known. */
+  get openRound(): OpenRound | undefined {
+    return this.#openRound;
+  }
+
+  get roundsCompleted(): number {
+    return this.#roundsCompleted;
+  }
+
+  get isRoundLimitReached(): boolean {
+    const { maxRounds } = this.#host.options;
+    return maxRounds > 0 && this.#roundsCompleted >= maxRounds;
+  }
+
+  /** Closes the open round without a new version, for `stop()`. */
+  abandonOpenRound(): void {
+    this.#openRound?.close('stopped');
+  }
+
+  /** Runs rounds until maxRounds is reached or the host's signal aborts. */
+  async run(): Promise<void> {
+    const { options, log, signal } = this.#host;
+    while (!signal.aborted && !this.isRoundLimitReached) {
+      const online = await waitForVehicles(this.#host.vehicles, {
+        target: Math.max(options.minVehiclesOnline, options.minUpdates),
+        minimum: options.minUpdates,
+        timeoutMs: options.onlineWaitTimeoutMs,
+        signal,
+        log,
+      });
+      if (online === undefined) break;
+      try {
+        await this.#runRound(online);
+      } catch (err) {
+        // A failure outside a round's own error handling, for example a
+        // state.json write error. Pause so that it does not spin.
+        log.error({ err, round: this.#lastRound }, 'round loop failed');
+        await delay(1000, undefined, { signal }).catch(() => undefined);
+      }
+    }
+    if (this.isRoundLimitReached) {
+      log.info({ rounds: this.#roundsCompleted }, 'max rounds reached');
+    }
+    this.#host.onRoundEnded();
+  }
+
+  async #runRound(online: string[]): Promise<void> {
+    const { options } = this.#host;
+    const roundNumber = this.#lastRound + 1;
+    const baseModelVersion = this.#model.manifest.version;
+    const selected = selectVehicles(
+      online,
+      options.vehiclesPerRound,
+      options.seed,
+      roundNumber,
+    );
+    // Record the round number first, so a restart never reuses it.
+    saveState(options.stateDir, {
+      round: roundNumber,
+      modelVersion: baseModelVersion,
+    });
+    const round = new OpenRound({
+      round: roundNumber,
+      baseModelVersion,
+      selected,
+      tensorSizes: this.#tensorSizes,
+      timeoutMs: options.roundTimeoutMs,
+    });
+    this.#lastRound = roundNumber;
+    this.#openRound = round;
+
+    this.#announceRound(round);
+    const trigger = await round.closed;
+    if (trigger === 'stopped') {
+      this.#host.log.info({ round: roundNumber }, 'round abandoned at stop');
+      return;
+    }
+    await this.#finishRound(round, trigger);
+  }
+
+  #announceRound(round: OpenRound): void {
+    const { options, log } = this.#host;
+    const sha256 = this.#model.manifest.sha256;
+    const task = buildRoundTask(round, options, MODEL_NAME, sha256);
+    log.info(
+      {
+        round: round.round,
+        modelVersion: round.baseModelVersion,
+        selected: round.selected.size,
+        deadlineMs: round.deadlineMs,
+      },
+      'round opened',
+    );
+    // The event goes first, because vehicles may send updates before the
+    // publish resolves.
+    this.#host.emit('round-opened', {
+      round: round.round,
+      modelVersion: round.baseModelVersion,
+      selected: task.selectedVehicles,
+      deadlineMs: round.deadlineMs,
+    });
+    const bytes = encodeRoundTask(task, options.maxMessageBytes);
+    this.#host.publishRoundTask(bytes, round.round);
+  }
+
+  async #finishRound(round: OpenRound, trigger: CloseTrigger): Promise<void> {
+    const { options, store, log } = this.#host;
+    let committed: CommittedVersion;
+    try {
+      committed = await commitRound(round, this.#model, store, options);
+    } catch (err) {
+      this.#failRound(round.stats(), trigger, err);
+      return;
+    }
+
+    const { model, release, exportMaxAbsDiff } = committed;
+    this.#model = model;
+    this.#openRound = undefined;
+    await this.#host.publishRelease(model, release).catch((err: unknown) => {
+      const modelVersion = model.manifest.version;
+      log.error({ err, modelVersion }, 'release publish failed');
+    });
+
+    // Stats again, so that durationMs includes export and publishing.
+    const stats = round.stats();
+    const accuracy = model.manifest.testAccuracy ?? undefined;
+    log.info(
+      {
+        round: stats.round,
+        modelVersion: model.manifest.version,
+        trigger,
+        accepted: stats.accepted,
+        rejected: stats.rejected,
+        numExamples: stats.numExamples,
+        accuracy,
+        durationMs: stats.durationMs,
+      },
+      'round closed',
+    );
+    this.#roundsCompleted += 1;
+    this.#host.emit('round-closed', {
+      ...stats,
+      modelVersion: model.manifest.version,
+      accuracy,
+      releaseBytes: release.byteLength,
+      exportMaxAbsDiff,
+    });
+    this.#host.onRoundEnded();
+  }
+
+  #failRound(stats: RoundStats, trigger: CloseTrigger, err: unknown): void {
+    this.#openRound = undefined;
+    const reasonCode = isFleetError(err) ? err.code : 'INTERNAL_ERROR';
+    const message = err instanceof Error ? err.message : String(err);
+    const modelVersion = this.#model.manifest.version;
+    const fields = {
+      round: stats.round,
+      modelVersion,
+      trigger,
+      code: reasonCode,
+      accepted: stats.accepted,
+      rejected: stats.rejected,
+    };
+    // Too few updates is the fleet's fault, so it is a warning. Any other
+    // failure is the aggregator's own.
+    if (reasonCode === ErrorCode.QuorumNotMet) {
+      this.#host.log.warn(fields, 'round failed');
+    } else {
+      this.#host.log.error({ ...fields, err }, 'round failed');
+    }
+    this.#roundsCompleted += 1;
+    this.#host.emit('round-failed', {
+      ...stats,
+      modelVersion,
+      reasonCode,
+      message,
+    });
+    this.#host.onRoundEnded();
+  }
+}
