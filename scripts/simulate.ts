@@ -64,6 +64,8 @@ const program = new Command('simulate')
   .option('--min-updates <count>', 'quorum of accepted updates per round (default: half the vehicles)', integer(1))
   .option('--round-timeout-ms <ms>', 'round deadline', integer(1000), 600_000)
   .option('--state-dir <dir>', 'where the aggregator and agents keep state (default: a new temp dir)')
+  .option('--base-weights <file>', 'base model weights (default: models/base/gtsrb-cnn-v0.weights.pb)')
+  .option('--depot-tracks <file>', 'JSON list of track ids kept from the vehicles (default: models/base/depot-tracks.json)')
   .option('--no-centralized', 'skip the centralized baseline')
   .addOption(
     new Option('--log-level <level>', 'pino log level of the processes')
@@ -92,6 +94,8 @@ const options: SimulationOptions = {
   roundTimeoutMs: flags.roundTimeoutMs,
   stateDir: flags.stateDir,
   centralized: flags.centralized,
+  baseWeightsPath: flags.baseWeights,
+  depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,
   log,
 };

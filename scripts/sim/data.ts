@@ -23,19 +23,24 @@ export interface FleetData {
   depotImagesRemoved: number;
 }
 
-function readDepotTracks(): Set<string> {
-  if (!existsSync(DEPOT_TRACKS_PATH)) {
+function readDepotTracks(file: string): Set<string> {
+  if (!existsSync(file)) {
     throw new FleetError(
       ErrorCode.InvalidModel,
-      `depot track list ${DEPOT_TRACKS_PATH} is missing; it ships with the ` +
-        'base model (npm run train-base-model writes it)',
+      `depot track list ${file} is missing; it ships with the base model ` +
+        '(npm run train-base-model writes it)',
     );
   }
-  const tracks: unknown = JSON.parse(readFileSync(DEPOT_TRACKS_PATH, 'utf8'));
+  let tracks: unknown;
+  try {
+    tracks = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new FleetError(ErrorCode.InvalidModel, `${file} is not valid JSON`, { cause: err });
+  }
   if (!Array.isArray(tracks) || !tracks.every((t) => typeof t === 'string')) {
     throw new FleetError(
       ErrorCode.InvalidModel,
-      `${DEPOT_TRACKS_PATH} must hold a JSON array of track ids`,
+      `${file} must hold a JSON array of track ids`,
     );
   }
   return new Set(tracks);
@@ -47,14 +52,20 @@ function readDepotTracks(): Set<string> {
  * over the vehicles with a seeded Dirichlet split over classes.
  */
 export async function prepareFleetData(
-  options: { dataDir?: string; vehicles: number; alpha: number; seed: number },
+  options: {
+    dataDir?: string;
+    depotTracksPath?: string;
+    vehicles: number;
+    alpha: number;
+    seed: number;
+  },
   log: Logger,
 ): Promise<FleetData> {
   const dataDir = resolveDataDir(options.dataDir);
   const started = Date.now();
   const train = await loadLabelledImages(dataDir, { split: 'train' });
   const test = await loadLabelledImages(dataDir, { split: 'test' });
-  const depot = readDepotTracks();
+  const depot = readDepotTracks(options.depotTracksPath ?? DEPOT_TRACKS_PATH);
 
   const kept: number[] = [];
   for (let i = 0; i < train.count; i++) {

@@ -53,6 +53,10 @@ export interface SimulationOptions {
   roundTimeoutMs: number;
   /** Default: a new directory under the system temp dir. */
   stateDir?: string;
+  /** Base model weights; default BASE_WEIGHTS_PATH. */
+  baseWeightsPath?: string;
+  /** JSON list of depot track ids; default DEPOT_TRACKS_PATH. */
+  depotTracksPath?: string;
   /** Train the centralized baseline too. */
   centralized: boolean;
   progress: boolean;
@@ -78,7 +82,8 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
 
   const backend = await selectTrainingBackend(log);
   const data = await prepareFleetData(options, log);
-  const base = readWeightsFile(BASE_WEIGHTS_PATH);
+  const baseWeightsPath = options.baseWeightsPath ?? BASE_WEIGHTS_PATH;
+  const base = readWeightsFile(baseWeightsPath);
   const baseAccuracy = await measureAccuracy(exportOnnx(base), data.test);
   console.error(
     `data ${data.dataDir}: ${data.shares.map((s) => s.count).join('+')} ` +
@@ -87,13 +92,15 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
       `training backend ${backend}`,
   );
 
-  const broker = await startBroker({ port: 0, host: '127.0.0.1', log });
+  // Components take their own child logger from the root one.
+  const root = options.log;
+  const broker = await startBroker({ port: 0, host: '127.0.0.1', log: root });
   const brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
   const aggregator = new Aggregator({
     fleetId: FLEET_ID,
     brokerUrl,
     stateDir: path.join(stateDir, 'aggregator'),
-    baseWeightsPath: BASE_WEIGHTS_PATH,
+    baseWeightsPath,
     trainableLayers: options.trainLayers,
     localEpochs: options.localEpochs,
     batchSize: options.batchSize,
@@ -109,7 +116,7 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
     probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
     probeCount: Math.min(PROBE_IMAGES, data.test.count),
     testSet: { images: data.test.images, labels: data.test.labels },
-    log,
+    log: root,
   });
   const agents = data.shares.map(
     (frames, index) =>
@@ -120,7 +127,7 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
         stateDir: path.join(stateDir, `vehicle-${index + 1}`),
         frames,
         seed: options.seed,
-        log,
+        log: root,
       }),
   );
 

@@ -74,6 +74,7 @@ function kib(bytes: number): string {
 /** Prints one line per round to stdout. */
 export function printRoundTable(rows: RoundRow[]): void {
   const table = new Table({
+    style: { head: [], border: [] },
     head: ['round', 'version', 'accepted', 'rejected', 'accuracy', 'up KiB', 'down KiB', 'examples', 'seconds'],
   });
   for (const row of rows) {
