@@ -59,6 +59,12 @@ export interface TrainLocalOptions extends LocalTrainingOptions {
   optimizer?: LocalOptimizer;
   /** Called after each step, for progress bars. */
   onProgress?: (progress: TrainingProgress) => void;
+  /**
+   * Changes each batch of training inputs in place before its step, for
+   * data augmentation; `count` is the batch size. The inputs are those of
+   * the first trainable layer, so images only when conv1 trains.
+   */
+  augment?: (inputs: Float32Array, count: number) => void;
 }
 
 export interface TrainingProgress {
@@ -264,6 +270,7 @@ interface TrainingState {
   batchSize: number;
   random: () => number;
   fromLayer: string;
+  augment?: (inputs: Float32Array, count: number) => void;
 }
 
 function createTrainingState(
@@ -306,6 +313,7 @@ function createTrainingState(
     batchSize: options.batchSize,
     random: createRandom(options.seed),
     fromLayer: LAYERS[plan.firstLayer].name,
+    augment: options.augment,
   };
 }
 
@@ -396,6 +404,7 @@ async function runEpoch(
   for (let start = 0; start < order.length; start += state.batchSize) {
     const indices = order.slice(start, start + state.batchSize);
     const batch = gatherBatch(features, labels, indices, exampleSize);
+    state.augment?.(batch.inputs, indices.length);
     const stepTotals = runStep(
       state,
       batch,

@@ -40,6 +40,7 @@ import {
   type ModelRelease,
   type ModelUpdate,
   type RoundTask,
+  type VehicleStatus,
 } from '../protocol/index.ts';
 import { VehicleAgent, type AgentEvents } from '../vehicle-agent/index.ts';
 
@@ -190,9 +191,24 @@ describe('vehicle agent over mqtt', () => {
   let stateDir: string;
   let agent: VehicleAgent;
   let logLines: Record<string, unknown>[];
+  const statuses: VehicleStatus[] = [];
   const weightsV0 = initializeWeights(11);
   const releaseV0 = buildRelease(weightsV0, 0);
   const releaseV1 = buildRelease(shiftDense(weightsV0, 0.01), 1);
+
+  /** Resolves once a status from index `from` on satisfies `accept`. */
+  async function waitForStatus(
+    from: number,
+    accept: (status: VehicleStatus) => boolean,
+  ): Promise<VehicleStatus> {
+    const stopAt = Date.now() + EVENT_TIMEOUT_MS;
+    while (Date.now() < stopAt) {
+      const found = statuses.slice(from).find(accept);
+      if (found !== undefined) return found;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    throw new Error(`no matching status in ${EVENT_TIMEOUT_MS} ms`);
+  }
 
   function startAgent(): VehicleAgent {
     const captured = captureLogger();
@@ -223,6 +239,11 @@ describe('vehicle agent over mqtt', () => {
       [topics.update(VEHICLE_ID), topics.status(VEHICLE_ID)],
       { qos: 1 },
     );
+    fleet.on('message', (topic, payload) => {
+      if (topic === topics.status(VEHICLE_ID)) {
+        statuses.push(decodeVehicleStatus(payload));
+      }
+    });
     agent = startAgent();
   });
 
@@ -390,6 +411,7 @@ describe('vehicle agent over mqtt', () => {
   });
 
   test('release during training applies after', async () => {
+    const firstStatus = statuses.length;
     const order: string[] = [];
     agent.once('training-started', () => {
       order.push('training-started');
@@ -426,6 +448,16 @@ describe('vehicle agent over mqtt', () => {
     );
     assert.equal(agent.deployedVersion, 1);
     assert.equal(agent.counters.featureCacheHits, 1);
+    const training = await waitForStatus(
+      firstStatus,
+      (status) => status.state === VehicleState.Training,
+    );
+    const online = await waitForStatus(
+      firstStatus,
+      (status) => status.modelVersion === 1,
+    );
+    assert.equal(training.modelVersion, 0);
+    assert.equal(online.state, VehicleState.Online);
   });
 
   test('new version reuses cached features', async () => {
@@ -538,12 +570,40 @@ describe('vehicle agent over mqtt', () => {
     assert.equal(failure?.code, ErrorCode.PayloadTooLarge);
   });
 
+  test('newer round supersedes waiting round', async () => {
+    const neverReleased = buildRelease(shiftDense(weightsV0, 0.04), 4);
+    const current = buildRelease(shiftDense(weightsV0, 0.02), 2);
+    const updateMessage = nextMessage(fleet, topics.update(VEHICLE_ID));
+
+    await publishRetained(
+      fleet,
+      topics.roundTask(),
+      encodeRoundTask(buildTask(8, neverReleased)),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    await publishRetained(
+      fleet,
+      topics.roundTask(),
+      encodeRoundTask(buildTask(9, current)),
+    );
+    const update = decodeModelUpdate(await updateMessage);
+
+    checkUpdate(update, 9, 2);
+    const superseded = logLines.find(
+      (line) => line.msg === 'round superseded before its model arrived',
+    );
+    assert.equal(superseded?.round, 8);
+  });
+
   test('restart restores deployed model', async () => {
     const probe = frames.images.subarray(0, 4 * 3072);
     const expected = await agent.classify(probe, 4);
-    const offline = nextMessage(fleet, topics.status(VEHICLE_ID));
+    const firstStatus = statuses.length;
     await agent.stop();
-    const status = decodeVehicleStatus(await offline);
+    const status = await waitForStatus(
+      firstStatus,
+      (received) => received.state === VehicleState.Offline,
+    );
     // Clear the retained release so that only the state directory can
     // bring the model back.
     await publishRetained(fleet, topics.release(), new Uint8Array(0));
@@ -552,7 +612,7 @@ describe('vehicle agent over mqtt', () => {
     await agent.start();
     const restored = await agent.classify(probe, 4);
 
-    assert.equal(status.state, VehicleState.Offline);
+    assert.equal(status.modelVersion, 2);
     assert.equal(agent.deployedVersion, 2);
     assert.deepEqual(restored, expected);
     assert.equal(agent.counters.releasesDeployed, 0);

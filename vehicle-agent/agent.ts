@@ -10,7 +10,6 @@ import {
 } from '../models/backend.ts';
 import { loadLabelledImages, type LabelledImages } from '../models/index.ts';
 import {
-  AckStatus,
   ErrorCode,
   FleetTopics,
   VehicleState,
@@ -24,6 +23,7 @@ import {
   type ModelRelease,
   type RoundTask,
 } from '../protocol/index.ts';
+import { recordAck } from './acks.ts';
 import { connectToBroker } from './connection.ts';
 import { ModelDeployment } from './deployment.ts';
 import {
@@ -39,13 +39,6 @@ import {
 } from './options.ts';
 import { ReleaseHandler } from './release-handler.ts';
 import { RoundRunner } from './round-runner.ts';
-
-/** Reject reasons that mean the vehicle trained from an outdated task. */
-const BEHIND_CODES: readonly string[] = [
-  ErrorCode.WrongModelVersion,
-  ErrorCode.WrongRound,
-  ErrorCode.RoundClosed,
-];
 
 /**
  * A vehicle agent. The constructor only checks options; `start()` loads
@@ -276,7 +269,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       baseSeed: this.options.seed,
       maxMessageBytes: this.options.maxMessageBytes,
       log: this.log,
-      waitForModel: (task) => this.releases.waitForModel(task),
+      waitForModel: (task, signal) => this.releases.waitForModel(task, signal),
       beforeTraining: () => this.releases.flush(),
       afterTraining: () => this.releases.afterTraining(),
       publishUpdate: (payload) => this.publishUpdate(payload),
@@ -291,6 +284,16 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       this.log.debug({ topic }, 'empty retained message ignored');
       return;
     }
+    try {
+      this.dispatch(topic, payload);
+    } catch (err) {
+      // Handlers reject bad input themselves; this keeps an unexpected
+      // failure from reaching the MQTT client's event loop.
+      this.log.error({ err, topic }, 'message handling failed');
+    }
+  }
+
+  private dispatch(topic: string, payload: Buffer): void {
     if (topic === this.topics.release()) {
       this.stats.bytesReceived += payload.length;
       this.handleRelease(payload);
@@ -359,24 +362,8 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       return;
     }
     const sent = this.rounds!.takeSentUpdate(ack.updateId);
-    const fields = {
-      updateId: ack.updateId,
-      round: ack.round,
-      known: sent !== undefined,
-    };
-    if (ack.status === AckStatus.Accepted) {
-      this.stats.acksAccepted += 1;
-      this.log.info(fields, 'update accepted');
-    } else {
-      const reason = ack.reasonCode || 'UNSPECIFIED';
-      this.stats.acksRejected[reason] =
-        (this.stats.acksRejected[reason] ?? 0) + 1;
-      this.log.warn(
-        { ...fields, reasonCode: reason, reason: ack.reason },
-        'update rejected',
-      );
-      if (BEHIND_CODES.includes(reason))
-        void this.resynchronise(ack.currentRound, ack.currentModelVersion);
+    if (recordAck(ack, sent, this.stats, this.log)) {
+      void this.resynchronise(ack.currentRound, ack.currentModelVersion);
     }
     this.emit('ack', ack);
   }

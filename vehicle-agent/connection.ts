@@ -19,10 +19,10 @@ const RECONNECT_PERIOD_MS = 2000;
 const RECONNECT_LOG_EVERY = 10;
 
 /**
- * Connects with MQTT 3.1.1 (aedes rejects MQTT 5) and resolves once the
- * broker accepted the connection. While the broker is unreachable the
- * client keeps retrying, so the promise waits; it rejects on an error the
- * broker sends back, such as a refused CONNACK.
+ * Connects with MQTT 3.1.1, because aedes rejects MQTT 5, and resolves
+ * once the broker accepts the connection. While the broker is unreachable
+ * the client keeps retrying and the promise waits. It rejects on an error
+ * the broker sends back, such as a refused CONNACK.
  */
 export function connectToBroker(
   options: BrokerConnectionOptions,

@@ -82,12 +82,12 @@ export async function extractFeatures(
 
 /**
  * In-memory cache of frame features, keyed by layer and the SHA-256 of
- * the frozen prefix weights. It holds the features of one fixed set of
+ * the frozen prefix weights. It contains the features of one fixed set of
  * frames, so one cache serves one vehicle.
  */
 export class FeatureCache {
   private readonly entries = new Map<string, CachedFeatures>();
-  /** Lookups answered from memory. */
+  /** Lookups served from memory. */
   hits = 0;
   /** Lookups that ran the prefix in onnxruntime. */
   misses = 0;

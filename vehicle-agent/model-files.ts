@@ -1,5 +1,5 @@
 /**
- * The deployed model on disk. The state directory holds
+ * The deployed model on disk. The state directory contains
  * `models/v<version>.onnx` files and `current.json`, which names the file
  * in service and the one before it (for rollback). Both are written to a
  * temporary file and renamed, so a crash leaves the old or the new state,

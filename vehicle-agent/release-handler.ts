@@ -21,7 +21,7 @@ import type { AgentCounters, AgentEvents } from './events.ts';
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
-/** What the release handler needs from its agent. */
+/** Callbacks and shared state the release handler uses. */
 export interface ReleaseHandlerOptions {
   deployment: ModelDeployment;
   log: Logger;
@@ -123,7 +123,10 @@ export class ReleaseHandler {
   }
 
   private enqueue(step: () => Promise<void>): void {
-    this.chain = this.chain.then(step);
+    // A failed step is logged and must not block the steps after it.
+    this.chain = this.chain.then(step).catch((err: unknown) => {
+      this.options.log.error({ err }, 'release handling failed');
+    });
   }
 
   private async apply(release: ModelRelease): Promise<void> {
@@ -176,16 +179,20 @@ export class ReleaseHandler {
    * Waits until the model the task names (version and digest) is loaded,
    * bounded by the task's deadline (none when `deadlineMs` is 0). Returns
    * undefined when the deadline passes, the agent stops, or a model at
-   * or above that version without the digest is in service.
+   * or above that version without the digest is in service, or `signal`
+   * aborts.
    */
-  async waitForModel(task: RoundTask): Promise<DeployedModel | undefined> {
+  async waitForModel(
+    task: RoundTask,
+    signal?: AbortSignal,
+  ): Promise<DeployedModel | undefined> {
     const { deployment, log } = this.options;
     const fields = { round: task.round, modelVersion: task.modelVersion };
     for (;;) {
       await this.chain;
       const model = deployment.find(task.modelVersion, task.modelSha256);
       if (model !== undefined) return model;
-      if (this.stopped) return undefined;
+      if (this.stopped || signal?.aborted === true) return undefined;
 
       const current = deployment.current;
       if (current !== undefined && current.version >= task.modelVersion) {
@@ -201,17 +208,22 @@ export class ReleaseHandler {
         log.warn(fields, 'round deadline passed before its model arrived');
         return undefined;
       }
-      await this.nextDeployment(remainingMs);
+      await this.nextDeployment(remainingMs, signal);
     }
   }
 
-  private nextDeployment(timeoutMs: number): Promise<void> {
+  private nextDeployment(
+    timeoutMs: number,
+    signal: AbortSignal | undefined,
+  ): Promise<void> {
     return new Promise((resolve) => {
       const wake = (): void => {
         clearTimeout(timer);
+        signal?.removeEventListener('abort', wake);
         this.waiters.delete(wake);
         resolve();
       };
+      signal?.addEventListener('abort', wake);
       // setTimeout fires at once above 2^31 - 1 ms; the caller loops.
       const timer = Number.isFinite(timeoutMs)
         ? setTimeout(wake, Math.min(timeoutMs, MAX_TIMER_MS))

@@ -21,7 +21,7 @@ import { checkTrainingConfig, trainForRound } from './trainer.ts';
 /** Rounds remembered as handled, and sent updates awaiting an ack. */
 const MEMORY_SIZE = 64;
 
-/** What the runner needs from its agent. */
+/** Callbacks and shared state the round runner uses. */
 export interface RoundRunnerOptions {
   vehicleId: string;
   fleetId: string;
@@ -31,8 +31,14 @@ export interface RoundRunnerOptions {
   baseSeed: number;
   maxMessageBytes: number;
   log: Logger;
-  /** Resolves with the task's model once deployed, or undefined. */
-  waitForModel: (task: RoundTask) => Promise<DeployedModel | undefined>;
+  /**
+   * Resolves with the task's model once deployed, or undefined when it
+   * cannot arrive or `signal` aborts.
+   */
+  waitForModel: (
+    task: RoundTask,
+    signal: AbortSignal,
+  ) => Promise<DeployedModel | undefined>;
   /** Resolves once deployments already started have finished. */
   beforeTraining: () => Promise<void>;
   /** Applies a release that was held back during training. */
@@ -64,6 +70,8 @@ function remember<K, V>(map: Map<K, V>, key: K, value: V): void {
  */
 export class RoundRunner {
   private running = false;
+  /** Aborts the current run's wait for its model. */
+  private waitAbort: AbortController | undefined;
   private training = false;
   private stopped = false;
   private waitingTask: RoundTask | undefined;
@@ -83,7 +91,7 @@ export class RoundRunner {
     this.waitingTask = undefined;
   }
 
-  /** Returns and forgets the sent update with this id, if known. */
+  /** Removes and returns the sent update with this id, if known. */
   takeSentUpdate(updateId: string): SentUpdate | undefined {
     const sent = this.sentUpdates.get(updateId);
     this.sentUpdates.delete(updateId);
@@ -116,6 +124,8 @@ export class RoundRunner {
     if (this.running) {
       this.waitingTask = task;
       log.info(fields, 'round task waits for the current run');
+      // A newer round supersedes one still waiting for its model.
+      if (!this.training) this.waitAbort?.abort();
       return;
     }
     void this.run(task);
@@ -123,12 +133,16 @@ export class RoundRunner {
 
   private async run(task: RoundTask): Promise<void> {
     this.running = true;
+    this.waitAbort = new AbortController();
     remember(this.handledRounds, roundKey(task), true);
     try {
       const model = await this.prepare(task);
       if (model !== undefined && !this.stopped) await this.train(task, model);
+    } catch (err) {
+      this.options.log.error({ err, round: task.round }, 'round task failed');
     } finally {
       this.running = false;
+      this.waitAbort = undefined;
       const next = this.waitingTask;
       this.waitingTask = undefined;
       if (next !== undefined) this.offer(next);
@@ -157,7 +171,12 @@ export class RoundRunner {
       log.warn({ ...fields, err, code }, 'round task rejected');
       return undefined;
     }
-    return this.options.waitForModel(task);
+    const model = await this.options.waitForModel(task, this.waitAbort!.signal);
+    if (this.waitAbort?.signal.aborted === true) {
+      log.info(fields, 'round superseded before its model arrived');
+      return undefined;
+    }
+    return model;
   }
 
   private async train(task: RoundTask, model: DeployedModel): Promise<void> {
@@ -177,8 +196,10 @@ export class RoundRunner {
     } finally {
       this.training = false;
       const durationMs = Date.now() - started;
-      events.emit('training-finished', { ...fields, durationMs, succeeded });
+      // The held release is queued first but deploys asynchronously, so
+      // 'training-finished' still comes before 'release-deployed'.
       this.options.afterTraining();
+      events.emit('training-finished', { ...fields, durationMs, succeeded });
       await this.options.publishStatus();
     }
   }
@@ -210,12 +231,18 @@ export class RoundRunner {
     if (this.stopped) return false;
 
     const { update, payload, result } = output;
-    await this.options.publishUpdate(payload);
+    // Recorded first, because the ack can arrive before the PUBACK.
     remember(this.sentUpdates, update.updateId, {
       round: update.round,
       baseModelVersion: update.baseModelVersion,
       sentAtMs: Date.now(),
     });
+    try {
+      await this.options.publishUpdate(payload);
+    } catch (err) {
+      this.sentUpdates.delete(update.updateId);
+      throw err;
+    }
     log.info(
       {
         round: update.round,
@@ -243,8 +270,8 @@ export class RoundRunner {
 }
 
 /**
- * Identifies a round; the open time tells apart a round number that a
- * reset aggregator reuses.
+ * Returns the key of a round. The open time separates two rounds with the
+ * same number, as a reset aggregator may produce.
  */
 function roundKey(task: RoundTask): string {
   return `${task.round}@${task.openedAtMs}`;

@@ -155,7 +155,7 @@ export async function trainForRound(
  * trainable tensor, in the task's order.
  *
  * @throws {FleetError} WRONG_TENSORS when a delta is missing,
- *   NON_FINITE_VALUE when one holds NaN or infinity.
+ *   NON_FINITE_VALUE when one contains NaN or infinity.
  */
 export function buildModelUpdate(
   input: Pick<RoundTrainingInput, 'task' | 'vehicleId' | 'backend'>,
@@ -173,7 +173,7 @@ export function buildModelUpdate(
     if (!values.every(Number.isFinite)) {
       throw new FleetError(
         ErrorCode.NonFiniteValue,
-        `delta of tensor ${name} holds NaN or infinity after round ` +
+        `delta of tensor ${name} contains NaN or infinity after round ` +
           `${task.round}; the update is not sent`,
       );
     }
