@@ -82,6 +82,6 @@ function adjustInPlace(
   const mean = sum / image.length;
   for (let i = 0; i < image.length; i++) {
     const value = ((image[i] - mean) * stretch + mean) * gain;
-    image[i] = value < 0 ? 0 : value > 1 ? 1 : value;
+    image[i] = Math.min(1, Math.max(0, value));
   }
 }

@@ -6,8 +6,6 @@
 import * as tf from '@tensorflow/tfjs';
 
 import {
-  IMAGE_CHANNELS,
-  IMAGE_SIZE,
   LAYERS,
   NUM_CLASSES,
   TENSOR_SPECS,
@@ -21,11 +19,25 @@ import {
 import {
   forwardBetween,
   forwardLogits,
-  forwardProbabilities,
   type ConvImpl,
   type TensorMap,
 } from './forward.ts';
+import { toTensors } from './predict.ts';
 import { createRandom, shuffleInPlace } from './random.ts';
+import {
+  checkExamples,
+  checkFromLayer,
+  checkOptions,
+  checkTensorNames,
+  checkWeights,
+  countValues,
+  LAYER_INDEX,
+  layerIndexOf,
+  layerInputShape,
+  SHAPES,
+} from './training-checks.ts';
+
+export { predictTfjs } from './predict.ts';
 
 export interface LocalTrainingOptions {
   /** Tensor names to train; the rest stay frozen. */
@@ -86,10 +98,9 @@ export interface LocalTrainingResult {
   numExamples: number;
 }
 
-const SHAPES = new Map(TENSOR_SPECS.map((spec) => [spec.name, spec.shape]));
-const LAYER_INDEX = new Map(LAYERS.map((layer, index) => [layer.name, index]));
-const PREDICT_BATCH_SIZE = 256;
 const MOMENTUM = 0.9;
+/** Examples per forward pass of the frozen prefix. */
+const PREFIX_BATCH_SIZE = 256;
 
 /**
  * Returns the earliest layer (in model order) that owns one of
@@ -161,66 +172,6 @@ export async function trainLocal(
     };
   } finally {
     disposeTrainingState(state);
-  }
-}
-
-/**
- * Returns softmax probabilities [count * 43] of `weights` on images NHWC
- * [count, 32, 32, 3], computed with native convolutions in batches of 256.
- * Runs on the backend selectTrainingBackend chose, selecting one first if
- * none was.
- *
- * @throws {TypeError} when `images` is not a Float32Array.
- * @throws {RangeError} when `count` is not an integer >= 0, `images` has
- *   the wrong length, or a weight tensor is missing or of the wrong size.
- */
-export async function predictTfjs(
-  weights: WeightMap,
-  images: Float32Array,
-  count: number,
-): Promise<Float32Array> {
-  if (!(images instanceof Float32Array)) {
-    throw new TypeError(
-      `images must be a Float32Array, got ${describe(images)}`,
-    );
-  }
-  if (!Number.isSafeInteger(count) || count < 0) {
-    throw new RangeError(`count must be an integer >= 0, got ${count}`);
-  }
-  const imageValues = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
-  if (images.length !== count * imageValues) {
-    throw new RangeError(
-      `images has ${images.length} values, but ${count} images need ` +
-        `${count * imageValues}`,
-    );
-  }
-  checkWeights(weights, 0);
-  if (currentTrainingBackend() === undefined) await selectTrainingBackend();
-
-  const tensors = toTensors(
-    weights,
-    TENSOR_SPECS.map((spec) => spec.name),
-  );
-  try {
-    const probabilities = new Float32Array(count * NUM_CLASSES);
-    for (let start = 0; start < count; start += PREDICT_BATCH_SIZE) {
-      const size = Math.min(PREDICT_BATCH_SIZE, count - start);
-      const batch = images.subarray(
-        start * imageValues,
-        (start + size) * imageValues,
-      );
-      const output = tf.tidy(() =>
-        forwardProbabilities(
-          tensors,
-          tf.tensor4d(batch, [size, IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS]),
-        ),
-      );
-      probabilities.set(await output.data(), start * NUM_CLASSES);
-      output.dispose();
-    }
-    return probabilities;
-  } finally {
-    tf.dispose([...tensors.values()]);
   }
 }
 
@@ -360,8 +311,8 @@ async function computeFrozenPrefix(
   const outputSize = countValues(layerInputShape(plan.firstLayer));
   const features = new Float32Array(plan.numExamples * outputSize);
   try {
-    for (let start = 0; start < plan.numExamples; start += PREDICT_BATCH_SIZE) {
-      const size = Math.min(PREDICT_BATCH_SIZE, plan.numExamples - start);
+    for (let start = 0; start < plan.numExamples; start += PREFIX_BATCH_SIZE) {
+      const size = Math.min(PREFIX_BATCH_SIZE, plan.numExamples - start);
       const batch = inputs.subarray(
         start * inputSize,
         (start + size) * inputSize,
@@ -509,183 +460,4 @@ async function readDeltas(
     deltas.set(name, delta);
   }
   return deltas;
-}
-
-function toTensors(weights: WeightMap, names: string[]): TensorMap {
-  return new Map(
-    names.map((name) => [
-      name,
-      tf.tensor(weights.get(name)!, SHAPES.get(name)!, 'float32'),
-    ]),
-  );
-}
-
-/** Shape of one example of the activation layer `index` receives. */
-function layerInputShape(index: number): number[] {
-  let shape = [IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS];
-  for (const layer of LAYERS.slice(0, index)) {
-    shape =
-      layer.kind === 'conv'
-        ? [shape[0] / 2, shape[1] / 2, layer.outChannels]
-        : [layer.outUnits];
-  }
-  return LAYERS[index].kind === 'dense' ? [countValues(shape)] : shape;
-}
-
-function countValues(shape: number[]): number {
-  return shape.reduce((product, dim) => product * dim, 1);
-}
-
-/** Index of the layer a tensor name ("dense1/kernel") belongs to. */
-function layerIndexOf(tensorName: string): number {
-  return LAYER_INDEX.get(tensorName.split('/')[0])!;
-}
-
-function describe(value: unknown): string {
-  if (value === null) return 'null';
-  if (typeof value === 'object') return value.constructor?.name ?? 'object';
-  return typeof value;
-}
-
-function checkTensorNames(names: unknown): asserts names is string[] {
-  if (!Array.isArray(names) || names.some((name) => typeof name !== 'string')) {
-    throw new TypeError(
-      `trainableTensors must be an array of tensor names, got ${describe(names)}`,
-    );
-  }
-  if (names.length === 0) {
-    throw new RangeError(
-      'trainableTensors is empty; expected at least one tensor name',
-    );
-  }
-  const seen = new Set<string>();
-  for (const name of names) {
-    if (!SHAPES.has(name)) {
-      throw new RangeError(
-        `unknown trainable tensor ${JSON.stringify(name)}; expected names ` +
-          `from ${[...SHAPES.keys()].join(', ')}`,
-      );
-    }
-    if (seen.has(name)) {
-      throw new RangeError(
-        `trainable tensor ${JSON.stringify(name)} is listed twice`,
-      );
-    }
-    seen.add(name);
-  }
-}
-
-function checkOptions(options: TrainLocalOptions): void {
-  if (typeof options !== 'object' || options === null) {
-    throw new TypeError(`options must be an object, got ${describe(options)}`);
-  }
-  checkTensorNames(options.trainableTensors);
-  checkInteger('epochs', options.epochs, 1);
-  checkInteger('batchSize', options.batchSize, 1);
-  const { learningRate, proximalMu, seed, optimizer } = options;
-  if (
-    typeof learningRate !== 'number' ||
-    !Number.isFinite(learningRate) ||
-    learningRate <= 0
-  ) {
-    throw new RangeError(
-      `learningRate must be a finite number > 0, got ${learningRate}`,
-    );
-  }
-  if (
-    typeof proximalMu !== 'number' ||
-    !Number.isFinite(proximalMu) ||
-    proximalMu < 0
-  ) {
-    throw new RangeError(
-      `proximalMu must be a finite number >= 0, got ${proximalMu}`,
-    );
-  }
-  if (!Number.isSafeInteger(seed)) {
-    throw new RangeError(`seed must be a safe integer, got ${seed}`);
-  }
-  if (
-    optimizer !== undefined &&
-    optimizer !== 'adam' &&
-    optimizer !== 'sgd-momentum'
-  ) {
-    throw new RangeError(
-      `unknown optimizer ${JSON.stringify(optimizer)}; expected adam or sgd-momentum`,
-    );
-  }
-}
-
-function checkInteger(field: string, value: unknown, min: number): void {
-  if (typeof value !== 'number') {
-    throw new TypeError(`${field} must be a number, got ${describe(value)}`);
-  }
-  if (!Number.isSafeInteger(value) || value < min) {
-    throw new RangeError(`${field} must be an integer >= ${min}, got ${value}`);
-  }
-}
-
-function checkFromLayer(fromLayer: unknown): number {
-  const index =
-    typeof fromLayer === 'string' ? LAYER_INDEX.get(fromLayer) : undefined;
-  if (index === undefined) {
-    throw new RangeError(
-      `unknown fromLayer ${JSON.stringify(fromLayer)}; expected one of ` +
-        `${LAYERS.map((layer) => layer.name).join(', ')}`,
-    );
-  }
-  return index;
-}
-
-/** Checks the tensors of the layers from `fromIndex` on. */
-function checkWeights(weights: WeightMap, fromIndex: number): void {
-  if (!(weights instanceof Map)) {
-    throw new TypeError(
-      `weights must be a Map of Float32Arrays, got ${describe(weights)}`,
-    );
-  }
-  for (const spec of TENSOR_SPECS) {
-    if (layerIndexOf(spec.name) < fromIndex) continue;
-    const values = weights.get(spec.name);
-    const expected = countValues(spec.shape);
-    if (!(values instanceof Float32Array) || values.length !== expected) {
-      throw new RangeError(
-        `weights tensor ${spec.name} is ${values === undefined ? 'missing' : `${describe(values)} of length ${values.length}`}; ` +
-          `expected a Float32Array of ${expected} values`,
-      );
-    }
-  }
-}
-
-function checkExamples(
-  inputs: Float32Array,
-  labels: Int32Array,
-  inputLayer: number,
-): void {
-  if (!(inputs instanceof Float32Array)) {
-    throw new TypeError(
-      `inputs must be a Float32Array, got ${describe(inputs)}`,
-    );
-  }
-  if (!(labels instanceof Int32Array)) {
-    throw new TypeError(
-      `labels must be an Int32Array, got ${describe(labels)}`,
-    );
-  }
-  if (labels.length === 0) {
-    throw new RangeError('labels is empty; expected at least one example');
-  }
-  const exampleSize = countValues(layerInputShape(inputLayer));
-  if (inputs.length !== labels.length * exampleSize) {
-    throw new RangeError(
-      `inputs has ${inputs.length} values, but ${labels.length} labels of ` +
-        `${exampleSize} values each (input of ${LAYERS[inputLayer].name}) ` +
-        `need ${labels.length * exampleSize}`,
-    );
-  }
-  const bad = labels.findIndex((label) => label < 0 || label >= NUM_CLASSES);
-  if (bad >= 0) {
-    throw new RangeError(
-      `labels[${bad}] is ${labels[bad]}; expected a class id in 0..${NUM_CLASSES - 1}`,
-    );
-  }
 }

@@ -25,7 +25,7 @@ import {
 } from '../protocol/index.ts';
 import { MODEL_NAME, TENSOR_SPECS, type WeightMap } from './architecture.ts';
 
-/** Largest model version a ModelWeights message holds (uint32). */
+/** Largest model version a ModelWeights message can store (uint32). */
 const MAX_VERSION = 0xffffffff;
 
 /** Weights with the model name and version stored beside them. */
@@ -111,7 +111,7 @@ export function readWeightsFileContents(path: string): WeightsFileContents {
   const missing = TENSOR_SPECS.filter((spec) => !weights.has(spec.name));
   if (missing.length > 0) {
     throw invalidModel(
-      `weights file ${path} lacks tensors ${missing.map((spec) => spec.name).join(', ')}`,
+      `weights file ${path} is missing tensors ${missing.map((spec) => spec.name).join(', ')}`,
     );
   }
   return { modelName: message.modelName, version: message.version, weights };
