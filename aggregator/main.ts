@@ -67,6 +67,10 @@ const program = new Command('aggregator')
     0,
   )
   .option(
+    '--no-restrict-local-classes',
+    'vehicles train with a softmax over all classes, not only their own',
+  )
+  .option(
     '--vehicles-per-round <count>',
     'vehicles selected per round, 0 for all online',
     integer(0),
@@ -146,6 +150,7 @@ interface Flags {
   batchSize: number;
   learningRate: number;
   proximalMu: number;
+  restrictLocalClasses: boolean;
   vehiclesPerRound: number;
   minVehiclesOnline: number;
   onlineWaitTimeoutMs: number;
@@ -201,6 +206,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     batchSize: flags.batchSize,
     learningRate: flags.learningRate,
     proximalMu: flags.proximalMu,
+    restrictToLocalClasses: flags.restrictLocalClasses,
     vehiclesPerRound: flags.vehiclesPerRound,
     minVehiclesOnline: flags.minVehiclesOnline,
     onlineWaitTimeoutMs: flags.onlineWaitTimeoutMs,

@@ -45,6 +45,7 @@ export function buildRoundTask(
       batchSize: options.batchSize,
       learningRate: options.learningRate,
       proximalMu: options.proximalMu,
+      restrictToLocalClasses: options.restrictToLocalClasses,
       trainableTensors: [...options.trainableTensors],
     },
     openedAtMs: round.openedAtMs,

@@ -44,6 +44,11 @@ export interface AggregatorOptions {
   learningRate?: number;
   /** FedProx proximal coefficient; 0 (default) is plain FedAvg. */
   proximalMu?: number;
+  /**
+   * Vehicles restrict the softmax to the classes in their own examples.
+   * Default true, because fleet data is label-skewed.
+   */
+  restrictToLocalClasses?: boolean;
   /** Vehicles asked per round; 0 (default) selects every online vehicle. */
   vehiclesPerRound?: number;
   /**
@@ -136,6 +141,7 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     batchSize: options.batchSize ?? 32,
     learningRate: options.learningRate ?? 0.001,
     proximalMu: options.proximalMu ?? 0,
+    restrictToLocalClasses: options.restrictToLocalClasses ?? true,
     vehiclesPerRound: options.vehiclesPerRound ?? 0,
     minVehiclesOnline: options.minVehiclesOnline ?? 1,
     onlineWaitTimeoutMs: options.onlineWaitTimeoutMs ?? 60_000,

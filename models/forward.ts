@@ -5,7 +5,7 @@ import { LAYERS, type Layer } from './architecture.ts';
 export type TensorMap = Map<string, tf.Tensor>;
 
 /**
- * How convolutions run. "native" uses tf.conv2d. "im2col" builds the
+ * Convolution implementation. "native" uses tf.conv2d. "im2col" builds the
  * patches from nine shifted slices and multiplies once; its gradient needs
  * only slice, concat and matMul. "custom-grad" runs tf.conv2d and computes
  * both gradients with forward convolutions (see conv2dCustomGrad). The last

@@ -36,11 +36,7 @@ export {
   TRAINING_BACKENDS,
 } from './backend.ts';
 export type { TrainingBackend } from './backend.ts';
-export {
-  firstTrainableLayer,
-  predictTfjs,
-  trainLocal,
-} from './training.ts';
+export { firstTrainableLayer, predictTfjs, trainLocal } from './training.ts';
 export type {
   LocalOptimizer,
   LocalTrainingOptions,
@@ -82,3 +78,6 @@ export {
   toTensorMap,
 } from './forward.ts';
 export type { ConvImpl, ForwardOptions, TensorMap } from './forward.ts';
+export { augmentImages } from './augment.ts';
+export type { AugmentOptions } from './augment.ts';
+export { conv2dCustomGrad, forwardBetween } from './forward.ts';

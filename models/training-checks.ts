@@ -116,6 +116,15 @@ export function checkOptions(options: TrainLocalOptions): void {
       `unknown optimizer ${JSON.stringify(optimizer)}; expected adam or sgd-momentum`,
     );
   }
+  const { restrictToLocalClasses } = options;
+  if (
+    restrictToLocalClasses !== undefined &&
+    typeof restrictToLocalClasses !== 'boolean'
+  ) {
+    throw new TypeError(
+      `restrictToLocalClasses must be a boolean, got ${describe(restrictToLocalClasses)}`,
+    );
+  }
 }
 
 function checkInteger(field: string, value: unknown, min: number): void {

@@ -69,6 +69,14 @@ export interface TrainLocalOptions extends LocalTrainingOptions {
    */
   fromLayer?: string;
   optimizer?: LocalOptimizer;
+  /**
+   * Restricts the softmax to the classes present in `labels` (a
+   * "restricted softmax"). With
+   * label-skewed vehicles, plain cross-entropy pushes down the logits of
+   * every class a vehicle never sees, and averaging those updates drags the
+   * global model away from them. Default false.
+   */
+  restrictToLocalClasses?: boolean;
   /** Called after each step, for progress bars. */
   onProgress?: (progress: TrainingProgress) => void;
   /**
@@ -101,6 +109,20 @@ export interface LocalTrainingResult {
 const MOMENTUM = 0.9;
 /** Examples per forward pass of the frozen prefix. */
 const PREFIX_BATCH_SIZE = 256;
+/**
+ * Longest run of steps without yielding to the event loop, so that timers
+ * (MQTT keepalive, progress bars) still fire while the synchronous wasm and
+ * cpu backends train.
+ */
+const YIELD_INTERVAL_MS = 50;
+let lastYield = performance.now();
+
+/** Yields to the event loop when `intervalMs` passed since the last yield. */
+async function yieldEvery(intervalMs: number): Promise<void> {
+  if (performance.now() - lastYield < intervalMs) return;
+  await new Promise((resolve) => setImmediate(resolve));
+  lastYield = performance.now();
+}
 
 /**
  * Returns the earliest layer (in model order) that owns one of
@@ -144,7 +166,7 @@ export async function trainLocal(
 
   const features = await computeFrozenPrefix(base, inputs, plan);
   const convImpl = chooseConvImpl(options.trainableTensors);
-  const state = createTrainingState(base, plan, options);
+  const state = createTrainingState(base, plan, options, labels);
   try {
     let lastEpoch = { loss: NaN, accuracy: NaN };
     for (let epoch = 0; epoch < options.epochs; epoch++) {
@@ -175,7 +197,7 @@ export async function trainLocal(
   }
 }
 
-/** What trainLocal runs, derived from checked arguments. */
+/** Layer range and example count of one trainLocal call, from checked arguments. */
 interface TrainingPlan {
   /** Index of the layer whose input `inputs` holds. */
   inputLayer: number;
@@ -222,12 +244,21 @@ interface TrainingState {
   random: () => number;
   fromLayer: string;
   augment?: (inputs: Float32Array, count: number) => void;
+  /** Added to the logits in the loss: 0 for local classes, -1e9 otherwise. */
+  classMask?: tf.Tensor1D;
+}
+
+function createClassMask(labels: Int32Array): tf.Tensor1D {
+  const mask = new Float32Array(NUM_CLASSES).fill(-1e9);
+  for (const label of labels) mask[label] = 0;
+  return tf.tensor1d(mask, 'float32');
 }
 
 function createTrainingState(
   base: WeightMap,
   plan: TrainingPlan,
   options: TrainLocalOptions,
+  labels: Int32Array,
 ): TrainingState {
   const names = TENSOR_SPECS.map((spec) => spec.name).filter(
     (name) => layerIndexOf(name) >= plan.firstLayer,
@@ -265,6 +296,10 @@ function createTrainingState(
     random: createRandom(options.seed),
     fromLayer: LAYERS[plan.firstLayer].name,
     augment: options.augment,
+    classMask:
+      options.restrictToLocalClasses === true
+        ? createClassMask(labels)
+        : undefined,
   };
 }
 
@@ -273,6 +308,7 @@ function disposeTrainingState(state: TrainingState): void {
   tf.dispose([...state.variables.values()]);
   tf.dispose(state.frozen);
   tf.dispose([...state.anchors.values()]);
+  state.classMask?.dispose();
 }
 
 function createOptimizer(
@@ -366,6 +402,7 @@ async function runEpoch(
     tf.dispose([totals, stepTotals]);
     totals = next;
     onStep(start + indices.length);
+    await yieldEvery(YIELD_INTERVAL_MS);
   }
   const [lossSum, correct] = await totals.data();
   totals.dispose();
@@ -396,8 +433,8 @@ function gatherBatch(
 }
 
 /**
- * One optimizer step. Returns [loss * batch size, number correct] for the
- * batch, measured before the step.
+ * Runs one optimizer step and returns [loss * batch size, number correct]
+ * for the batch, measured before the step.
  */
 function runStep(
   state: TrainingState,
@@ -412,11 +449,15 @@ function runStep(
     let kept: tf.Tensor[] = [];
     state.optimizer.minimize(
       () => {
-        const logits = forwardLogits(state.weights, x, {
+        const rawLogits = forwardLogits(state.weights, x, {
           fromLayer: state.fromLayer,
           convImpl,
           constantInput: true,
         });
+        const logits =
+          state.classMask === undefined
+            ? rawLogits
+            : tf.add(rawLogits, state.classMask);
         const crossEntropy = tf.losses.softmaxCrossEntropy(oneHot, logits);
         const correct = tf.sum(
           tf.cast(tf.equal(tf.argMax(logits, 1), labelIds), 'float32'),

@@ -17,6 +17,8 @@ export interface TrainingConfig {
   /** FedProx proximal coefficient; 0 disables it. */
   proximalMu: number;
   trainableTensors: string[];
+  /** Softmax over the vehicle's own classes only; see trainLocal. */
+  restrictToLocalClasses: boolean;
 }
 
 export interface RoundTask {

@@ -12,6 +12,7 @@ export interface BaseModelRun {
   headEpochs: number;
   headBatchSize: number;
   headLearningRate: number;
+  augment: boolean;
   backend: string;
   depotImages: number;
   depotTracks: number;
@@ -93,7 +94,12 @@ export function renderProvenance(run: BaseModelRun): string {
     '- Whole CNN (conv1-conv3, dense1, dense2) from He/Glorot-uniform',
     `  weights (\`initializeWeights(${run.seed})\`), softmax cross-entropy.`,
     `- Adam, learning rate ${run.learningRate}, batch ${run.batchSize}, ` +
-      `${run.epochs} epochs, shuffle seed ${run.seed}, no augmentation.`,
+      `${run.epochs} epochs, shuffle seed ${run.seed}.`,
+    run.augment
+      ? '- Augmentation (`augmentImages`, seed + 1): per image a random shift of ' +
+        'up to 2 pixels (edges repeated), brightness and contrast factors in ' +
+        '[0.6, 1.4], clipped to [0, 1]; no flips.'
+      : '- No augmentation.',
     `- Backend: ${run.backend}, convolutions with the "custom-grad" gradient.`,
     `- Last-epoch training loss ${run.base.loss.toFixed(4)}, training accuracy ` +
       `${percent(run.base.accuracy)}; ${minutes(run.base.durationMs)} ` +

@@ -57,6 +57,10 @@ const program = new Command('simulate')
   .option('--learning-rate <number>', 'local learning rate', positiveNumber, 0.001)
   .option('--proximal-mu <number>', 'FedProx coefficient, 0 for FedAvg', nonNegativeNumber, 0)
   .option(
+    '--no-restrict-local-classes',
+    'vehicles train with a softmax over all classes, not only their own',
+  )
+  .option(
     '--train-layers <names>',
     'comma-separated layers the vehicles train',
     'dense1,dense2',
@@ -89,6 +93,7 @@ const options: SimulationOptions = {
   batchSize: flags.batchSize,
   learningRate: flags.learningRate,
   proximalMu: flags.proximalMu,
+  restrictToLocalClasses: flags.restrictLocalClasses,
   trainLayers: String(flags.trainLayers).split(',').map((name) => name.trim()),
   minUpdates: flags.minUpdates,
   roundTimeoutMs: flags.roundTimeoutMs,

@@ -24,6 +24,8 @@ import {
   type WeightMap,
 } from '../models/architecture.ts';
 import {
+  augmentImages,
+  createRandom,
   evaluateAccuracy,
   exportFeatureExtractor,
   exportOnnx,
@@ -58,6 +60,7 @@ interface BaseModelOptions {
   headEpochs: number;
   headBatchSize: number;
   headLearningRate: number;
+  augment: boolean;
 }
 
 function integer(min: number) {
@@ -108,7 +111,7 @@ function parseOptions(argv: string[]): BaseModelOptions {
       '--depot-fraction <number>',
       'fraction of tracks in the depot split',
       fraction,
-      0.15,
+      0.3,
     )
     .option(
       '--seed <integer>',
@@ -120,7 +123,7 @@ function parseOptions(argv: string[]): BaseModelOptions {
       '--epochs <count>',
       'epochs of the full CNN on the depot split',
       integer(1),
-      4,
+      30,
     )
     .option(
       '--batch-size <count>',
@@ -156,7 +159,7 @@ function parseOptions(argv: string[]): BaseModelOptions {
   return program.opts<BaseModelOptions>();
 }
 
-/** The explicit --data, else the first existing default directory. */
+/** Returns the --data directory, else the first existing default one. */
 function resolveFullDataDir(flag: string | undefined): string {
   if (flag !== undefined) return resolve(flag);
   const candidates = [
@@ -246,6 +249,14 @@ async function extractFeatures(
   }
 }
 
+/** Returns a seeded augment hook for trainLocal. */
+function createAugmenter(
+  seed: number,
+): (inputs: Float32Array, count: number) => void {
+  const random = createRandom(seed + 1);
+  return (inputs, count) => augmentImages(inputs, count, random);
+}
+
 async function trainBase(
   depot: LabelledImages,
   options: BaseModelOptions,
@@ -264,6 +275,7 @@ async function trainBase(
       proximalMu: 0,
       seed: options.seed,
       optimizer: 'adam',
+      augment: options.augment ? createAugmenter(options.seed) : undefined,
     },
     'base',
   );

@@ -206,6 +206,7 @@ describe('other messages', () => {
         learningRate: 0.001,
         proximalMu: 0.01,
         trainableTensors: ['dense2/kernel', 'dense2/bias'],
+        restrictToLocalClasses: true,
       },
       openedAtMs: 1000,
       deadlineMs: 61000,
@@ -218,6 +219,7 @@ describe('other messages', () => {
     assert.equal(task.deadlineMs, 61000);
     assert.deepEqual(task.selectedVehicles, ['veh-1', 'veh-2']);
     assert.equal(task.training.localEpochs, 2);
+    assert.equal(task.training.restrictToLocalClasses, true);
     assert.deepEqual(task.training.trainableTensors, [
       'dense2/kernel',
       'dense2/bias',

@@ -229,6 +229,49 @@ describe('trainLocal', () => {
     assert.equal(tf.memory().numTensors, before);
   });
 
+  test('restricted softmax spares absent classes', async () => {
+    const local = Array.from({ length: FEATURE_COUNT }, (_, i) => i).filter(
+      (i) => featureLabels[i] < 5,
+    );
+    const localFeatures = new Float32Array(local.length * 1024);
+    local.forEach((example, row) =>
+      localFeatures.set(
+        features.subarray(example * 1024, (example + 1) * 1024),
+        row * 1024,
+      ),
+    );
+    const localLabels = Int32Array.from(local, (i) => featureLabels[i]);
+
+    const restricted = await trainLocal(base, localFeatures, localLabels, {
+      ...HEAD_OPTIONS,
+      restrictToLocalClasses: true,
+    });
+    const plain = await trainLocal(base, localFeatures, localLabels, {
+      ...HEAD_OPTIONS,
+    });
+
+    const restrictedBias = restricted.deltas.get('dense2/bias')!;
+    const plainBias = plain.deltas.get('dense2/bias')!;
+    assert.ok(local.length > 0);
+    assert.ok(restrictedBias.subarray(0, 5).some((value) => value !== 0));
+    assert.ok(restrictedBias.subarray(5).every((value) => value === 0));
+    assert.ok(plainBias.subarray(5).some((value) => value !== 0));
+  });
+
+  test('training lets timers run', async () => {
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+
+    const result = await trainLocal(base, features, featureLabels, {
+      ...HEAD_OPTIONS,
+      epochs: 10,
+    });
+    clearInterval(timer);
+
+    const expected = Math.floor(result.durationMs / 100);
+    assert.ok(ticks >= expected, `${ticks} ticks in ${result.durationMs} ms`);
+  });
+
   test('mid-network fromLayer trains', async () => {
     const small = subset(
       images,
@@ -251,6 +294,34 @@ describe('trainLocal', () => {
       'conv3/kernel',
       'dense2/bias',
     ]);
+  });
+
+  test('restricted softmax leaves absent classes', async () => {
+    const twoClasses: number[] = [];
+    for (let i = 0; i < featureLabels.length; i++) {
+      if (featureLabels[i] <= 1) twoClasses.push(i);
+    }
+    const size = features.length / featureLabels.length;
+    const inputs = new Float32Array(twoClasses.length * size);
+    twoClasses.forEach((example, row) =>
+      inputs.set(features.subarray(example * size, (example + 1) * size), row * size),
+    );
+    const labels = Int32Array.from(twoClasses, (i) => featureLabels[i]);
+
+    const restricted = await trainLocal(base, inputs, labels, {
+      ...HEAD_OPTIONS,
+      restrictToLocalClasses: true,
+    });
+    const plain = await trainLocal(base, inputs, labels, HEAD_OPTIONS);
+
+    const restrictedBias = restricted.deltas.get('dense2/bias')!;
+    const plainBias = plain.deltas.get('dense2/bias')!;
+    assert.ok(twoClasses.length > 0);
+    assert.notEqual(restrictedBias[0], 0);
+    for (let label = 2; label < NUM_CLASSES; label++) {
+      assert.equal(restrictedBias[label], 0, `class ${label}`);
+    }
+    assert.ok(plainBias[5] < 0, `plain bias delta ${plainBias[5]}`);
   });
 });
 

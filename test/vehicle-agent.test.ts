@@ -102,6 +102,7 @@ function buildTask(
       learningRate: 0.01,
       proximalMu: 0,
       trainableTensors: TRAINABLE,
+      restrictToLocalClasses: true,
     },
     openedAtMs: Date.now(),
     deadlineMs: Date.now() + 120_000,

@@ -141,6 +141,7 @@ export async function trainForRound(
     batchSize: config.batchSize,
     learningRate: config.learningRate,
     proximalMu: config.proximalMu,
+    restrictToLocalClasses: config.restrictToLocalClasses,
     seed: deriveTrainingSeed(input.baseSeed, input.vehicleId, task.round),
     fromLayer: fromLayer === LAYER_NAMES[0] ? undefined : fromLayer,
   });

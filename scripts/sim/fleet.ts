@@ -47,6 +47,8 @@ export interface SimulationOptions {
   batchSize: number;
   learningRate: number;
   proximalMu: number;
+  /** Vehicles train with a softmax over their own classes only. */
+  restrictToLocalClasses: boolean;
   trainLayers: string[];
   /** Default: half the vehicles, rounded up. */
   minUpdates?: number;
@@ -106,6 +108,7 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
     batchSize: options.batchSize,
     learningRate: options.learningRate,
     proximalMu: options.proximalMu,
+    restrictToLocalClasses: options.restrictToLocalClasses,
     vehiclesPerRound: 0,
     minVehiclesOnline: options.vehicles,
     onlineWaitTimeoutMs: 120_000,
