@@ -94,7 +94,8 @@ export function renderProvenance(run: BaseModelRun): string {
     '- Whole CNN (conv1-conv3, dense1, dense2) from He/Glorot-uniform',
     `  weights (\`initializeWeights(${run.seed})\`), softmax cross-entropy.`,
     `- Adam, learning rate ${run.learningRate}, batch ${run.batchSize}, ` +
-      `${run.epochs} epochs, shuffle seed ${run.seed}.`,
+      `${run.epochs} epochs, one trainLocal call per epoch: Adam restarts ` +
+      `each epoch, and epoch e shuffles with seed ${run.seed} + e - 1.`,
     run.augment
       ? '- Augmentation (`augmentImages`, seed + 1): per image a random shift of ' +
         'up to 2 pixels (edges repeated), brightness and contrast factors in ' +

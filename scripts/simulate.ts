@@ -52,7 +52,7 @@ const program = new Command('simulate')
     positiveNumber,
     0.5,
   )
-  .option('--local-epochs <count>', 'epochs each vehicle trains per round', integer(1), 2)
+  .option('--local-epochs <count>', 'epochs each vehicle trains per round', integer(1), 1)
   .option('--batch-size <count>', 'local batch size', integer(1), 32)
   .option('--learning-rate <number>', 'local learning rate', positiveNumber, 0.001)
   .option('--proximal-mu <number>', 'FedProx coefficient, 0 for FedAvg', nonNegativeNumber, 0)

@@ -163,8 +163,8 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
     await aggregator.whenFinished();
   } finally {
     progress.stop();
-    await Promise.allSettled(agents.map((agent) => agent.stop()));
     await aggregator.stop();
+    await Promise.allSettled(agents.map((agent) => agent.stop()));
     await broker.close();
   }
 
