@@ -302,8 +302,8 @@ function repositoryRoot(): string {
 /**
  * Returns the data directory to use. An explicit choice wins and must
  * exist: `flag` first, then the FLEETLEARN_DATA environment variable.
- * Without either, the first existing of `<repo>/data/gtsrb32` and
- * `<repo>/../shared/data/gtsrb32` is used.
+ * Without either, the first existing of `<repo>/data/gtsrb32-full`,
+ * `<repo>/data/gtsrb32` and `<repo>/../shared/data/gtsrb32` is used.
  *
  * @throws {FleetError} DATA_NOT_FOUND listing every place looked at and
  *   how to get data.
@@ -317,6 +317,8 @@ export function resolveDataDir(flag?: string): string {
     explicit !== undefined
       ? [resolve(explicit)]
       : [
+          // `npm run download-data` writes data/gtsrb32-full.
+          join(root, 'data', 'gtsrb32-full'),
           join(root, 'data', 'gtsrb32'),
           resolve(root, '..', 'shared', 'data', 'gtsrb32'),
         ];
@@ -327,6 +329,6 @@ export function resolveDataDir(flag?: string): string {
   const looked =
     explicit !== undefined
       ? `${candidates[0]} (from ${source})`
-      : candidates.join(' and ');
+      : candidates.join(', ');
   throw dataNotFound(`no data directory found; looked in ${looked}`);
 }

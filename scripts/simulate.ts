@@ -42,7 +42,7 @@ const program = new Command('simulate')
   .option(
     '--data <dir>',
     'data directory in GTSRB layout (default: $FLEETLEARN_DATA, then ' +
-      'data/gtsrb32, then ../shared/data/gtsrb32)',
+      'data/gtsrb32-full, data/gtsrb32, ../shared/data/gtsrb32)',
   )
   .option('--seed <integer>', 'seed for splits, selection and training', integer(0), 1)
   .option('--report <file>', 'write the JSON report to this file')
@@ -67,7 +67,7 @@ const program = new Command('simulate')
   )
   .option('--min-updates <count>', 'quorum of accepted updates per round (default: half the vehicles)', integer(1))
   .option('--round-timeout-ms <ms>', 'round deadline', integer(1000), 600_000)
-  .option('--state-dir <dir>', 'where the aggregator and agents keep state (default: a new temp dir)')
+  .option('--state-dir <dir>', 'where the aggregator and agents keep state (default: runs/simulate-<time>)')
   .option('--base-weights <file>', 'base model weights (default: models/base/gtsrb-cnn-v0.weights.pb)')
   .option('--depot-tracks <file>', 'JSON list of track ids kept from the vehicles (default: models/base/depot-tracks.json)')
   .option('--no-centralized', 'skip the centralized baseline')

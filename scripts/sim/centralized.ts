@@ -7,9 +7,40 @@ import {
   firstTrainableLayer,
   trainLocal,
   type LabelledImages,
+  type TrainingProgress,
   type WeightMap,
 } from '../../models/index.ts';
+import cliProgress from 'cli-progress';
 import type { Logger } from '../../protocol/index.ts';
+
+/**
+ * Creates an onProgress callback for trainLocal: a bar on a terminal,
+ * otherwise a line on stderr after each epoch. `stop` ends the bar.
+ */
+function createProgress(
+  epochs: number,
+  numExamples: number,
+  interactive: boolean,
+): { onProgress: (progress: TrainingProgress) => void; stop: () => void } {
+  const total = epochs * numExamples;
+  let bar: cliProgress.SingleBar | undefined;
+  if (interactive) {
+    bar = new cliProgress.SingleBar(
+      { format: 'centralized baseline |{bar}| epoch {epoch}/' + epochs + ' {percentage}%' },
+      cliProgress.Presets.shades_classic,
+    );
+    bar.start(total, 0, { epoch: 1 });
+  }
+  let lastEpochReported = -1;
+  const onProgress = ({ epoch, examplesDone }: TrainingProgress): void => {
+    bar?.update(epoch * numExamples + examplesDone, { epoch: epoch + 1 });
+    if (bar === undefined && examplesDone === numExamples && epoch > lastEpochReported) {
+      lastEpochReported = epoch;
+      console.error(`centralized baseline: epoch ${epoch + 1}/${epochs} done`);
+    }
+  };
+  return { onProgress, stop: () => bar?.stop() };
+}
 
 export interface CentralizedOptions {
   trainableTensors: string[];
@@ -30,6 +61,7 @@ export async function trainCentralized(
   test: LabelledImages,
   options: CentralizedOptions,
   log: Logger,
+  interactive: boolean,
 ): Promise<number> {
   const started = Date.now();
   const fromLayer = firstTrainableLayer(options.trainableTensors);
@@ -39,6 +71,7 @@ export async function trainCentralized(
   const features = await extractor.extract(train.images, train.count);
   await extractor.close();
 
+  const progress = createProgress(options.epochs, train.count, interactive);
   const result = await trainLocal(base, features, train.labels, {
     trainableTensors: options.trainableTensors,
     epochs: options.epochs,
@@ -47,7 +80,9 @@ export async function trainCentralized(
     proximalMu: 0,
     seed: options.seed,
     fromLayer,
+    onProgress: progress.onProgress,
   });
+  progress.stop();
 
   const trained: WeightMap = new Map(base);
   for (const [name, delta] of result.deltas) {

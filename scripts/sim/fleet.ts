@@ -3,8 +3,7 @@
  * agents in this process. Every agent is a real MQTT client on loopback;
  * they share the CPU, so vehicles train one after another in practice.
  */
-import { mkdirSync, mkdtempSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Aggregator, type RoundClosedEvent, type RoundFailedEvent } from '../../aggregator/index.ts';
@@ -53,7 +52,7 @@ export interface SimulationOptions {
   /** Default: half the vehicles, rounded up. */
   minUpdates?: number;
   roundTimeoutMs: number;
-  /** Default: a new directory under the system temp dir. */
+  /** Default: a new directory under `<repo>/runs/`, which git ignores. */
   stateDir?: string;
   /** Base model weights; default BASE_WEIGHTS_PATH. */
   baseWeightsPath?: string;
@@ -78,7 +77,9 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
         'the quorum could never be met',
     );
   }
-  const stateDir = options.stateDir ?? mkdtempSync(path.join(tmpdir(), 'fleetlearn-sim-'));
+  const stateDir =
+    options.stateDir ??
+    path.join(REPO_ROOT, 'runs', `simulate-${new Date().toISOString().replace(/[:.]/g, '-')}`);
   mkdirSync(stateDir, { recursive: true });
   log.info({ ...summarize(options), stateDir }, 'simulation started');
 
@@ -188,6 +189,7 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
         seed: options.seed,
       },
       log,
+      options.progress,
     );
   }
 
