@@ -71,6 +71,29 @@ class TaskPool {
     await Promise.all(this.running);
     if (this.failure !== undefined) throw this.failure;
   }
+
+  /** Waits for the tasks in flight without throwing their failures. */
+  async settle(): Promise<void> {
+    await Promise.allSettled(this.running);
+  }
+}
+
+/**
+ * Wraps an error of yauzl or zlib (truncated file, bad signature, bad CRC)
+ * in a FleetError that names the archive and what to do next.
+ */
+function archiveError(zipPath: string, err: unknown): unknown {
+  if (err instanceof FleetError) return err;
+  if (err instanceof Error && err.name === 'AbortError') return err;
+  const reason = err instanceof Error ? err.message : String(err);
+  return new FleetError(
+    ErrorCode.DataNotFound,
+    `invalid zip archive ${zipPath}: ${reason}. The file is truncated or ` +
+      `not a zip even though its MD5 matched, so delete it and run the ` +
+      `download again (with --force if the output directory exists), and ` +
+      `check --base-url and --checksums if it fails again`,
+    { cause: err },
+  );
 }
 
 function parseGtCsv(text: Buffer, where: string): CsvRow[] {
@@ -119,9 +142,36 @@ async function convertImage(
   return { width: ppm.width, height: ppm.height };
 }
 
+/** Reads the bytes of one entry, naming the archive when that fails. */
+async function readEntry(
+  zip: yauzl.ZipFile,
+  entry: yauzl.Entry,
+  zipPath: string,
+): Promise<Buffer> {
+  try {
+    return await buffer(await zip.openReadStreamPromise(entry));
+  } catch (err) {
+    throw archiveError(zipPath, err);
+  }
+}
+
+/** Yields the entries of a zip, naming the archive when reading fails. */
+async function* zipEntries(
+  zip: yauzl.ZipFile,
+  zipPath: string,
+): AsyncGenerator<yauzl.Entry> {
+  try {
+    yield* zip.eachEntry();
+  } catch (err) {
+    throw archiveError(zipPath, err);
+  }
+}
+
 /**
  * Calls `onEntry` for each zip entry whose name matches `pattern`, with
  * the regex match and the entry's bytes, up to CONVERT_CONCURRENCY at once.
+ * On failure or abort it waits for the tasks in flight before it throws,
+ * so the caller can remove the output folder without a task recreating it.
  */
 async function forEachMatchingEntry(
   zipPath: string,
@@ -132,22 +182,28 @@ async function forEachMatchingEntry(
     name: string,
   ) => Promise<void>,
   bar: SingleBar | undefined,
+  signal: AbortSignal | undefined,
 ): Promise<void> {
-  const zip = await yauzl.openPromise(zipPath);
+  signal?.throwIfAborted();
+  const zip = await yauzl.openPromise(zipPath).catch((err: unknown) => {
+    throw archiveError(zipPath, err);
+  });
   const pool = new TaskPool(CONVERT_CONCURRENCY);
   bar?.start(zip.entryCount, 0);
   try {
-    for await (const entry of zip.eachEntry()) {
+    for await (const entry of zipEntries(zip, zipPath)) {
+      signal?.throwIfAborted();
       bar?.increment();
       const match = pattern.exec(entry.fileName);
       if (match === null) continue;
-      const bytes = await buffer(await zip.openReadStreamPromise(entry));
+      const bytes = await readEntry(zip, entry, zipPath);
       await pool.add(() =>
         onEntry(match, bytes, `${basename(zipPath)}:${entry.fileName}`),
       );
     }
     await pool.drain();
   } finally {
+    await pool.settle();
     bar?.stop();
     zip.close();
   }
@@ -179,6 +235,7 @@ async function convertTraining(
   zipPath: string,
   outDir: string,
   bar: SingleBar | undefined,
+  signal: AbortSignal | undefined,
 ): Promise<string[]> {
   const images = new Map<string, ConvertedImage>();
   const labels = new Map<string, CsvRow>();
@@ -204,6 +261,7 @@ async function convertTraining(
       images.set(`${classFolder}/${stem}.ppm`, { path, ...size });
     },
     bar,
+    signal,
   );
 
   if (images.size === 0) {
@@ -231,6 +289,7 @@ async function convertTest(
   labelsZip: string,
   outDir: string,
   bar: SingleBar | undefined,
+  signal: AbortSignal | undefined,
 ): Promise<string[]> {
   const images = new Map<string, ConvertedImage>();
   await mkdir(join(outDir, 'test'), { recursive: true });
@@ -245,6 +304,7 @@ async function convertTest(
       });
     },
     bar,
+    signal,
   );
 
   let rows: CsvRow[] | undefined;
@@ -255,6 +315,7 @@ async function convertTest(
       rows = parseGtCsv(bytes, name);
     },
     undefined,
+    signal,
   );
   if (rows === undefined) {
     throw new FleetError(
@@ -291,13 +352,17 @@ async function convertTest(
  * Converts the three GTSRB archives into `outDir` (which must not exist
  * yet or be empty): resized PPMs, train.csv, test.csv and signnames.csv.
  *
- * @throws {FleetError} DATA_NOT_FOUND for missing entries or labels,
- *   INVALID_IMAGE for an image that cannot be parsed.
+ * `options.signal` stops the conversion between entries. The call then
+ * rejects with the signal's reason after the writes in flight finish.
+ *
+ * @throws {FleetError} DATA_NOT_FOUND for missing entries or labels or an
+ *   archive that is not a readable zip, INVALID_IMAGE for an image that
+ *   cannot be parsed.
  */
 export async function convertGtsrbArchives(
   paths: GtsrbArchivePaths,
   outDir: string,
-  options: { showProgress?: boolean } = {},
+  options: { showProgress?: boolean; signal?: AbortSignal } = {},
 ): Promise<{ trainCount: number; testCount: number }> {
   const bar = options.showProgress
     ? new SingleBar({
@@ -307,12 +372,14 @@ export async function convertGtsrbArchives(
     : undefined;
   await mkdir(outDir, { recursive: true });
 
-  const trainLines = await convertTraining(paths.train, outDir, bar);
+  const { signal } = options;
+  const trainLines = await convertTraining(paths.train, outDir, bar, signal);
   const testLines = await convertTest(
     paths.testImages,
     paths.testLabels,
     outDir,
     bar,
+    signal,
   );
 
   await writeFile(

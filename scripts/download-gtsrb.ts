@@ -7,18 +7,27 @@
  *
  * Usage: npx tsx scripts/download-gtsrb.ts [--out DIR] [--base-url URL]
  *   [--download-dir DIR] [--checksums FILE] [--force]
+ *   [--connect-timeout-ms MS] [--idle-timeout-ms MS]
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync } from 'node:fs';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
+import {
+  mkdir,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  writeFile,
+} from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
 import { SingleBar } from 'cli-progress';
-import { Command } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
 
 import { convertGtsrbArchives } from '../models/gtsrb-convert.ts';
 import { createLogger, type Logger } from '../protocol/index.ts';
@@ -63,8 +72,35 @@ export interface DownloadGtsrbOptions {
   force?: boolean;
   /** Draw progress bars on stderr; default: when stderr is a terminal. */
   showProgress?: boolean;
+  /** Time allowed to connect and receive response headers; default 30000. */
+  connectTimeoutMs?: number;
+  /** Time without a received byte before a download fails; default 30000. */
+  idleTimeoutMs?: number;
+  /**
+   * Interval of the progress log lines written when no progress bar is
+   * drawn; default 5000 ms.
+   */
+  progressIntervalMs?: number;
+  /**
+   * Stops the run. A partial download stays for the next run to resume,
+   * and a partial dataset folder is removed before the call rejects.
+   */
+  signal?: AbortSignal;
   log?: Logger;
 }
+
+/** Settings of one archive transfer. */
+interface TransferSettings {
+  showProgress: boolean;
+  connectTimeoutMs: number;
+  idleTimeoutMs: number;
+  progressIntervalMs: number;
+  signal: AbortSignal | undefined;
+  log: Logger;
+}
+
+const DEFAULT_TIMEOUT_MS = 30_000;
+const DEFAULT_PROGRESS_INTERVAL_MS = 5_000;
 
 export interface DownloadGtsrbResult {
   outDir: string;
@@ -96,13 +132,38 @@ function createProgressBar(
   });
 }
 
-/** Sends the GET request, resuming from `start` bytes with a Range header. */
-async function requestArchive(url: string, start: number): Promise<Response> {
+/**
+ * Sends the GET request, resuming from `start` bytes with a Range header.
+ * Aborts `transfer` when the response headers do not arrive within
+ * `settings.connectTimeoutMs`.
+ */
+async function requestArchive(
+  url: string,
+  start: number,
+  transfer: AbortController,
+  settings: TransferSettings,
+): Promise<Response> {
+  const { connectTimeoutMs } = settings;
+  let hasTimedOut = false;
+  const timer = setTimeout(() => {
+    hasTimedOut = true;
+    transfer.abort();
+  }, connectTimeoutMs);
   try {
     const headers: Record<string, string> =
       start > 0 ? { Range: `bytes=${start}-` } : {};
-    return await fetch(url, { headers });
+    return await fetch(url, { headers, signal: transfer.signal });
   } catch (err) {
+    settings.signal?.throwIfAborted();
+    if (hasTimedOut) {
+      throw new FleetError(
+        ErrorCode.DataNotFound,
+        `download of ${url} timed out: no response headers within ` +
+          `${connectTimeoutMs} ms (--connect-timeout-ms); check the network ` +
+          `or pass --base-url with a reachable mirror`,
+        { cause: err },
+      );
+    }
     const cause =
       err instanceof Error && err.cause instanceof Error ? err.cause : err;
     const reason = cause instanceof Error ? cause.message : String(cause);
@@ -112,29 +173,82 @@ async function requestArchive(url: string, start: number): Promise<Response> {
         `--base-url with a reachable mirror`,
       { cause: err },
     );
+  } finally {
+    clearTimeout(timer);
   }
 }
 
 /**
- * Streams the response body to `partPath`, appending when `append`.
+ * Reports download progress: on the progress bar when there is one,
+ * otherwise as a log line every `settings.progressIntervalMs`, so a run
+ * whose output is not a terminal still shows that it is alive.
+ */
+function startProgress(
+  url: string,
+  partPath: string,
+  settings: TransferSettings,
+): { update(bytes: number, totalBytes: number): void; stop(): void } {
+  const bar = createProgressBar(
+    settings.showProgress,
+    basename(partPath, '.part'),
+  );
+  let bytes = 0;
+  let totalBytes = 0;
+  let hasStarted = false;
+  const interval = bar
+    ? undefined
+    : setInterval(() => {
+        settings.log.info(
+          { url, bytes, totalBytes },
+          'archive download progress',
+        );
+      }, settings.progressIntervalMs);
+  return {
+    update(received: number, total: number): void {
+      bytes = received;
+      totalBytes = total;
+      if (!hasStarted && total > 0) bar?.start(total, received);
+      hasStarted = true;
+      bar?.update(received);
+    },
+    stop(): void {
+      clearInterval(interval);
+      bar?.stop();
+    },
+  };
+}
+
+/**
+ * Streams the response body to `partPath`, appending when `append`. The
+ * transfer is aborted when no byte arrives for `settings.idleTimeoutMs`.
  *
- * @throws {FleetError} DATA_NOT_FOUND when the connection breaks; the
- *   bytes received so far stay in `partPath` for the next run to resume.
+ * @throws {FleetError} DATA_NOT_FOUND when the connection breaks or goes
+ *   idle; the bytes on disk stay in `partPath` for the next run to resume.
  */
 async function saveBody(
   url: string,
   response: Response,
   partPath: string,
   append: boolean,
-  bar: SingleBar | undefined,
+  transfer: AbortController,
+  settings: TransferSettings,
 ): Promise<void> {
+  const { idleTimeoutMs } = settings;
   let received = append ? await fileSize(partPath) : 0;
   const length = Number(response.headers.get('content-length') ?? 0);
-  if (length > 0) bar?.start(received + length, received);
+  const total = length > 0 ? received + length : 0;
+  const progress = startProgress(url, partPath, settings);
+  progress.update(received, total);
+  let isIdle = false;
+  const idleTimer = setTimeout(() => {
+    isIdle = true;
+    transfer.abort();
+  }, idleTimeoutMs);
   const counter = new Transform({
     transform(chunk: Buffer, _encoding, callback) {
+      idleTimer.refresh();
       received += chunk.length;
-      bar?.update(received);
+      progress.update(received, total);
       callback(null, chunk);
     },
   });
@@ -146,14 +260,20 @@ async function saveBody(
       createWriteStream(partPath, { flags: append ? 'a' : 'w' }),
     );
   } catch (err) {
+    settings.signal?.throwIfAborted();
+    const onDisk = await fileSize(partPath);
+    const reason = isIdle
+      ? `timed out: no data for ${idleTimeoutMs} ms (--idle-timeout-ms)`
+      : 'was interrupted';
     throw new FleetError(
       ErrorCode.DataNotFound,
-      `download of ${url} was interrupted after ${received} bytes; run ` +
-        `again to resume`,
+      `download of ${url} ${reason}; ${partPath} contains ${onDisk} bytes, ` +
+        `so run again to resume`,
       { cause: err },
     );
   } finally {
-    bar?.stop();
+    clearTimeout(idleTimer);
+    progress.stop();
   }
 }
 
@@ -183,11 +303,29 @@ async function isVerified(
 async function fetchToPart(
   url: string,
   partPath: string,
-  showProgress: boolean,
-  log: Logger,
+  settings: TransferSettings,
 ): Promise<void> {
   const start = await fileSize(partPath);
-  const response = await requestArchive(url, start);
+  const transfer = new AbortController();
+  const onAbort = () => transfer.abort();
+  settings.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    const response = await requestArchive(url, start, transfer, settings);
+    await saveResponse(url, response, start, partPath, transfer, settings);
+  } finally {
+    settings.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Checks the status of `response` and saves its body to `partPath`. */
+async function saveResponse(
+  url: string,
+  response: Response,
+  start: number,
+  partPath: string,
+  transfer: AbortController,
+  settings: TransferSettings,
+): Promise<void> {
   if (response.status === 416 && start > 0) {
     // The server has no bytes past `start`, so the part file is complete.
     await response.body?.cancel();
@@ -203,12 +341,11 @@ async function fetchToPart(
     );
   }
 
-  log.info(
+  settings.log.info(
     { url, resumeFromBytes: isResumed ? start : 0 },
     'archive download started',
   );
-  const bar = createProgressBar(showProgress, basename(partPath, '.part'));
-  await saveBody(url, response, partPath, isResumed, bar);
+  await saveBody(url, response, partPath, isResumed, transfer, settings);
 }
 
 /**
@@ -216,23 +353,23 @@ async function fetchToPart(
  * is there. A partial download (`dest.part`) is resumed. The file is
  * renamed to `dest` only after its MD5 matches.
  *
- * @throws {FleetError} DATA_NOT_FOUND when the request fails,
- *   DIGEST_MISMATCH when the downloaded file has another MD5.
+ * @throws {FleetError} DATA_NOT_FOUND when the request fails or times
+ *   out, DIGEST_MISMATCH when the downloaded file has another MD5.
  */
 async function downloadArchive(
   url: string,
   dest: string,
   expectedMd5: string,
-  showProgress: boolean,
-  log: Logger,
+  settings: TransferSettings,
 ): Promise<void> {
+  const { log } = settings;
   if (await isVerified(dest, expectedMd5, log)) {
     log.info({ path: dest }, 'archive already downloaded');
     return;
   }
 
   const partPath = `${dest}.part`;
-  await fetchToPart(url, partPath, showProgress, log);
+  await fetchToPart(url, partPath, settings);
 
   const actualMd5 = await md5File(partPath);
   if (actualMd5 !== expectedMd5) {
@@ -296,10 +433,11 @@ export async function downloadGtsrb(
     options.downloadDir ?? join(REPOSITORY_ROOT, 'data', 'downloads'),
   );
   const baseUrl = (options.baseUrl ?? OFFICIAL_BASE_URL).replace(/\/?$/, '/');
-  const showProgress = options.showProgress ?? process.stderr.isTTY === true;
   const log = (options.log ?? createLogger()).child({ component: 'download' });
+  const settings = transferSettings(options, log);
   const sums = expectedChecksums(options.checksums);
 
+  await removeStaleFolders(outDir, log);
   if (existsSync(outDir) && !options.force) {
     log.info({ path: outDir }, 'dataset already present');
     return { outDir, trainCount: 0, testCount: 0, wasPresent: true };
@@ -314,8 +452,7 @@ export async function downloadGtsrb(
       new URL(name, baseUrl).href,
       paths[role],
       sums[role],
-      showProgress,
-      log,
+      settings,
     );
   }
 
@@ -323,7 +460,11 @@ export async function downloadGtsrb(
   await rm(tempDir, { recursive: true, force: true });
   try {
     const startedAt = performance.now();
-    const counts = await convertGtsrbArchives(paths, tempDir, { showProgress });
+    log.info({ path: tempDir }, 'dataset conversion started');
+    const counts = await convertGtsrbArchives(paths, tempDir, {
+      showProgress: settings.showProgress,
+      signal: settings.signal,
+    });
     await writeSourceNote(tempDir, baseUrl, sums);
     await replaceDirectory(tempDir, outDir);
     log.info(
@@ -337,7 +478,70 @@ export async function downloadGtsrb(
     return { outDir, ...counts, wasPresent: false };
   } catch (err) {
     await rm(tempDir, { recursive: true, force: true });
+    log.info({ path: tempDir }, 'partial dataset removed');
     throw err;
+  }
+}
+
+function positiveMs(value: number | undefined, name: string): number {
+  if (value === undefined) return DEFAULT_TIMEOUT_MS;
+  if (!(Number.isInteger(value) && value > 0)) {
+    throw new RangeError(
+      `${name} must be a positive integer of milliseconds, got ${value}`,
+    );
+  }
+  return value;
+}
+
+/** Checks the timeout options and fills in their defaults. */
+function transferSettings(
+  options: DownloadGtsrbOptions,
+  log: Logger,
+): TransferSettings {
+  return {
+    showProgress: options.showProgress ?? process.stderr.isTTY === true,
+    connectTimeoutMs: positiveMs(options.connectTimeoutMs, 'connectTimeoutMs'),
+    idleTimeoutMs: positiveMs(options.idleTimeoutMs, 'idleTimeoutMs'),
+    progressIntervalMs:
+      options.progressIntervalMs === undefined
+        ? DEFAULT_PROGRESS_INTERVAL_MS
+        : positiveMs(options.progressIntervalMs, 'progressIntervalMs'),
+    signal: options.signal,
+    log,
+  };
+}
+
+/** Returns false when no process with `pid` exists. */
+function isProcessAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM means the process exists but belongs to another user.
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes `<outDir>.partial-<pid>` folders left by runs that were killed,
+ * when no process with that pid is alive.
+ * NOTE: the folder of a dead run whose pid a new, unrelated process
+ * reuses stays until a later run.
+ */
+async function removeStaleFolders(outDir: string, log: Logger): Promise<void> {
+  const parent = dirname(outDir);
+  if (!existsSync(parent)) return;
+  const prefix = `${basename(outDir)}.partial-`;
+  for (const name of await readdir(parent)) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(name.slice(prefix.length));
+    if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid) continue;
+    if (isProcessAlive(pid)) continue;
+    await rm(join(parent, name), { recursive: true, force: true });
+    log.info(
+      { path: join(parent, name), pid },
+      'stale partial dataset removed',
+    );
   }
 }
 
@@ -387,6 +591,48 @@ async function readChecksumsFile(
   }
 }
 
+function parseMs(value: string): number {
+  const ms = Number(value);
+  if (!(Number.isInteger(ms) && ms > 0)) {
+    throw new InvalidArgumentError(
+      `expected a positive integer of milliseconds, got "${value}"`,
+    );
+  }
+  return ms;
+}
+
+const SIGNAL_EXIT_CODES = { SIGINT: 130, SIGTERM: 143 } as const;
+type StopSignal = keyof typeof SIGNAL_EXIT_CODES;
+
+/**
+ * Aborts `controller` on the first SIGINT or SIGTERM, so downloadGtsrb
+ * removes its partial dataset before it rejects. A second signal exits at
+ * once; the next run then removes the folder left behind.
+ */
+function abortOnSignals(controller: AbortController): {
+  received(): StopSignal | undefined;
+  dispose(): void;
+} {
+  let received: StopSignal | undefined;
+  const onSignal = (signal: StopSignal) => {
+    if (received !== undefined) process.exit(SIGNAL_EXIT_CODES[signal]);
+    received = signal;
+    process.stderr.write(`download-gtsrb: ${signal} received, stopping\n`);
+    controller.abort(new Error(`stopped by ${signal}`));
+  };
+  for (const signal of Object.keys(SIGNAL_EXIT_CODES) as StopSignal[]) {
+    process.on(signal, onSignal);
+  }
+  return {
+    received: () => received,
+    dispose(): void {
+      for (const signal of Object.keys(SIGNAL_EXIT_CODES) as StopSignal[]) {
+        process.off(signal, onSignal);
+      }
+    },
+  };
+}
+
 async function main(argv: string[]): Promise<void> {
   const program = new Command()
     .name('download-gtsrb')
@@ -413,6 +659,24 @@ async function main(argv: string[]): Promise<void> {
       'JSON file mapping archive file names to expected MD5 hex',
     )
     .option('--force', 'replace an existing output directory', false)
+    .option(
+      '--connect-timeout-ms <ms>',
+      'time allowed to connect and receive response headers, in ms',
+      parseMs,
+      DEFAULT_TIMEOUT_MS,
+    )
+    .option(
+      '--idle-timeout-ms <ms>',
+      'time without a received byte before a download fails, in ms',
+      parseMs,
+      DEFAULT_TIMEOUT_MS,
+    )
+    .option(
+      '--progress-interval-ms <ms>',
+      'interval of progress log lines when stderr is not a terminal, in ms',
+      parseMs,
+      DEFAULT_PROGRESS_INTERVAL_MS,
+    )
     .parse(argv);
   const opts = program.opts<{
     out: string;
@@ -420,18 +684,41 @@ async function main(argv: string[]): Promise<void> {
     baseUrl: string;
     checksums?: string;
     force: boolean;
+    connectTimeoutMs: number;
+    idleTimeoutMs: number;
+    progressIntervalMs: number;
   }>();
 
   const checksums = opts.checksums
     ? await readChecksumsFile(opts.checksums)
     : undefined;
-  await downloadGtsrb({
-    outDir: opts.out,
-    downloadDir: opts.downloadDir,
-    baseUrl: opts.baseUrl,
-    checksums,
-    force: opts.force,
-  });
+  const controller = new AbortController();
+  const signals = abortOnSignals(controller);
+  try {
+    await downloadGtsrb({
+      outDir: opts.out,
+      downloadDir: opts.downloadDir,
+      baseUrl: opts.baseUrl,
+      checksums,
+      force: opts.force,
+      connectTimeoutMs: opts.connectTimeoutMs,
+      idleTimeoutMs: opts.idleTimeoutMs,
+      progressIntervalMs: opts.progressIntervalMs,
+      signal: controller.signal,
+    });
+  } catch (err) {
+    const signal = signals.received();
+    if (signal === undefined) throw err;
+    signals.dispose();
+    process.stderr.write(
+      `download-gtsrb: stopped by ${signal}; downloaded parts are kept ` +
+        `for the next run to resume\n`,
+    );
+    // Ends by the signal itself, so a calling shell gets the signal status.
+    process.kill(process.pid, signal);
+  } finally {
+    signals.dispose();
+  }
 }
 
 if (

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import {
@@ -8,16 +8,19 @@ import {
   readdir,
   readFile,
   rm,
+  stat,
   writeFile,
 } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
+import { createServer, type RequestListener, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
+import { pino } from 'pino';
 import sharp from 'sharp';
 import yazl from 'yazl';
 
@@ -134,12 +137,12 @@ function md5(bytes: Buffer): string {
   return createHash('md5').update(bytes).digest('hex');
 }
 
-/** Serves the archives under /gtsrb/, honouring `Range: bytes=N-`. */
-function startServer(): Promise<Server> {
+/** Serves `files` under /gtsrb/, honouring `Range: bytes=N-`. */
+function startServer(files = archives): Promise<Server> {
   const httpServer = createServer((request, response) => {
     requests.push({ url: request.url ?? '', range: request.headers.range });
     const name = (request.url ?? '').replace(/^\/gtsrb\//, '');
-    const body = archives.get(name);
+    const body = files.get(name);
     if (!request.url?.startsWith('/gtsrb/') || body === undefined) {
       response.writeHead(404).end('not found');
       return;
@@ -158,6 +161,41 @@ function startServer(): Promise<Server> {
   return new Promise((resolveServer) => {
     httpServer.listen(0, '127.0.0.1', () => resolveServer(httpServer));
   });
+}
+
+/** Starts a server on 127.0.0.1 port 0 and returns it with its base URL. */
+async function listen(
+  handler: RequestListener,
+): Promise<{ server: Server; url: string }> {
+  const httpServer = createServer(handler);
+  await new Promise<void>((done) => httpServer.listen(0, '127.0.0.1', done));
+  const { port } = httpServer.address() as AddressInfo;
+  return { server: httpServer, url: `http://127.0.0.1:${port}/` };
+}
+
+async function stopServer(httpServer: Server): Promise<void> {
+  httpServer.closeAllConnections();
+  await new Promise((done) => httpServer.close(done));
+}
+
+/** Returns a pino logger whose JSON lines are collected in `lines`. */
+function capturingLogger(lines: Record<string, unknown>[]) {
+  const stream = new Writable({
+    write(chunk: Buffer, _encoding, callback) {
+      for (const line of chunk.toString().split('\n')) {
+        if (line !== '') lines.push(JSON.parse(line));
+      }
+      callback();
+    },
+  });
+  return pino({ level: 'info' }, stream);
+}
+
+/** Returns the pid of a process that has exited. */
+function deadPid(): number {
+  const child = spawnSync(process.execPath, ['-e', '']);
+  assert.equal(typeof child.pid, 'number');
+  return child.pid!;
 }
 
 function runScript(args: string[]) {
@@ -361,6 +399,7 @@ describe('download-gtsrb', () => {
     await new Promise<void>((done) => cutting.listen(0, '127.0.0.1', done));
     const { port } = cutting.address() as AddressInfo;
     const downloadDir = join(scratch, 'cut', 'downloads');
+    let message = '';
 
     try {
       await assert.rejects(
@@ -374,6 +413,7 @@ describe('download-gtsrb', () => {
           assert.ok(err instanceof FleetError);
           assert.equal(err.code, ErrorCode.DataNotFound);
           assert.match(err.message, /interrupted/);
+          message = err.message;
           return true;
         },
       );
@@ -382,6 +422,8 @@ describe('download-gtsrb', () => {
     }
     const part = join(downloadDir, `${GTSRB_ARCHIVES.train.name}.part`);
     assert.equal(existsSync(part), true);
+    const onDisk = (await stat(part)).size;
+    assert.ok(message.includes(`${part} contains ${onDisk} bytes`), message);
   });
 
   test('CLI exits non-zero on mismatch', async () => {
@@ -410,5 +452,229 @@ describe('download-gtsrb', () => {
         return true;
       },
     );
+  });
+  test('idle server times out', async () => {
+    const { server: idle, url } = await listen((_request, response) => {
+      response.writeHead(200, { 'content-length': 100000 });
+      response.write(Buffer.alloc(700, 1));
+    });
+    const downloadDir = join(scratch, 'idle', 'downloads');
+    const part = join(downloadDir, `${GTSRB_ARCHIVES.train.name}.part`);
+    const startedAt = performance.now();
+
+    try {
+      await assert.rejects(
+        downloadGtsrb({
+          baseUrl: url,
+          downloadDir,
+          outDir: join(scratch, 'idle', 'out'),
+          idleTimeoutMs: 300,
+          log: silentLog,
+        }),
+        (err: unknown) => {
+          assert.ok(err instanceof FleetError);
+          assert.equal(err.code, ErrorCode.DataNotFound);
+          assert.ok(err.message.includes(`${url}${GTSRB_ARCHIVES.train.name}`));
+          assert.match(err.message, /no data for 300 ms/);
+          assert.match(err.message, /--idle-timeout-ms/);
+          assert.match(err.message, /contains 700 bytes/);
+          return true;
+        },
+      );
+    } finally {
+      await stopServer(idle);
+    }
+    assert.ok(performance.now() - startedAt < 5000);
+    assert.equal((await stat(part)).size, 700);
+  });
+
+  test('missing headers time out', async () => {
+    const { server: silent, url } = await listen(() => {});
+    const startedAt = performance.now();
+
+    try {
+      await assert.rejects(
+        downloadGtsrb({
+          baseUrl: url,
+          downloadDir: join(scratch, 'silent', 'downloads'),
+          outDir: join(scratch, 'silent', 'out'),
+          connectTimeoutMs: 300,
+          log: silentLog,
+        }),
+        (err: unknown) => {
+          assert.ok(err instanceof FleetError);
+          assert.equal(err.code, ErrorCode.DataNotFound);
+          assert.ok(err.message.includes(`${url}${GTSRB_ARCHIVES.train.name}`));
+          assert.match(err.message, /no response headers within 300 ms/);
+          assert.match(err.message, /--connect-timeout-ms/);
+          return true;
+        },
+      );
+    } finally {
+      await stopServer(silent);
+    }
+    assert.ok(performance.now() - startedAt < 5000);
+  });
+
+  test('progress logged without terminal', async () => {
+    const { server: slow, url } = await listen((_request, response) => {
+      response.writeHead(200, { 'content-length': 100000 });
+      let sent = 0;
+      const timer = setInterval(() => {
+        sent += 1;
+        if (sent > 12) {
+          clearInterval(timer);
+          response.destroy();
+          return;
+        }
+        response.write(Buffer.alloc(10, 1));
+      }, 50);
+    });
+    const lines: Record<string, unknown>[] = [];
+
+    try {
+      await assert.rejects(
+        downloadGtsrb({
+          baseUrl: url,
+          downloadDir: join(scratch, 'slow', 'downloads'),
+          outDir: join(scratch, 'slow', 'out'),
+          showProgress: false,
+          progressIntervalMs: 100,
+          log: capturingLogger(lines),
+        }),
+        FleetError,
+      );
+    } finally {
+      await stopServer(slow);
+    }
+    const progress = lines.filter(
+      (line) => line.msg === 'archive download progress',
+    );
+    assert.ok(progress.length >= 2, `${progress.length} progress lines`);
+    assert.equal(progress.at(-1)?.totalBytes, 100000);
+    assert.ok(Number(progress.at(-1)?.bytes) > 0);
+  });
+
+  test('invalid zip names archive', async () => {
+    const name = GTSRB_ARCHIVES.train.name;
+    const valid = archives.get(name)!;
+    const cases = [
+      ['garbage', Buffer.alloc(5000, 7)],
+      ['truncated', valid.subarray(0, Math.floor(valid.length / 2))],
+    ] as const;
+
+    for (const [label, bytes] of cases) {
+      const files = new Map(archives).set(name, bytes);
+      const bad = await startServer(files);
+      const port = (bad.address() as AddressInfo).port;
+      const downloadDir = join(scratch, label, 'downloads');
+      const outDir = join(scratch, label, 'out');
+      try {
+        await assert.rejects(
+          downloadGtsrb({
+            baseUrl: `http://127.0.0.1:${port}/gtsrb/`,
+            downloadDir,
+            outDir,
+            checksums: { ...checksums, [name]: md5(bytes) },
+            log: silentLog,
+          }),
+          (err: unknown) => {
+            assert.ok(err instanceof FleetError, label);
+            assert.equal(err.code, ErrorCode.DataNotFound, label);
+            assert.ok(err.message.includes(join(downloadDir, name)), label);
+            assert.match(err.message, /delete it/, label);
+            assert.match(err.message, /--force/, label);
+            return true;
+          },
+        );
+      } finally {
+        await stopServer(bad);
+      }
+      assert.deepEqual(await readdir(join(scratch, label)), ['downloads']);
+    }
+  });
+
+  test('stale partial folders removed', async () => {
+    const parent = join(scratch, 'stale');
+    const dead = join(parent, `out.partial-${deadPid()}`);
+    const live = join(parent, `out.partial-${process.ppid}`);
+    await mkdir(dead, { recursive: true });
+    await writeFile(join(dead, 'train.csv'), 'x');
+    await mkdir(live, { recursive: true });
+
+    await downloadGtsrb({
+      baseUrl,
+      downloadDir: join(parent, 'downloads'),
+      outDir: join(parent, 'out'),
+      checksums,
+      log: silentLog,
+    });
+
+    assert.equal(existsSync(dead), false);
+    assert.equal(existsSync(live), true);
+    assert.equal(existsSync(join(parent, 'out', 'train.csv')), true);
+  });
+
+  test('SIGINT removes partial dataset', async () => {
+    const name = GTSRB_ARCHIVES.train.name;
+    const image = await resizedPpm(
+      join(DATA_DIR, 'test', (await readdir(join(DATA_DIR, 'test')))[0]),
+      48,
+      48,
+    );
+    const entries: [string, Buffer][] = [];
+    for (let i = 0; i < 3000; i += 1) {
+      const frame = String(i).padStart(5, '0');
+      entries.push([`GTSRB/Training/00001/00000_${frame}.ppm`, image]);
+    }
+    const big = await zipEntries(entries);
+    const files = new Map(archives).set(name, big);
+    const bigServer = await startServer(files);
+    const port = (bigServer.address() as AddressInfo).port;
+    const parent = join(scratch, 'sigint');
+    const checksumsFile = join(scratch, 'sigint-checksums.json');
+    await writeFile(
+      checksumsFile,
+      JSON.stringify({ ...checksums, [name]: md5(big) }),
+    );
+
+    const child = spawn(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        SCRIPT,
+        ...['--base-url', `http://127.0.0.1:${port}/gtsrb/`],
+        ...['--out', join(parent, 'out')],
+        ...['--download-dir', join(parent, 'downloads')],
+        ...['--checksums', checksumsFile],
+      ],
+      { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    const partial = join(parent, `out.partial-${child.pid}`);
+    const exited = new Promise<NodeJS.Signals | number | null>((done) => {
+      child.on('exit', (code, signal) => done(signal ?? code));
+    });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    try {
+      let output = '';
+      for await (const chunk of child.stdout) {
+        output += String(chunk);
+        if (output.includes('dataset conversion started')) break;
+      }
+      while (!existsSync(join(partial, 'train'))) {
+        await new Promise((done) => setTimeout(done, 20));
+      }
+      child.kill('SIGINT');
+
+      assert.equal(await exited, 'SIGINT');
+    } finally {
+      child.kill('SIGKILL');
+      await stopServer(bigServer);
+    }
+    assert.match(stderr, /stopped by SIGINT/);
+    assert.equal(existsSync(partial), false);
+    assert.deepEqual(await readdir(parent), ['downloads']);
   });
 });
