@@ -46,6 +46,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   readonly #roundListeners = new Set<() => void>();
   #phase: Phase = 'new';
   #client: MqttClient | undefined;
+  /**
+   * Acks decided before `#client` is set. A persistent session delivers
+   * queued updates while the connection is still being set up.
+   */
+  #pendingAcks: Array<{ vehicleId: string; ack: Uint8Array }> = [];
   #runner: RoundRunner | undefined;
   #loop: Promise<void> | undefined;
 
@@ -72,6 +77,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       modelName: MODEL_NAME,
       trainableShapes: new Map(trainable.map((s) => [s.name, s.shape])),
       maxMessageBytes: this.options.maxMessageBytes,
+      maxExamplesPerUpdate: this.options.maxExamplesPerUpdate,
+      maxAbsDeltaValue: this.options.maxAbsDeltaValue,
     };
   }
 
@@ -221,6 +228,9 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       signal: this.#stopping.signal,
       log: this.#log,
     });
+    const pending = this.#pendingAcks;
+    this.#pendingAcks = [];
+    for (const { vehicleId, ack } of pending) this.#publishAck(vehicleId, ack);
   }
 
   #onMessage(topic: string, payload: Buffer): void {
@@ -252,13 +262,22 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       this.#log,
     );
 
+    this.#publishAck(vehicleId, ack);
+    this.emit('update-decided', event);
+  }
+
+  #publishAck(vehicleId: string, ack: Uint8Array): void {
+    const client = this.#client;
+    if (client === undefined) {
+      this.#pendingAcks.push({ vehicleId, ack });
+      return;
+    }
     const topic = this.#topics.ack(vehicleId);
-    this.#client!.publishAsync(topic, Buffer.from(ack), { qos: 1 }).catch(
+    client.publishAsync(topic, Buffer.from(ack), { qos: 1 }).catch(
       (err: unknown) => {
         this.#log.warn({ err, vehicleId, topic }, 'ack publish failed');
       },
     );
-    this.emit('update-decided', event);
   }
 
   #publishRoundTask(bytes: Uint8Array, round: number): void {

@@ -8,6 +8,7 @@ export interface ConnectionOptions {
   /** Topic filters to subscribe to with QoS 1. */
   subscriptions: string[];
   onMessage: (topic: string, payload: Buffer) => void;
+  /** Signal aborted when the owner stops. Later socket errors log at debug. */
   signal: AbortSignal;
   log: Logger;
 }
@@ -31,8 +32,16 @@ export async function connectToBroker(
     reconnectPeriod: 1000,
   });
   client.on('message', options.onMessage);
-  client.on('error', (err) => log.warn({ err, clientId }, 'mqtt client error'));
-  client.on('offline', () => log.warn({ clientId }, 'mqtt client offline'));
+  // Socket errors such as `write EPIPE` are expected while the client
+  // shuts down, so they are logged at debug once `signal` has aborted.
+  client.on('error', (err) => {
+    if (signal.aborted) log.debug({ err, clientId }, 'mqtt client error');
+    else log.warn({ err, clientId }, 'mqtt client error');
+  });
+  client.on('offline', () => {
+    if (signal.aborted) log.debug({ clientId }, 'mqtt client offline');
+    else log.warn({ clientId }, 'mqtt client offline');
+  });
   client.on('reconnect', () =>
     log.debug({ clientId }, 'mqtt client reconnecting'),
   );

@@ -46,12 +46,19 @@ export class FedAvgAccumulator {
    * the sums unchanged.
    *
    * @throws {RangeError} for a numExamples that is not a positive safe
-   *   integer, a missing or extra tensor, or a tensor of the wrong size.
+   *   integer or that would make the total unsafe, a missing or extra
+   *   tensor, or a tensor of the wrong size.
    */
   add(deltas: ReadonlyMap<string, Float32Array>, numExamples: number): void {
     if (!Number.isSafeInteger(numExamples) || numExamples <= 0) {
       throw new RangeError(
         `numExamples must be a positive integer, got ${numExamples}`,
+      );
+    }
+    if (!Number.isSafeInteger(this.#totalExamples + numExamples)) {
+      throw new RangeError(
+        `numExamples ${numExamples} would raise the total of ` +
+          `${this.#totalExamples} above ${Number.MAX_SAFE_INTEGER}`,
       );
     }
     this.#checkTensors(deltas);

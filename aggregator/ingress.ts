@@ -50,9 +50,10 @@ export function receiveUpdate(
     selectedVehicles: new Set(),
     seenUpdateIds: new Set(),
     acceptedVehicles: new Set(),
+    acceptedExamples: 0,
   };
   const decision = validateUpdate(vehicleId, payload, context);
-  if (round?.isOpen) round.record(vehicleId, payload.byteLength, decision);
+  if (round?.isOpen) round.record(payload.byteLength, decision);
 
   logDecision(log, vehicleId, payload.byteLength, decision, context);
   const current = {

@@ -114,6 +114,18 @@ const program = new Command('aggregator')
     DEFAULT_MAX_MESSAGE_BYTES,
   )
   .option(
+    '--max-examples-per-update <count>',
+    'reject updates that claim more training examples than this',
+    integer(1),
+    1_000_000,
+  )
+  .option(
+    '--max-abs-delta-value <number>',
+    'reject updates with a delta value whose magnitude is above this',
+    number(0),
+    1000,
+  )
+  .option(
     '--export-tolerance-abs <number>',
     'max ONNX-vs-TF.js probability difference',
     number(0),
@@ -159,6 +171,8 @@ interface Flags {
   maxRounds: number;
   seed: number;
   maxMessageBytes: number;
+  maxExamplesPerUpdate: number;
+  maxAbsDeltaValue: number;
   exportToleranceAbs: number;
   testData?: string;
   testLimit?: number;
@@ -215,6 +229,8 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     maxRounds: flags.maxRounds,
     seed: flags.seed,
     maxMessageBytes: flags.maxMessageBytes,
+    maxExamplesPerUpdate: flags.maxExamplesPerUpdate,
+    maxAbsDeltaValue: flags.maxAbsDeltaValue,
     exportToleranceAbs: flags.exportToleranceAbs,
     log,
   };

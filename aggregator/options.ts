@@ -70,6 +70,13 @@ export interface AggregatorOptions {
   /** Maximum size of an update or release message. Default 64 MiB. */
   maxMessageBytes?: number;
   /**
+   * Maximum numExamples of one update. Default 1,000,000. It bounds the
+   * weight one vehicle gets in FedAvg.
+   */
+  maxExamplesPerUpdate?: number;
+  /** Maximum |value| of a delta element. Default 1000. */
+  maxAbsDeltaValue?: number;
+  /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
    * TF.js. Default: 8 seeded random images.
    */
@@ -150,6 +157,8 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     maxRounds: options.maxRounds ?? 0,
     seed: options.seed ?? 1,
     maxMessageBytes: options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
+    maxExamplesPerUpdate: options.maxExamplesPerUpdate ?? 1_000_000,
+    maxAbsDeltaValue: options.maxAbsDeltaValue ?? 1000,
     exportToleranceAbs: options.exportToleranceAbs ?? 1e-4,
     testSet: options.testSet,
     ...resolveProbe(options),
@@ -193,6 +202,13 @@ function checkNumbers(
   requireInteger('maxRounds', options.maxRounds, 0);
   requireInteger('seed', options.seed, 0);
   requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);
+  requireInteger('maxExamplesPerUpdate', options.maxExamplesPerUpdate, 1);
+  if (
+    !(options.maxAbsDeltaValue > 0) ||
+    !Number.isFinite(options.maxAbsDeltaValue)
+  ) {
+    invalid('maxAbsDeltaValue', options.maxAbsDeltaValue, 'a positive number');
+  }
   if (!(options.exportToleranceAbs > 0)) {
     invalid(
       'exportToleranceAbs',

@@ -1,7 +1,10 @@
 import { FedAvgAccumulator } from './fedavg.ts';
 import type { RoundContext, UpdateDecision } from './validate.ts';
 
-/** Reason a round stopped taking updates. */
+/**
+ * Reason a round stopped taking updates. 'all-responded' means every
+ * selected vehicle has an accepted update.
+ */
 export type CloseTrigger = 'all-responded' | 'deadline' | 'stopped';
 
 /** Counts of one round, for logs and the round events. */
@@ -26,13 +29,20 @@ export interface RoundStats {
 /** Round-independent part of the validation context. */
 export type FleetContext = Pick<
   RoundContext,
-  'lastRound' | 'modelName' | 'trainableShapes' | 'maxMessageBytes'
+  | 'lastRound'
+  | 'modelName'
+  | 'trainableShapes'
+  | 'maxMessageBytes'
+  | 'maxExamplesPerUpdate'
+  | 'maxAbsDeltaValue'
 >;
 
 /**
- * State of one open round: who was selected, who responded, and the FedAvg
- * sum of accepted deltas. The round closes when every selected vehicle
- * has responded, at its deadline, or on `close('stopped')`.
+ * State of one open round: who was selected, whose update was accepted,
+ * and the FedAvg sum of accepted deltas. The round closes when every
+ * selected vehicle has an accepted update, at its deadline, or on
+ * `close('stopped')`. A rejected update does not count as a vehicle's
+ * answer, because anyone on the broker can publish on a vehicle's topic.
  */
 export class OpenRound {
   readonly round: number;
@@ -46,7 +56,6 @@ export class OpenRound {
 
   readonly #seenUpdateIds = new Set<string>();
   readonly #acceptedVehicles = new Set<string>();
-  readonly #responded = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
   #accepted = 0;
   #rejected = 0;
@@ -96,45 +105,34 @@ export class OpenRound {
       selectedVehicles: this.selected,
       seenUpdateIds: this.#seenUpdateIds,
       acceptedVehicles: this.#acceptedVehicles,
+      acceptedExamples: this.accumulator.totalExamples,
     };
   }
 
   /**
-   * Counts one decided update of `bytes` from the update topic of
-   * `topicVehicleId`, adds accepted deltas to the FedAvg sum, and closes
-   * the round once every selected vehicle has responded. A rejection
-   * counts as a response only when it is addressed to this round by a
-   * selected vehicle on its own topic.
+   * Counts one decided update of `bytes`, adds accepted deltas to the
+   * FedAvg sum, and closes the round once every selected vehicle has an
+   * accepted update. After a rejection the vehicle may still send a valid
+   * update until the deadline.
    */
-  record(
-    topicVehicleId: string,
-    bytes: number,
-    decision: UpdateDecision,
-  ): void {
+  record(bytes: number, decision: UpdateDecision): void {
     this.#uplinkBytes += bytes;
-    const update = decision.update;
-    if (decision.accepted) {
-      this.accumulator.add(decision.deltas, decision.update.numExamples);
-      this.#accepted += 1;
-      this.#acceptedVehicles.add(decision.update.vehicleId);
-    } else {
+    if (!decision.accepted) {
       this.#rejected += 1;
       this.#rejectedByReason[decision.code] =
         (this.#rejectedByReason[decision.code] ?? 0) + 1;
+      return;
     }
 
-    const isResponse =
-      update !== undefined &&
-      update.round === this.round &&
-      update.vehicleId === topicVehicleId &&
-      this.selected.has(update.vehicleId);
-    if (isResponse) {
-      this.#seenUpdateIds.add(update.updateId);
-      this.#responded.add(update.vehicleId);
-    }
+    this.accumulator.add(decision.deltas, decision.update.numExamples);
+    this.#accepted += 1;
+    this.#acceptedVehicles.add(decision.update.vehicleId);
+    this.#seenUpdateIds.add(decision.update.updateId);
     // NOTE: a selected vehicle that goes offline is still awaited, so a
     // round with such a vehicle runs until its deadline.
-    if (this.#responded.size >= this.selected.size) this.close('all-responded');
+    if (this.#acceptedVehicles.size >= this.selected.size) {
+      this.close('all-responded');
+    }
   }
 
   /** Stops taking updates; later calls do nothing. */

@@ -25,10 +25,16 @@ export interface RoundContext {
   /** Model version the open round trains from (the current version). */
   modelVersion: number;
   selectedVehicles: ReadonlySet<string>;
-  /** Update ids already decided in the open round. */
+  /** Update ids accepted in the open round. */
   seenUpdateIds: ReadonlySet<string>;
   /** Vehicles whose update was accepted in the open round. */
   acceptedVehicles: ReadonlySet<string>;
+  /** Sum of numExamples over the updates accepted in the open round. */
+  acceptedExamples: number;
+  /** Maximum numExamples of one update. */
+  maxExamplesPerUpdate: number;
+  /** Maximum |value| of a delta element. */
+  maxAbsDeltaValue: number;
   /** Shape of each tensor an update must carry, by name. */
   trainableShapes: ReadonlyMap<string, readonly number[]>;
   maxMessageBytes: number;
@@ -91,10 +97,10 @@ export function validateUpdate(
     checkRound(update, context) ??
     checkModel(update, context) ??
     checkDuplicate(update, context) ??
-    checkExampleCount(update);
+    checkExampleCount(update, context);
   if (problem !== undefined) return { ...problem, update };
 
-  const decoded = decodeDeltas(update, context.trainableShapes);
+  const decoded = decodeDeltas(update, context);
   if (!(decoded instanceof Map)) return { ...decoded, update };
   return { accepted: true, update, deltas: decoded };
 }
@@ -174,20 +180,38 @@ function checkDuplicate(
   return undefined;
 }
 
-function checkExampleCount(update: ModelUpdate): RejectedUpdate | undefined {
-  if (update.numExamples > 0) return undefined;
-  return reject(
-    ErrorCode.InvalidExampleCount,
-    `update ${update.updateId} has numExamples ${update.numExamples}, ` +
-      'expected at least 1',
-  );
+function checkExampleCount(
+  update: ModelUpdate,
+  context: RoundContext,
+): RejectedUpdate | undefined {
+  const { numExamples, updateId } = update;
+  const max = context.maxExamplesPerUpdate;
+  if (numExamples < 1 || numExamples > max) {
+    return reject(
+      ErrorCode.InvalidExampleCount,
+      `update ${updateId} has numExamples ${numExamples}, expected an ` +
+        `integer between 1 and the maximum of ${max}`,
+    );
+  }
+  // The round's sum goes into the release, whose codec takes only safe
+  // integers. The per-update maximum keeps this unreachable by default.
+  if (!Number.isSafeInteger(context.acceptedExamples + numExamples)) {
+    return reject(
+      ErrorCode.InvalidExampleCount,
+      `update ${updateId} has numExamples ${numExamples}, which would ` +
+        `raise the round's sum of ${context.acceptedExamples} above ` +
+        `${Number.MAX_SAFE_INTEGER}`,
+    );
+  }
+  return undefined;
 }
 
 /** Returns the decoded deltas, or the first tensor problem found. */
 function decodeDeltas(
   update: ModelUpdate,
-  shapes: ReadonlyMap<string, readonly number[]>,
+  context: RoundContext,
 ): WeightMap | RejectedUpdate {
+  const shapes = context.trainableShapes;
   const names = update.deltas.map((tensor) => tensor.name);
   const expected = [...shapes.keys()];
   const isSameSet =
@@ -204,7 +228,11 @@ function decodeDeltas(
 
   const deltas: WeightMap = new Map();
   for (const tensor of update.deltas) {
-    const values = decodeDelta(tensor, shapes.get(tensor.name)!);
+    const values = decodeDelta(
+      tensor,
+      shapes.get(tensor.name)!,
+      context.maxAbsDeltaValue,
+    );
     if (!(values instanceof Float32Array)) return values;
     deltas.set(tensor.name, values);
   }
@@ -214,6 +242,7 @@ function decodeDeltas(
 function decodeDelta(
   tensor: WireTensor,
   shape: readonly number[],
+  maxAbsValue: number,
 ): Float32Array | RejectedUpdate {
   if (tensor.encoding !== TensorEncoding.Float32) {
     return reject(
@@ -246,6 +275,16 @@ function decodeDelta(
       ErrorCode.NonFiniteValue,
       `tensor ${tensor.name} has value ${values[bad]} at index ${bad}; ` +
         'expected finite numbers',
+    );
+  }
+  // A bound keeps the float sums of FedAvg far from overflow, so one
+  // vehicle cannot turn the merged model into Inf or NaN.
+  const large = values.findIndex((value) => Math.abs(value) > maxAbsValue);
+  if (large >= 0) {
+    return reject(
+      ErrorCode.ValueOutOfRange,
+      `tensor ${tensor.name} has value ${values[large]} at index ${large}; ` +
+        `expected |value| <= ${maxAbsValue}`,
     );
   }
   return values;

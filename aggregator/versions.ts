@@ -110,7 +110,8 @@ async function createBaseVersion(
  * Builds the version after `current`: its weights plus `meanDelta`,
  * exported and checked against TF.js. Nothing is stored here.
  *
- * @throws {FleetError} EXPORT_MISMATCH when ONNX and TF.js disagree.
+ * @throws {FleetError} NON_FINITE_VALUE when a merged weight is NaN or
+ *   infinite, EXPORT_MISMATCH when ONNX and TF.js disagree.
  */
 export async function buildNextVersion(
   current: StoredModel,
@@ -120,6 +121,7 @@ export async function buildNextVersion(
 ): Promise<{ model: StoredModel; maxAbsDiff: number }> {
   const version = current.manifest.version + 1;
   const weights = applyDeltas(current.weights, meanDelta);
+  checkFinite(weights, version);
   const checked = await exportAndCheck(
     weights,
     checkOptionsOf(options, `${MODEL_NAME} version ${version}`),
@@ -146,6 +148,26 @@ export async function buildNextVersion(
   return { model, maxAbsDiff: checked.maxAbsDiff };
 }
 
+/**
+ * Checks that every merged weight is finite. Without this, an overflow
+ * would surface later as a NaN difference in the export check.
+ *
+ * @throws {FleetError} NON_FINITE_VALUE naming the first bad weight.
+ */
+export function checkFinite(weights: WeightMap, version: number): void {
+  for (const [name, values] of weights) {
+    const bad = values.findIndex((value) => !Number.isFinite(value));
+    if (bad >= 0) {
+      throw new FleetError(
+        ErrorCode.NonFiniteValue,
+        `merged weights of version ${version} have value ${values[bad]} ` +
+          `in tensor ${name} at index ${bad}; expected finite numbers, so ` +
+          'the round is discarded',
+      );
+    }
+  }
+}
+
 /** A new version, stored and recorded in state.json, not yet published. */
 export interface CommittedVersion {
   model: StoredModel;
@@ -159,8 +181,8 @@ export interface CommittedVersion {
  * adds the FedAvg mean delta, exports and checks the ONNX model, stores
  * it, then updates state.json. Nothing is written when a step fails.
  *
- * @throws {FleetError} QUORUM_NOT_MET, EXPORT_MISMATCH, or
- *   PAYLOAD_TOO_LARGE when the release exceeds maxMessageBytes.
+ * @throws {FleetError} QUORUM_NOT_MET, NON_FINITE_VALUE (merged weights),
+ *   EXPORT_MISMATCH, or PAYLOAD_TOO_LARGE when the release exceeds maxMessageBytes.
  */
 export async function commitRound(
   round: OpenRound,

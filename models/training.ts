@@ -110,9 +110,9 @@ const MOMENTUM = 0.9;
 /** Examples per forward pass of the frozen prefix. */
 const PREFIX_BATCH_SIZE = 256;
 /**
- * Longest run of steps without yielding to the event loop, so that timers
- * (MQTT keepalive, progress bars) still fire while the synchronous wasm and
- * cpu backends train.
+ * Maximum time between yields to the event loop during training, so that
+ * timers (MQTT keepalive, progress bars) still fire while the synchronous
+ * wasm and cpu backends train.
  */
 const YIELD_INTERVAL_MS = 50;
 let lastYield = performance.now();

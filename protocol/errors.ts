@@ -22,7 +22,9 @@ export const ErrorCode = {
   UnsupportedEncoding: 'UNSUPPORTED_ENCODING',
   /** NaN or infinite value in a tensor. */
   NonFiniteValue: 'NON_FINITE_VALUE',
-  /** numExamples is zero or not a safe integer. */
+  /** Finite tensor value whose magnitude is above the configured bound. */
+  ValueOutOfRange: 'VALUE_OUT_OF_RANGE',
+  /** numExamples is zero, above the configured maximum or not safe. */
   InvalidExampleCount: 'INVALID_EXAMPLE_COUNT',
   /** An update with this update id, or from this vehicle, was counted. */
   DuplicateUpdate: 'DUPLICATE_UPDATE',

@@ -3,6 +3,7 @@ import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { pino } from 'pino';
 import {
   Aggregator,
   type RoundClosedEvent,
@@ -15,6 +16,7 @@ import {
   encodeModelUpdate,
 } from '../protocol/index.ts';
 import { MODEL_NAME } from '../models/architecture.ts';
+import { connectToBroker } from '../aggregator/connection.ts';
 import type { RunningBroker } from '../broker/index.ts';
 import {
   TestVehicle,
@@ -35,6 +37,16 @@ let broker: RunningBroker;
 before(async () => {
   images = await loadRealImages();
 });
+
+/** A debug-level logger that keeps every line as a parsed object. */
+function captureLog() {
+  const lines: Array<{ level: number; msg: string }> = [];
+  const log = pino(
+    { level: 'debug' },
+    { write: (line: string) => lines.push(JSON.parse(line)) },
+  );
+  return { log, lines };
+}
 
 function isInvalidConfig(option: string) {
   return (err: unknown): boolean =>
@@ -83,6 +95,16 @@ describe('aggregator options', () => {
       () => new Aggregator({ ...options, fleetId: 'a/b' }),
       isInvalidConfig('fleetId'),
     );
+    assert.throws(
+      () => new Aggregator({ ...options, maxExamplesPerUpdate: 0 }),
+      isInvalidConfig('maxExamplesPerUpdate'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, maxAbsDeltaValue: Infinity }),
+      isInvalidConfig('maxAbsDeltaValue'),
+    );
+    assert.equal(new Aggregator(options).options.maxExamplesPerUpdate, 1e6);
+    assert.equal(new Aggregator(options).options.maxAbsDeltaValue, 1000);
     assert.throws(
       () => new Aggregator({ ...options, stateDir: '' }),
       TypeError,
@@ -291,5 +313,87 @@ describe('aggregator deadline and export check', () => {
       false,
     );
     assert.equal((await fetchRetainedRelease(broker)).version, 1);
+  });
+});
+
+describe('aggregator restart with queued update', () => {
+  let workspace: Workspace;
+  let vehicle: TestVehicle;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+    vehicle = await TestVehicle.connect(broker, 'queued-veh');
+  });
+
+  after(async () => {
+    await vehicle.close();
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('queued update acked after restart', async () => {
+    const first = new Aggregator(
+      testOptions(broker, workspace, images, { roundTimeoutMs: 60_000 }),
+    );
+    await first.start();
+    const task = await vehicle.nextTask();
+    await first.stop();
+
+    // The aggregator's session is persistent (clean: false), so the broker
+    // queues this QoS 1 update and delivers it while the restarted
+    // aggregator is still connecting.
+    await vehicle.publish(encodeModelUpdate(buildUpdate(vehicle.id, task)));
+    const { log, lines } = captureLog();
+    const second = new Aggregator(
+      testOptions(broker, workspace, images, { log }),
+    );
+    const ack = vehicle.nextAck();
+    await second.start();
+    const received = await ack;
+    await second.stop();
+
+    assert.equal(received.status, AckStatus.Rejected);
+    assert.equal(received.reasonCode, ErrorCode.RoundClosed);
+    assert.equal(received.round, 1);
+    assert.equal(received.currentModelVersion, 0);
+    const failures = lines.filter((l) => l.msg === 'message handler failed');
+    assert.deepEqual(failures, []);
+  });
+});
+
+describe('aggregator connection logs', () => {
+  test('errors while stopping logged at debug', async () => {
+    const ownBroker = await startTestBroker();
+    const controller = new AbortController();
+    const { log, lines } = captureLog();
+    const client = await connectToBroker({
+      brokerUrl: `mqtt://127.0.0.1:${ownBroker.port}`,
+      clientId: 'connection-log-test',
+      subscriptions: ['connection-log-test/#'],
+      onMessage: () => undefined,
+      signal: controller.signal,
+      log,
+    });
+    const errorLevels = (): number[] =>
+      lines.filter((l) => l.msg === 'mqtt client error').map((l) => l.level);
+
+    client.emit('error', new Error('write EPIPE'));
+    assert.deepEqual(errorLevels(), [40]);
+
+    controller.abort();
+    const afterAbort = lines.length;
+    client.emit('error', new Error('write after end'));
+    const offline = new Promise<void>((resolve) =>
+      client.once('offline', () => resolve()),
+    );
+    await ownBroker.close();
+    await offline;
+    await client.endAsync(true);
+
+    assert.deepEqual(errorLevels(), [40, 20]);
+    const loud = lines.slice(afterAbort).filter((l) => l.level >= 40);
+    assert.deepEqual(loud, []);
+    assert.ok(lines.some((l) => l.msg === 'mqtt client offline'));
   });
 });

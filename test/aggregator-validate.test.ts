@@ -25,8 +25,11 @@ function context(overrides: Partial<RoundContext> = {}): RoundContext {
     selectedVehicles: new Set(['veh-1', 'veh-2']),
     seenUpdateIds: new Set(),
     acceptedVehicles: new Set(),
+    acceptedExamples: 0,
     trainableShapes: SHAPES,
     maxMessageBytes: 1024 * 1024,
+    maxExamplesPerUpdate: 1000,
+    maxAbsDeltaValue: 10,
     ...overrides,
   };
 }
@@ -170,6 +173,56 @@ describe('validateUpdate', () => {
     const bytes = encodeModelUpdate(update({ numExamples: 0 }));
 
     assert.equal(codeOf(bytes), ErrorCode.InvalidExampleCount);
+  });
+
+  test('example count above maximum', () => {
+    const huge = encodeModelUpdate(
+      update({ numExamples: Number.MAX_SAFE_INTEGER }),
+    );
+    const decision = validateUpdate('veh-1', huge, context());
+
+    assert.ok(!decision.accepted);
+    assert.equal(decision.code, ErrorCode.InvalidExampleCount);
+    assert.match(decision.reason, /9007199254740991/);
+    assert.match(decision.reason, /maximum of 1000/);
+    assert.equal(
+      codeOf(encodeModelUpdate(update({ numExamples: 1000 }))),
+      'ACCEPTED',
+    );
+    assert.equal(
+      codeOf(encodeModelUpdate(update({ numExamples: 1001 }))),
+      ErrorCode.InvalidExampleCount,
+    );
+  });
+
+  test('round example sum stays safe', () => {
+    const bytes = encodeModelUpdate(update({ numExamples: 12 }));
+    const nearLimit = context({
+      acceptedExamples: Number.MAX_SAFE_INTEGER - 5,
+      maxExamplesPerUpdate: Number.MAX_SAFE_INTEGER,
+    });
+
+    assert.equal(codeOf(bytes, nearLimit), ErrorCode.InvalidExampleCount);
+  });
+
+  test('delta magnitude above bound', () => {
+    const huge = update({
+      deltas: [tensor('dense2/kernel'), tensor('dense2/bias', -3e38)],
+    });
+    const decision = validateUpdate(
+      'veh-1',
+      encodeModelUpdate(huge),
+      context(),
+    );
+    const atBound = update({
+      deltas: [tensor('dense2/kernel', 10), tensor('dense2/bias', -10)],
+    });
+
+    assert.ok(!decision.accepted);
+    assert.equal(decision.code, ErrorCode.ValueOutOfRange);
+    assert.match(decision.reason, /dense2\/bias/);
+    assert.match(decision.reason, /<= 10/);
+    assert.equal(codeOf(encodeModelUpdate(atBound)), 'ACCEPTED');
   });
 
   test('tensor set must match exactly', () => {

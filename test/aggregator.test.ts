@@ -26,6 +26,7 @@ import {
   loadRealImages,
   startTestBroker,
   testOptions,
+  topics,
   type RealImages,
   type Workspace,
 } from './aggregator-fixtures.ts';
@@ -186,6 +187,8 @@ describe('aggregator rejects bad updates', () => {
       'v-zero',
       'v-tensors',
       'v-encoding',
+      'v-many',
+      'v-huge',
     ];
     for (const id of online)
       vehicles.set(id, await TestVehicle.connect(broker, id));
@@ -262,6 +265,21 @@ describe('aggregator rejects bad updates', () => {
       ErrorCode.InvalidExampleCount,
     );
 
+    const many = await v('v-many').send(
+      encodeModelUpdate(
+        buildUpdate('v-many', task, { numExamples: Number.MAX_SAFE_INTEGER }),
+      ),
+    );
+    assertRejected(many, ErrorCode.InvalidExampleCount);
+    assert.match(many.reason, /9007199254740991/);
+    assert.match(many.reason, /maximum of 1000000/);
+
+    const huge = await v('v-huge').send(
+      encodeModelUpdate(buildUpdate('v-huge', task, { value: () => 3e38 })),
+    );
+    assertRejected(huge, ErrorCode.ValueOutOfRange);
+    assert.match(huge.reason, /expected \|value\| <= 1000/);
+
     const partial = {
       ...valid('v-tensors'),
       deltas: buildDeltas(names.slice(2), () => 0),
@@ -287,19 +305,19 @@ describe('aggregator rejects bad updates', () => {
     );
     assertRejected(spoofed, ErrorCode.MalformedPayload);
 
-    // Input that named no round of theirs left these vehicles free to retry.
+    // A rejected update is not a vehicle's answer: every selected vehicle
+    // has sent one, yet the round stays open and each may still send a
+    // valid update, even under the update id of its rejected one.
     assert.equal(aggregator.roundsCompleted, 0);
-    assertAccepted(
-      await v('v-trunc').send(encodeModelUpdate(valid('v-trunc'))),
-    );
-    assertAccepted(
-      await v('v-round').send(encodeModelUpdate(valid('v-round'))),
-    );
-    assertAccepted(await v('good-b').send(encodeModelUpdate(valid('good-b'))));
+    const retrying = online.filter((id) => id !== 'good-a');
+    for (const id of retrying) {
+      assertAccepted(await v(id).send(encodeModelUpdate(valid(id))));
+    }
 
     const [event] = (await closed) as [RoundClosedEvent];
-    assert.equal(event.accepted, 4);
-    assert.equal(event.rejected, 12);
+    assert.equal(event.accepted, online.length);
+    assert.equal(event.rejected, 14);
+    assert.ok(event.durationMs < 10_000, 'round waited for its deadline');
     assert.deepEqual(event.rejectedByReason, {
       [ErrorCode.DuplicateUpdate]: 2,
       [ErrorCode.MalformedPayload]: 2,
@@ -307,7 +325,8 @@ describe('aggregator rejects bad updates', () => {
       [ErrorCode.WrongRound]: 1,
       [ErrorCode.WrongShape]: 1,
       [ErrorCode.NonFiniteValue]: 1,
-      [ErrorCode.InvalidExampleCount]: 1,
+      [ErrorCode.InvalidExampleCount]: 2,
+      [ErrorCode.ValueOutOfRange]: 1,
       [ErrorCode.WrongTensors]: 1,
       [ErrorCode.UnsupportedEncoding]: 1,
       [ErrorCode.VehicleNotSelected]: 1,
@@ -319,5 +338,67 @@ describe('aggregator rejects bad updates', () => {
     );
     assertRejected(late, ErrorCode.RoundClosed);
     assert.equal(late.currentModelVersion, 1);
+  });
+});
+
+describe('aggregator spoofed update', () => {
+  let broker: RunningBroker;
+  let workspace: Workspace;
+  let vehicles: TestVehicle[] = [];
+  let aggregator: Aggregator | undefined;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+  });
+
+  after(async () => {
+    await aggregator?.stop();
+    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('rejected update keeps round open', async () => {
+    vehicles = await Promise.all(
+      ['s-1', 'attacker'].map((id) =>
+        TestVehicle.connect(broker, id, id === 's-1'),
+      ),
+    );
+    const [real, attacker] = vehicles;
+    aggregator = new Aggregator(
+      testOptions(broker, workspace, images, { minUpdates: 1 }),
+    );
+    const closed = once(aggregator, 'round-closed');
+    await aggregator.start();
+    const task = await real.nextTask();
+
+    // Any client can publish on a vehicle's topic, because the broker has
+    // no access control. The spoofed update is rejected and acked to s-1.
+    const spoofed = buildUpdate('s-1', task, {
+      value: (_name, i) => (i === 0 ? Number.NaN : 0),
+    });
+    const spoofAck = real.nextAck();
+    await attacker.client.publishAsync(
+      topics.update('s-1'),
+      Buffer.from(encodeModelUpdate(spoofed)),
+      { qos: 1 },
+    );
+    assertRejected(await spoofAck, ErrorCode.NonFiniteValue);
+    assert.equal(aggregator.roundsCompleted, 0);
+
+    assertAccepted(
+      await real.send(encodeModelUpdate(buildUpdate('s-1', task))),
+    );
+    const [event] = (await closed) as [RoundClosedEvent];
+    assert.equal(event.accepted, 1);
+    assert.equal(event.rejected, 1);
+    assert.equal(event.modelVersion, 1);
+    assert.ok(event.durationMs < 10_000, 'round waited for its deadline');
+
+    const again = await real.send(
+      encodeModelUpdate({ ...buildUpdate('s-1', task), updateId: 'again' }),
+    );
+    assertRejected(again, ErrorCode.RoundClosed);
   });
 });

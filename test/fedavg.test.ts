@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { FedAvgAccumulator, applyDeltas } from '../aggregator/fedavg.ts';
+import { checkFinite } from '../aggregator/versions.ts';
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 
 const SIZES = new Map([
@@ -92,6 +93,16 @@ describe('FedAvgAccumulator', () => {
     assert.deepEqual([...accumulator.result().get('a')!], [1, 1, 1]);
   });
 
+  test('unsafe example total rejected', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+    accumulator.add(deltas([1, 1, 1], [1]), Number.MAX_SAFE_INTEGER - 1);
+
+    assert.throws(() => accumulator.add(deltas([1, 1, 1], [1]), 2), RangeError);
+
+    assert.equal(accumulator.totalExamples, Number.MAX_SAFE_INTEGER - 1);
+    assert.equal(accumulator.count, 1);
+  });
+
   test('invalid tensor size rejected', () => {
     assert.throws(() => new FedAvgAccumulator(new Map([['a', 0]])), RangeError);
   });
@@ -125,6 +136,29 @@ describe('applyDeltas', () => {
     assert.throws(
       () => applyDeltas(weights, new Map([['a', new Float32Array(3)]])),
       RangeError,
+    );
+  });
+});
+
+describe('checkFinite', () => {
+  test('finite weights pass', () => {
+    assert.doesNotThrow(() => checkFinite(deltas([1, -2, 3e38], [0]), 4));
+  });
+
+  test('overflowed weight names tensor', () => {
+    const isNonFinite = (err: unknown): boolean =>
+      err instanceof FleetError &&
+      err.code === ErrorCode.NonFiniteValue &&
+      /version 4/.test(err.message) &&
+      /tensor b at index 0/.test(err.message);
+
+    assert.throws(
+      () => checkFinite(deltas([1, 2, 3], [Number.NaN]), 4),
+      isNonFinite,
+    );
+    assert.throws(
+      () => checkFinite(deltas([1, 2, 3], [Infinity]), 4),
+      isNonFinite,
     );
   });
 });

@@ -304,7 +304,10 @@ describe('trainLocal', () => {
     const size = features.length / featureLabels.length;
     const inputs = new Float32Array(twoClasses.length * size);
     twoClasses.forEach((example, row) =>
-      inputs.set(features.subarray(example * size, (example + 1) * size), row * size),
+      inputs.set(
+        features.subarray(example * size, (example + 1) * size),
+        row * size,
+      ),
     );
     const labels = Int32Array.from(twoClasses, (i) => featureLabels[i]);
 

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -146,6 +147,46 @@ describe('classify command', () => {
     assert.equal(result.status, 1);
     assert.equal(stderrLines(result).length, 1);
     assert.match(result.stderr, /^error: no model deployed in /);
+  });
+
+  test('closed stdout exits quietly', async () => {
+    const child = spawn(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        'vehicle-agent/main.ts',
+        'classify',
+        IMAGE,
+        '--model',
+        modelFile,
+        '--top',
+        '43',
+      ],
+      { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    // Closing the read end first makes every write fail with EPIPE, as
+    // after `| head -1` has exited.
+    child.stdout.destroy();
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk));
+    const [code] = await once(child, 'exit', {
+      signal: AbortSignal.timeout(60_000),
+    });
+
+    assert.equal(code, 0, stderr);
+    assert.equal(stderr, '');
+  });
+
+  test('run help lists data fallbacks', () => {
+    const result = runCli(['run', '--help']);
+
+    assert.equal(result.status, 0, result.stderr);
+    const help = result.stdout.replace(/\s+/g, ' ');
+    assert.match(
+      help,
+      /FLEETLEARN_DATA, else the first directory that exists of data\/gtsrb32-full, data\/gtsrb32 and \.\.\/shared\/data\/gtsrb32/,
+    );
   });
 
   test('requires one model source', () => {

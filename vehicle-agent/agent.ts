@@ -24,7 +24,7 @@ import {
   type RoundTask,
 } from '../protocol/index.ts';
 import { recordAck } from './acks.ts';
-import { connectToBroker } from './connection.ts';
+import { createBrokerClient, endClient, settleWithin } from './connection.ts';
 import { ModelDeployment } from './deployment.ts';
 import {
   createCounters,
@@ -40,11 +40,19 @@ import {
 import { ReleaseHandler } from './release-handler.ts';
 import { RoundRunner } from './round-runner.ts';
 
+/** Time `stop()` waits for the OFFLINE status to be acknowledged. */
+const OFFLINE_PUBLISH_TIMEOUT_MS = 2000;
+/** Time `stop()` waits for a graceful MQTT disconnect. */
+const DISCONNECT_TIMEOUT_MS = 2000;
+/** Time `stop()` waits for an aborted training run to end. */
+const RUN_STOP_TIMEOUT_MS = 3000;
+
 /**
  * A vehicle agent. The constructor only checks options; `start()` loads
  * the frames, picks the training backend, restores the deployed model and
- * connects. Malformed or rejected input is logged at warn and skipped, so
- * the daemon keeps running.
+ * creates the MQTT client, which connects in the background. Malformed or
+ * rejected input is logged at warn and skipped, so the daemon keeps
+ * running.
  */
 export class VehicleAgent extends EventEmitter<AgentEvents> {
   readonly vehicleId: string;
@@ -60,6 +68,8 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private client: MqttClient | undefined;
   private rounds: RoundRunner | undefined;
   private state: 'idle' | 'starting' | 'running' | 'stopped' = 'idle';
+  private starting: Promise<void> | undefined;
+  private subscribed = false;
   private readonly releases: ReleaseHandler;
 
   /**
@@ -139,26 +149,34 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     return this.releases.rollback();
   }
 
+  /** True while the MQTT client is connected to the broker. */
+  get connected(): boolean {
+    return this.client?.connected ?? false;
+  }
+
   /**
    * Loads frames, selects the training backend, restores the deployed
-   * model, connects and publishes the ONLINE status. While the broker is
-   * unreachable it keeps retrying.
+   * model and creates the MQTT client. It resolves without waiting for the
+   * broker: the client connects in the background and retries every 2 s
+   * while the broker is unreachable, logging the retries at warn. On each
+   * connection the agent subscribes if needed, publishes the ONLINE status
+   * and emits 'connected'.
    *
    * @throws {FleetError} DATA_NOT_FOUND or INVALID_IMAGE for the frames.
    */
-  async start(): Promise<void> {
+  start(): Promise<void> {
     if (this.state !== 'idle') {
-      throw new Error(`VehicleAgent.start() called while ${this.state}`);
+      return Promise.reject(
+        new Error(`VehicleAgent.start() called while ${this.state}`),
+      );
     }
     this.state = 'starting';
-    try {
-      await this.startSteps();
-    } catch (err) {
+    this.starting = this.startSteps().catch(async (err: unknown) => {
       this.state = 'stopped';
-      this.client?.end(true);
       await this.deployment.close();
       throw err;
-    }
+    });
+    return this.starting;
   }
 
   private async startSteps(): Promise<void> {
@@ -178,7 +196,8 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     }
     this.rounds = this.createRoundRunner(this.frames, this.trainingBackend);
 
-    this.client = await connectToBroker({
+    this.state = 'running';
+    this.client = createBrokerClient({
       brokerUrl: this.options.brokerUrl,
       clientId: `vehicle-${this.vehicleId}`,
       will: {
@@ -186,25 +205,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         payload: this.statusBytes(VehicleState.Offline),
       },
       log: this.log,
-      onReconnect: () => void this.publishStatus(),
+      onConnect: () => void this.onConnect(),
     });
-    if (this.state === 'stopped') {
-      await this.client.endAsync();
-      return;
-    }
     this.client.on('message', (topic, payload) =>
       this.onMessage(topic, payload),
     );
-    await this.client.subscribeAsync(
-      [
-        this.topics.release(),
-        this.topics.roundTask(),
-        this.topics.ack(this.vehicleId),
-      ],
-      { qos: 1 },
-    );
-    this.state = 'running';
-    await this.publishStatus();
 
     this.log.info(
       {
@@ -219,33 +224,100 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   }
 
   /**
-   * Publishes the OFFLINE status, disconnects and closes the models. A
-   * training run in progress finishes in the background and is dropped.
+   * Aborts a training run in progress without publishing its update,
+   * publishes the OFFLINE status when connected, disconnects and closes
+   * the models. It finishes within a few seconds even when the broker is
+   * down, because every wait on the network or on training has a timeout.
+   * A stop during `start()` waits for `start()` first, which does no
+   * network I/O.
    */
   async stop(): Promise<void> {
-    if (this.state === 'stopped' || this.state === 'idle') return;
-    // A stop during start() leaves the connection to start(), which ends
-    // it once connected.
+    if (this.state === 'starting') {
+      await this.starting?.catch(() => undefined);
+    }
+    if (this.state !== 'running') return;
     this.state = 'stopped';
-    this.rounds?.stop();
+    const started = Date.now();
+    const runStopped = this.rounds?.stop() ?? Promise.resolve();
     const releasesStopped = this.releases.stop();
 
-    const client = this.client;
-    if (client !== undefined) {
-      try {
-        await client.publishAsync(
-          this.topics.status(this.vehicleId),
-          Buffer.from(this.statusBytes(VehicleState.Offline)),
-          { qos: 1, retain: true },
-        );
-      } catch (err) {
-        this.log.warn({ err }, 'offline status not published');
-      }
-      await client.endAsync();
+    const [runEnded] = await Promise.all([
+      settleWithin(runStopped, RUN_STOP_TIMEOUT_MS),
+      this.disconnect(),
+    ]);
+    if (!runEnded) {
+      this.log.warn(
+        { timeoutMs: RUN_STOP_TIMEOUT_MS },
+        'training still running at stop, its update is dropped',
+      );
     }
     await releasesStopped;
     await this.deployment.close();
-    this.log.info('agent stopped');
+    this.log.info({ durationMs: Date.now() - started }, 'agent stopped');
+  }
+
+  /**
+   * Publishes the OFFLINE status if connected and ends the client. When
+   * not connected, the broker has the last will, which is the same
+   * OFFLINE status, and the client is ended by force so that no queued
+   * message waits for a reconnect.
+   */
+  private async disconnect(): Promise<void> {
+    const client = this.client;
+    if (client === undefined) return;
+    if (client.connected) {
+      const published = client.publishAsync(
+        this.topics.status(this.vehicleId),
+        Buffer.from(this.statusBytes(VehicleState.Offline)),
+        { qos: 1, retain: true },
+      );
+      try {
+        if (!(await settleWithin(published, OFFLINE_PUBLISH_TIMEOUT_MS))) {
+          this.log.warn(
+            { timeoutMs: OFFLINE_PUBLISH_TIMEOUT_MS },
+            'offline status not acknowledged in time',
+          );
+        }
+      } catch (err) {
+        this.log.warn({ err }, 'offline status not published');
+      }
+    } else {
+      this.log.info(
+        { brokerUrl: this.options.brokerUrl },
+        'broker not connected at stop, offline status left to last will',
+      );
+    }
+    await endClient(client, DISCONNECT_TIMEOUT_MS);
+  }
+
+  /**
+   * Subscribes on the first successful connection (mqtt.js subscribes
+   * again by itself after reconnects) and publishes the ONLINE status.
+   */
+  private async onConnect(): Promise<void> {
+    const client = this.client;
+    if (client === undefined || this.state !== 'running') return;
+    if (!this.subscribed) {
+      try {
+        await client.subscribeAsync(
+          [
+            this.topics.release(),
+            this.topics.roundTask(),
+            this.topics.ack(this.vehicleId),
+          ],
+          { qos: 1 },
+        );
+        this.subscribed = true;
+      } catch (err) {
+        // The next connection tries again.
+        this.log.warn({ err }, 'subscription failed');
+        return;
+      }
+    }
+    await this.publishStatus();
+    if (this.state !== 'running') return;
+    this.log.info({ brokerUrl: this.options.brokerUrl }, 'agent connected');
+    this.emit('connected');
   }
 
   private async loadFrames(): Promise<LabelledImages> {

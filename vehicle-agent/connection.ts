@@ -2,33 +2,37 @@
 import mqtt, { type MqttClient } from 'mqtt';
 import type { Logger } from '../protocol/index.ts';
 
-/** Options of `connectToBroker`. */
+/** Options of `createBrokerClient`. */
 export interface BrokerConnectionOptions {
   brokerUrl: string;
   clientId: string;
   /** Retained QoS 1 message the broker publishes if the vehicle drops. */
   will: { topic: string; payload: Uint8Array };
   log: Logger;
-  /** Called after every reconnect (not the first connect). */
-  onReconnect: () => void;
+  /**
+   * Called on every accepted connection. mqtt.js subscribes again by
+   * itself after a reconnect.
+   */
+  onConnect: () => void;
 }
 
-/** Delay between reconnect attempts, in milliseconds. */
+/** Delay between connection attempts, in milliseconds. */
 const RECONNECT_PERIOD_MS = 2000;
-/** Log every this many failed reconnect attempts after the first. */
-const RECONNECT_LOG_EVERY = 10;
+/** Minimum time between two retry warnings, in milliseconds. */
+const RECONNECT_LOG_INTERVAL_MS = 30_000;
 
 /**
- * Connects with MQTT 3.1.1, because aedes rejects MQTT 5, and resolves
- * once the broker accepts the connection. While the broker is unreachable
- * the client keeps retrying and the promise waits. It rejects on an error
- * the broker sends back, such as a refused CONNACK.
+ * Creates an MQTT 3.1.1 client (aedes rejects MQTT 5) that connects in the
+ * background and retries every 2 s for as long as the broker is
+ * unreachable or refuses the connection. The first failed attempt and
+ * then at most one attempt per 30 s are logged at warn, with the broker
+ * URL, the attempt count and the last error.
  */
-export function connectToBroker(
+export function createBrokerClient(
   options: BrokerConnectionOptions,
-): Promise<MqttClient> {
-  const { log } = options;
-  const client = mqtt.connect(options.brokerUrl, {
+): MqttClient {
+  const { log, brokerUrl } = options;
+  const client = mqtt.connect(brokerUrl, {
     protocolVersion: 4,
     clientId: options.clientId,
     clean: true,
@@ -43,39 +47,76 @@ export function connectToBroker(
   });
 
   let attempts = 0;
+  let loggedAtMs = -Infinity;
+  let lastError: Error | undefined;
   let connectedOnce = false;
+  client.on('error', (err) => {
+    // mqtt.js emits socket errors such as ECONNREFUSED here and then
+    // retries, so the error is reported with the retry below.
+    lastError = err;
+    log.debug({ err, brokerUrl }, 'mqtt client error');
+  });
   client.on('reconnect', () => {
     attempts += 1;
-    if (attempts === 1 || attempts % RECONNECT_LOG_EVERY === 0) {
-      log.warn(
-        { attempts, brokerUrl: options.brokerUrl },
-        'broker reconnecting',
-      );
-    }
+    const now = Date.now();
+    if (now - loggedAtMs < RECONNECT_LOG_INTERVAL_MS) return;
+    loggedAtMs = now;
+    log.warn(
+      { attempts, brokerUrl, err: lastError, retryMs: RECONNECT_PERIOD_MS },
+      'broker unreachable, retrying',
+    );
   });
   client.on('offline', () => {
-    if (connectedOnce) log.warn('broker connection lost');
+    if (connectedOnce) log.warn({ brokerUrl }, 'broker connection lost');
   });
   client.on('connect', () => {
+    if (connectedOnce || attempts > 0) {
+      log.info({ attempts, brokerUrl }, 'broker connection established');
+    }
+    connectedOnce = true;
     attempts = 0;
-    if (!connectedOnce) return;
-    log.info('broker connection restored');
-    options.onReconnect();
+    loggedAtMs = -Infinity;
+    lastError = undefined;
+    options.onConnect();
   });
+  return client;
+}
 
-  return new Promise((resolve, reject) => {
-    const onError = (err: Error): void => {
-      client.off('connect', onConnect);
-      client.end(true);
-      reject(err);
-    };
-    const onConnect = (): void => {
-      connectedOnce = true;
-      client.off('error', onError);
-      client.on('error', (err) => log.warn({ err }, 'mqtt client error'));
-      resolve(client);
-    };
-    client.once('connect', onConnect);
-    client.once('error', onError);
+/**
+ * Ends `client` within about `timeoutMs`: gracefully while connected, so
+ * that QoS 1 messages in flight complete, and by force when not connected.
+ * When the graceful end takes longer, the socket is destroyed, which drops
+ * the messages still in flight.
+ */
+export async function endClient(
+  client: MqttClient,
+  timeoutMs: number,
+): Promise<void> {
+  if (!client.connected) {
+    await client.endAsync(true);
+    return;
+  }
+  const ended = await settleWithin(client.endAsync(), timeoutMs);
+  // A second end() is a no-op in mqtt.js 5, so only destroying the
+  // socket stops a graceful end that waits for a missing PUBACK.
+  if (!ended) client.stream.destroy();
+}
+
+/**
+ * Waits for `promise` at most `timeoutMs`. Resolves true when it resolved
+ * in time and false on timeout, and rejects when it rejected in time.
+ */
+export async function settleWithin(
+  promise: Promise<unknown>,
+  timeoutMs: number,
+): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), timeoutMs);
   });
+  try {
+    return await Promise.race([promise.then(() => true as const), timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

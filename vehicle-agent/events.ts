@@ -52,6 +52,8 @@ export type AgentEvents = {
   'release-rejected': [ReleaseRejectedEvent];
   'training-started': [TrainingStartedEvent];
   'training-finished': [TrainingFinishedEvent];
+  /** Subscribed and ONLINE status published, after each connection. */
+  connected: [];
 };
 
 /** Traffic and outcome counters of one agent since it was created. */

@@ -112,10 +112,22 @@ function printClassification(result: ImageClassification): void {
   });
 }
 
+/**
+ * Exits with code 0 when the reader of stdout goes away, as in
+ * `classify IMG | head -1`, instead of crashing on EPIPE.
+ */
+function exitQuietlyOnClosedStdout(): void {
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
+}
+
 async function classifyCommand(
   image: string,
   flags: { stateDir?: string; model?: string; top: number },
 ): Promise<void> {
+  exitQuietlyOnClosedStdout();
   if ((flags.stateDir === undefined) === (flags.model === undefined)) {
     console.error(
       'error: give exactly one of --state-dir DIR and --model FILE.onnx',
@@ -144,13 +156,18 @@ const program = new Command('vehicle-agent').description(
 
 program
   .command('run')
-  .description('Run the vehicle daemon until SIGINT or SIGTERM.')
+  .description(
+    'Run the vehicle daemon until SIGINT or SIGTERM. It retries the ' +
+      'broker every 2 s until it connects.',
+  )
   .requiredOption('--vehicle-id <id>', 'vehicle id, one MQTT topic level')
   .option('--fleet-id <id>', 'fleet id, one MQTT topic level', 'default')
   .option('--broker-url <url>', 'MQTT broker URL', 'mqtt://127.0.0.1:1883')
   .option(
     '--data <dir>',
-    'labelled frames (train split); default FLEETLEARN_DATA, then data/gtsrb32',
+    'labelled frames (train split); default: FLEETLEARN_DATA, else the ' +
+      'first directory that exists of data/gtsrb32-full, data/gtsrb32 and ' +
+      '../shared/data/gtsrb32, relative to the repository root',
   )
   .option(
     '--data-limit <count>',

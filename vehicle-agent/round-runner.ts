@@ -74,6 +74,10 @@ export class RoundRunner {
   private waitAbort: AbortController | undefined;
   private training = false;
   private stopped = false;
+  /** Aborts training between steps once the runner stops. */
+  private readonly stopAbort = new AbortController();
+  /** The run in progress; it never rejects. */
+  private currentRun: Promise<void> | undefined;
   private waitingTask: RoundTask | undefined;
   private readonly handledRounds = new Map<string, true>();
   private readonly sentUpdates = new Map<string, SentUpdate>();
@@ -85,10 +89,17 @@ export class RoundRunner {
     return this.training;
   }
 
-  /** Stops taking tasks; a run in progress publishes nothing more. */
-  stop(): void {
+  /**
+   * Stops taking tasks and aborts training at its next step, so a run in
+   * progress publishes nothing more. Resolves once that run has ended.
+   * NOTE: feature extraction in onnxruntime cannot be aborted, so a run
+   * still extracting features ends only after the extraction.
+   */
+  stop(): Promise<void> {
     this.stopped = true;
     this.waitingTask = undefined;
+    this.stopAbort.abort();
+    return this.currentRun ?? Promise.resolve();
   }
 
   /** Removes and returns the sent update with this id, if known. */
@@ -128,7 +139,7 @@ export class RoundRunner {
       if (!this.training) this.waitAbort?.abort();
       return;
     }
-    void this.run(task);
+    this.currentRun = this.run(task);
   }
 
   private async run(task: RoundTask): Promise<void> {
@@ -143,6 +154,7 @@ export class RoundRunner {
     } finally {
       this.running = false;
       this.waitAbort = undefined;
+      this.currentRun = undefined;
       const next = this.waitingTask;
       this.waitingTask = undefined;
       if (next !== undefined) this.offer(next);
@@ -191,8 +203,12 @@ export class RoundRunner {
       await this.options.beforeTraining();
       succeeded = await this.trainAndPublish(task, model);
     } catch (err) {
-      const code = isFleetError(err) ? err.code : undefined;
-      log.error({ ...fields, err, code }, 'round training failed');
+      if (this.stopped) {
+        log.info(fields, 'round training aborted by stop');
+      } else {
+        const code = isFleetError(err) ? err.code : undefined;
+        log.error({ ...fields, err, code }, 'round training failed');
+      }
     } finally {
       this.training = false;
       const durationMs = Date.now() - started;
@@ -227,6 +243,7 @@ export class RoundRunner {
       baseSeed: this.options.baseSeed,
       backend: this.options.backend,
       maxMessageBytes: this.options.maxMessageBytes,
+      signal: this.stopAbort.signal,
     });
     if (this.stopped) return false;
 

@@ -94,6 +94,8 @@ export interface RoundTrainingInput {
   baseSeed: number;
   backend: TrainingBackend;
   maxMessageBytes: number;
+  /** Aborts training after the current step; the call then rejects. */
+  signal?: AbortSignal;
 }
 
 /** A trained, encoded update ready to publish. */
@@ -125,6 +127,7 @@ async function trainingInputs(
  *
  * @throws {FleetError} NON_FINITE_VALUE when training produced NaN or
  *   infinity, PAYLOAD_TOO_LARGE when the update exceeds `maxMessageBytes`.
+ * @throws the abort reason of `input.signal` once it aborts.
  */
 export async function trainForRound(
   input: RoundTrainingInput,
@@ -133,8 +136,11 @@ export async function trainForRound(
   const config = task.training;
   checkTrainingConfig(config);
   const fromLayer = firstTrainableLayer(config.trainableTensors);
+  const { signal } = input;
 
+  signal?.throwIfAborted();
   const inputs = await trainingInputs(input, fromLayer);
+  signal?.throwIfAborted();
   const result = await trainLocal(model.weights, inputs, frames.labels, {
     trainableTensors: config.trainableTensors,
     epochs: config.localEpochs,
@@ -144,6 +150,9 @@ export async function trainForRound(
     restrictToLocalClasses: config.restrictToLocalClasses,
     seed: deriveTrainingSeed(input.baseSeed, input.vehicleId, task.round),
     fromLayer: fromLayer === LAYER_NAMES[0] ? undefined : fromLayer,
+    // trainLocal calls this after every step and passes the throw on.
+    onProgress:
+      signal === undefined ? undefined : () => signal.throwIfAborted(),
   });
 
   const update = buildModelUpdate(input, result);
