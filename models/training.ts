@@ -388,24 +388,30 @@ async function runEpoch(
   // [sum of loss * batch size, number correct], kept on the backend so
   // that steps do not wait for each other.
   let totals: tf.Tensor1D = tf.zeros([2]);
-  for (let start = 0; start < order.length; start += state.batchSize) {
-    const indices = order.slice(start, start + state.batchSize);
-    const batch = gatherBatch(features, labels, indices, exampleSize);
-    state.augment?.(batch.inputs, indices.length);
-    const stepTotals = runStep(
-      state,
-      batch,
-      [indices.length, ...inputShape],
-      convImpl,
-    );
-    const next = tf.add(totals, stepTotals) as tf.Tensor1D;
-    tf.dispose([totals, stepTotals]);
-    totals = next;
-    onStep(start + indices.length);
-    await yieldEvery(YIELD_INTERVAL_MS);
+  let lossSum: number;
+  let correct: number;
+  // onStep may throw to abort training, so `totals` is freed in finally.
+  try {
+    for (let start = 0; start < order.length; start += state.batchSize) {
+      const indices = order.slice(start, start + state.batchSize);
+      const batch = gatherBatch(features, labels, indices, exampleSize);
+      state.augment?.(batch.inputs, indices.length);
+      const stepTotals = runStep(
+        state,
+        batch,
+        [indices.length, ...inputShape],
+        convImpl,
+      );
+      const next = tf.add(totals, stepTotals) as tf.Tensor1D;
+      tf.dispose([totals, stepTotals]);
+      totals = next;
+      onStep(start + indices.length);
+      await yieldEvery(YIELD_INTERVAL_MS);
+    }
+    [lossSum, correct] = await totals.data();
+  } finally {
+    totals.dispose();
   }
-  const [lossSum, correct] = await totals.data();
-  totals.dispose();
   return {
     loss: lossSum / plan.numExamples,
     accuracy: correct / plan.numExamples,
