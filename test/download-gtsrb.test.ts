@@ -394,7 +394,11 @@ describe('download-gtsrb', () => {
   test('interrupted download keeps part', async () => {
     const cutting = createServer((_request, response) => {
       response.writeHead(200, { 'content-length': 100000 });
-      response.write(Buffer.alloc(5000, 1), () => response.destroy());
+      // Cut the connection only after the client had time to write the
+      // first bytes, so the part file exists even on a loaded machine.
+      response.write(Buffer.alloc(5000, 1), () =>
+        setTimeout(() => response.destroy(), 300),
+      );
     });
     await new Promise<void>((done) => cutting.listen(0, '127.0.0.1', done));
     const { port } = cutting.address() as AddressInfo;
