@@ -40,11 +40,35 @@ export type Layer = ConvLayer | DenseLayer;
  * is flattened in NHWC order to 1,024 features.
  */
 export const LAYERS: readonly Layer[] = [
-  { kind: 'conv', name: 'conv1', inChannels: 3, outChannels: 16, kernelSize: 3 },
-  { kind: 'conv', name: 'conv2', inChannels: 16, outChannels: 32, kernelSize: 3 },
-  { kind: 'conv', name: 'conv3', inChannels: 32, outChannels: 64, kernelSize: 3 },
+  {
+    kind: 'conv',
+    name: 'conv1',
+    inChannels: 3,
+    outChannels: 16,
+    kernelSize: 3,
+  },
+  {
+    kind: 'conv',
+    name: 'conv2',
+    inChannels: 16,
+    outChannels: 32,
+    kernelSize: 3,
+  },
+  {
+    kind: 'conv',
+    name: 'conv3',
+    inChannels: 32,
+    outChannels: 64,
+    kernelSize: 3,
+  },
   { kind: 'dense', name: 'dense1', inUnits: 1024, outUnits: 128, relu: true },
-  { kind: 'dense', name: 'dense2', inUnits: 128, outUnits: NUM_CLASSES, relu: false },
+  {
+    kind: 'dense',
+    name: 'dense2',
+    inUnits: 128,
+    outUnits: NUM_CLASSES,
+    relu: false,
+  },
 ];
 
 /** Name and shape of one weight tensor. */
@@ -59,12 +83,20 @@ export const TENSOR_SPECS: readonly TensorSpec[] = LAYERS.flatMap((layer) =>
     ? [
         {
           name: `${layer.name}/kernel`,
-          shape: [layer.kernelSize, layer.kernelSize, layer.inChannels, layer.outChannels],
+          shape: [
+            layer.kernelSize,
+            layer.kernelSize,
+            layer.inChannels,
+            layer.outChannels,
+          ],
         },
         { name: `${layer.name}/bias`, shape: [layer.outChannels] },
       ]
     : [
-        { name: `${layer.name}/kernel`, shape: [layer.inUnits, layer.outUnits] },
+        {
+          name: `${layer.name}/kernel`,
+          shape: [layer.inUnits, layer.outUnits],
+        },
         { name: `${layer.name}/bias`, shape: [layer.outUnits] },
       ],
 );

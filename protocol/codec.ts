@@ -83,7 +83,11 @@ function decodeWith(
   }
 }
 
-function requireText(type: string, object: Record<string, unknown>, fields: string[]): void {
+function requireText(
+  type: string,
+  object: Record<string, unknown>,
+  fields: string[],
+): void {
   for (const field of fields) {
     const value = object[field];
     if (typeof value !== 'string' || value.length === 0) {
@@ -138,7 +142,10 @@ export function decodeRoundTask(bytes: Uint8Array): RoundTask {
   const object = decodeWith(schema.RoundTask, bytes);
   requireText('RoundTask', object, ['fleetId', 'modelName']);
   if (object.training === null || object.training === undefined) {
-    throw new FleetError(ErrorCode.MalformedPayload, 'RoundTask has no training config');
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      'RoundTask has no training config',
+    );
   }
   object.openedAtMs = toSafeInteger('openedAtMs', object.openedAtMs);
   object.deadlineMs = toSafeInteger('deadlineMs', object.deadlineMs);

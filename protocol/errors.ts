@@ -62,6 +62,9 @@ export class FleetError extends Error {
 }
 
 /** Returns true when `err` is a FleetError, optionally with `code`. */
-export function isFleetError(err: unknown, code?: ErrorCode): err is FleetError {
+export function isFleetError(
+  err: unknown,
+  code?: ErrorCode,
+): err is FleetError {
   return err instanceof FleetError && (code === undefined || err.code === code);
 }

@@ -7,7 +7,9 @@ export type { Logger };
  * a `component` binding. The level comes from `level`, then the
  * FLEETLEARN_LOG_LEVEL environment variable, then "info".
  */
-export function createLogger(options: { level?: string; name?: string } = {}): Logger {
+export function createLogger(
+  options: { level?: string; name?: string } = {},
+): Logger {
   return pino({
     name: options.name ?? 'fleetlearn',
     level: options.level ?? process.env.FLEETLEARN_LOG_LEVEL ?? 'info',

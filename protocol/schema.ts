@@ -1,7 +1,9 @@
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
 
-const PROTO_PATH = fileURLToPath(new URL('./fleetlearn_v1.proto', import.meta.url));
+const PROTO_PATH = fileURLToPath(
+  new URL('./fleetlearn_v1.proto', import.meta.url),
+);
 
 // keepCase stays off: fields are camelCase in TypeScript (update_id becomes
 // updateId). The codecs below depend on that choice.

@@ -24,7 +24,11 @@ export function encodeFloat32Tensor(
         `[${shape.join(', ')}] needs ${countElements(shape)}`,
     );
   }
-  const data = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+  const data = new Uint8Array(
+    values.buffer,
+    values.byteOffset,
+    values.byteLength,
+  );
   return {
     name,
     shape: [...shape],

@@ -10,7 +10,9 @@ function integer(min: number) {
   return (text: string): number => {
     const value = Number(text);
     if (!Number.isSafeInteger(value) || value < min) {
-      throw new InvalidArgumentError(`expected an integer >= ${min}, got ${text}`);
+      throw new InvalidArgumentError(
+        `expected an integer >= ${min}, got ${text}`,
+      );
     }
     return value;
   };
@@ -44,7 +46,12 @@ const program = new Command('simulate')
     'data directory in GTSRB layout (default: $FLEETLEARN_DATA, then ' +
       'data/gtsrb32-full, data/gtsrb32, ../shared/data/gtsrb32)',
   )
-  .option('--seed <integer>', 'seed for splits, selection and training', integer(0), 1)
+  .option(
+    '--seed <integer>',
+    'seed for splits, selection and training',
+    integer(0),
+    1,
+  )
   .option('--report <file>', 'write the JSON report to this file')
   .option(
     '--alpha <number>',
@@ -52,10 +59,25 @@ const program = new Command('simulate')
     positiveNumber,
     0.5,
   )
-  .option('--local-epochs <count>', 'epochs each vehicle trains per round', integer(1), 1)
+  .option(
+    '--local-epochs <count>',
+    'epochs each vehicle trains per round',
+    integer(1),
+    1,
+  )
   .option('--batch-size <count>', 'local batch size', integer(1), 32)
-  .option('--learning-rate <number>', 'local learning rate', positiveNumber, 0.001)
-  .option('--proximal-mu <number>', 'FedProx coefficient, 0 for FedAvg', nonNegativeNumber, 0)
+  .option(
+    '--learning-rate <number>',
+    'local learning rate',
+    positiveNumber,
+    0.001,
+  )
+  .option(
+    '--proximal-mu <number>',
+    'FedProx coefficient, 0 for FedAvg',
+    nonNegativeNumber,
+    0,
+  )
   .option(
     '--no-restrict-local-classes',
     'vehicles train with a softmax over all classes, not only their own',
@@ -65,11 +87,24 @@ const program = new Command('simulate')
     'comma-separated layers the vehicles train',
     'dense1,dense2',
   )
-  .option('--min-updates <count>', 'quorum of accepted updates per round (default: half the vehicles)', integer(1))
+  .option(
+    '--min-updates <count>',
+    'quorum of accepted updates per round (default: half the vehicles)',
+    integer(1),
+  )
   .option('--round-timeout-ms <ms>', 'round deadline', integer(1000), 600_000)
-  .option('--state-dir <dir>', 'where the aggregator and agents keep state (default: runs/simulate-<time>)')
-  .option('--base-weights <file>', 'base model weights (default: models/base/gtsrb-cnn-v0.weights.pb)')
-  .option('--depot-tracks <file>', 'JSON list of track ids kept from the vehicles (default: models/base/depot-tracks.json)')
+  .option(
+    '--state-dir <dir>',
+    'where the aggregator and agents keep state (default: runs/simulate-<time>)',
+  )
+  .option(
+    '--base-weights <file>',
+    'base model weights (default: models/base/gtsrb-cnn-v0.weights.pb)',
+  )
+  .option(
+    '--depot-tracks <file>',
+    'JSON list of track ids kept from the vehicles (default: models/base/depot-tracks.json)',
+  )
   .option('--no-centralized', 'skip the centralized baseline')
   .addOption(
     new Option('--log-level <level>', 'pino log level of the processes')
@@ -94,7 +129,9 @@ const options: SimulationOptions = {
   learningRate: flags.learningRate,
   proximalMu: flags.proximalMu,
   restrictToLocalClasses: flags.restrictLocalClasses,
-  trainLayers: String(flags.trainLayers).split(',').map((name) => name.trim()),
+  trainLayers: String(flags.trainLayers)
+    .split(',')
+    .map((name) => name.trim()),
   minUpdates: flags.minUpdates,
   roundTimeoutMs: flags.roundTimeoutMs,
   stateDir: flags.stateDir,

@@ -127,18 +127,17 @@ describe('64-bit fields', () => {
   it('rejects values above 2^53 - 1', () => {
     const tooBig = Long.fromString('9007199254740993', true);
 
-    assertFleetError(() => toSafeInteger('f', tooBig), ErrorCode.MalformedPayload);
+    assertFleetError(
+      () => toSafeInteger('f', tooBig),
+      ErrorCode.MalformedPayload,
+    );
   });
 
   it('decodes a huge example count as an error', () => {
     const update = { ...sampleUpdate(), numExamples: 0 };
     const bytes = encodeModelUpdate(update);
     // Field 6 (num_examples), varint wire type, value 2^60.
-    const huge = Uint8Array.from([
-      ...bytes,
-      0x30,
-      ...varint(2n ** 60n),
-    ]);
+    const huge = Uint8Array.from([...bytes, 0x30, ...varint(2n ** 60n)]);
 
     assertFleetError(() => decodeModelUpdate(huge), ErrorCode.MalformedPayload);
   });
@@ -179,7 +178,8 @@ describe('tensor values', () => {
     const wire = encodeFloat32Tensor('t', [2], new Float32Array([1, 2]));
 
     assertFleetError(
-      () => decodeTensorValues({ ...wire, encoding: TensorEncoding.Int8Scaled }),
+      () =>
+        decodeTensorValues({ ...wire, encoding: TensorEncoding.Int8Scaled }),
       ErrorCode.UnsupportedEncoding,
     );
   });
@@ -285,7 +285,10 @@ describe('topics', () => {
 
     assert.equal(topic, 'fleet/v1/fleet-a/vehicles/veh-9/updates');
     assert.equal(topics.vehicleIdOf(topic), 'veh-9');
-    assert.equal(topics.vehicleIdOf('fleet/v1/other/vehicles/x/updates'), undefined);
+    assert.equal(
+      topics.vehicleIdOf('fleet/v1/other/vehicles/x/updates'),
+      undefined,
+    );
   });
 
   it('rejects wildcards in ids', () => {

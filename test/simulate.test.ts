@@ -38,13 +38,20 @@ describe('simulate command', () => {
   const reportPath = path.join(workDir, 'report.json');
   const stateDir = path.join(workDir, 'state');
   const result = runSimulate([
-    '--vehicles', '3',
-    '--rounds', '2',
-    '--data', DATA_DIR,
-    '--seed', '4',
-    '--local-epochs', '1',
-    '--state-dir', stateDir,
-    '--report', reportPath,
+    '--vehicles',
+    '3',
+    '--rounds',
+    '2',
+    '--data',
+    DATA_DIR,
+    '--seed',
+    '4',
+    '--local-epochs',
+    '1',
+    '--state-dir',
+    stateDir,
+    '--report',
+    reportPath,
     '--no-progress',
   ]);
 
@@ -60,7 +67,8 @@ describe('simulate command', () => {
       assert.ok(round.uplinkBytes > 0);
       assert.ok(round.downlinkBytes > 0);
       assert.ok(round.durationMs > 0);
-      assert.ok(round.accuracy > 0 && round.accuracy <= 1);
+      assert.ok(round.accuracy > 0, `round ${round.round} accuracy`);
+      assert.ok(round.accuracy <= 1, `round ${round.round} accuracy`);
     }
     assert.ok(report.baseAccuracy > 0.3, `base ${report.baseAccuracy}`);
     assert.ok(report.centralizedAccuracy > 0.3);
@@ -115,7 +123,12 @@ describe('simulate bad input', () => {
 
   it('quorum above vehicle count is rejected', () => {
     const result = runSimulate([
-      '--data', DATA_DIR, '--vehicles', '2', '--min-updates', '3',
+      '--data',
+      DATA_DIR,
+      '--vehicles',
+      '2',
+      '--min-updates',
+      '3',
     ]);
 
     assert.equal(result.status, 1);

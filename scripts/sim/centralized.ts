@@ -26,7 +26,12 @@ function createProgress(
   let bar: cliProgress.SingleBar | undefined;
   if (interactive) {
     bar = new cliProgress.SingleBar(
-      { format: 'centralized baseline |{bar}| epoch {epoch}/' + epochs + ' {percentage}%' },
+      {
+        format:
+          'centralized baseline |{bar}| epoch {epoch}/' +
+          epochs +
+          ' {percentage}%',
+      },
       cliProgress.Presets.shades_classic,
     );
     bar.start(total, 0, { epoch: 1 });
@@ -34,7 +39,11 @@ function createProgress(
   let lastEpochReported = -1;
   const onProgress = ({ epoch, examplesDone }: TrainingProgress): void => {
     bar?.update(epoch * numExamples + examplesDone, { epoch: epoch + 1 });
-    if (bar === undefined && examplesDone === numExamples && epoch > lastEpochReported) {
+    if (
+      bar === undefined &&
+      examplesDone === numExamples &&
+      epoch > lastEpochReported
+    ) {
       lastEpochReported = epoch;
       console.error(`centralized baseline: epoch ${epoch + 1}/${epochs} done`);
     }
@@ -94,7 +103,12 @@ export async function trainCentralized(
   const accuracy = await evaluateAccuracy(classifier, test.images, test.labels);
   await classifier.close();
   log.info(
-    { accuracy, epochs: options.epochs, numExamples: train.count, durationMs: Date.now() - started },
+    {
+      accuracy,
+      epochs: options.epochs,
+      numExamples: train.count,
+      durationMs: Date.now() - started,
+    },
     'centralized baseline trained',
   );
   return accuracy;

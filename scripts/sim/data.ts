@@ -13,7 +13,10 @@ import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 /** Track ids the base model was trained on (see models/base/PROVENANCE.md). */
-export const DEPOT_TRACKS_PATH = path.join(REPO_ROOT, 'models/base/depot-tracks.json');
+export const DEPOT_TRACKS_PATH = path.join(
+  REPO_ROOT,
+  'models/base/depot-tracks.json',
+);
 
 export interface FleetData {
   dataDir: string;
@@ -35,7 +38,9 @@ function readDepotTracks(file: string): Set<string> {
   try {
     tracks = JSON.parse(readFileSync(file, 'utf8'));
   } catch (err) {
-    throw new FleetError(ErrorCode.InvalidModel, `${file} is not valid JSON`, { cause: err });
+    throw new FleetError(ErrorCode.InvalidModel, `${file} is not valid JSON`, {
+      cause: err,
+    });
   }
   if (!Array.isArray(tracks) || !tracks.every((t) => typeof t === 'string')) {
     throw new FleetError(
@@ -67,11 +72,11 @@ export async function prepareFleetData(
   const test = await loadLabelledImages(dataDir, { split: 'test' });
   const depot = readDepotTracks(options.depotTracksPath ?? DEPOT_TRACKS_PATH);
 
-  const kept: number[] = [];
+  const vehicleIndices: number[] = [];
   for (let i = 0; i < train.count; i++) {
-    if (!depot.has(train.tracks[i])) kept.push(i);
+    if (!depot.has(train.tracks[i])) vehicleIndices.push(i);
   }
-  const pool = subset(train, kept);
+  const pool = subset(train, vehicleIndices);
   if (pool.count < options.vehicles) {
     throw new FleetError(
       ErrorCode.DataNotFound,
@@ -79,7 +84,12 @@ export async function prepareFleetData(
         `split, fewer than the ${options.vehicles} vehicles requested`,
     );
   }
-  const shares = dirichletSplit(pool, options.vehicles, options.alpha, options.seed);
+  const shares = dirichletSplit(
+    pool,
+    options.vehicles,
+    options.alpha,
+    options.seed,
+  );
   log.info(
     {
       dataDir,
@@ -91,7 +101,12 @@ export async function prepareFleetData(
     },
     'fleet data loaded',
   );
-  return { dataDir, test, shares, depotImagesRemoved: train.count - pool.count };
+  return {
+    dataDir,
+    test,
+    shares,
+    depotImagesRemoved: train.count - pool.count,
+  };
 }
 
 /** Concatenates the vehicles' shares, for the centralized baseline. */

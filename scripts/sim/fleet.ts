@@ -6,7 +6,11 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Aggregator, type RoundClosedEvent, type RoundFailedEvent } from '../../aggregator/index.ts';
+import {
+  Aggregator,
+  type RoundClosedEvent,
+  type RoundFailedEvent,
+} from '../../aggregator/index.ts';
 import { startBroker } from '../../broker/index.ts';
 import {
   MODEL_NAME,
@@ -24,12 +28,20 @@ import { VehicleAgent } from '../../vehicle-agent/index.ts';
 import { trainCentralized } from './centralized.ts';
 import { prepareFleetData, unionOf } from './data.ts';
 import { RoundProgress } from './progress.ts';
-import { buildReport, printRoundTable, type RoundRow, type SimulationReport } from './report.ts';
+import {
+  buildReport,
+  printRoundTable,
+  type RoundRow,
+  type SimulationReport,
+} from './report.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 /** Base model (version 0) that ships with the project. */
-export const BASE_WEIGHTS_PATH = path.join(REPO_ROOT, 'models/base/gtsrb-cnn-v0.weights.pb');
+export const BASE_WEIGHTS_PATH = path.join(
+  REPO_ROOT,
+  'models/base/gtsrb-cnn-v0.weights.pb',
+);
 
 const FLEET_ID = 'sim';
 const PROBE_IMAGES = 64;
@@ -65,7 +77,9 @@ export interface SimulationOptions {
 }
 
 /** Runs the simulation, prints the per-round table and writes the report. */
-export async function runSimulation(options: SimulationOptions): Promise<SimulationReport> {
+export async function runSimulation(
+  options: SimulationOptions,
+): Promise<SimulationReport> {
   const log = options.log.child({ component: 'sim' });
   const started = Date.now();
   const trainableTensors = tensorNamesOfLayers(options.trainLayers);
@@ -79,7 +93,11 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
   }
   const stateDir =
     options.stateDir ??
-    path.join(REPO_ROOT, 'runs', `simulate-${new Date().toISOString().replace(/[:.]/g, '-')}`);
+    path.join(
+      REPO_ROOT,
+      'runs',
+      `simulate-${new Date().toISOString().replace(/[:.]/g, '-')}`,
+    );
   mkdirSync(stateDir, { recursive: true });
   log.info({ ...summarize(options), stateDir }, 'simulation started');
 
@@ -136,10 +154,17 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
   );
 
   const rows: RoundRow[] = [];
-  const progress = new RoundProgress(options.rounds, options.vehicles, options.progress);
+  const progress = new RoundProgress(
+    options.rounds,
+    options.vehicles,
+    options.progress,
+  );
   let downlinkSeen = 0;
   const downlinkSinceLastRound = (): number => {
-    const total = agents.reduce((sum, agent) => sum + agent.counters.bytesReceived, 0);
+    const total = agents.reduce(
+      (sum, agent) => sum + agent.counters.bytesReceived,
+      0,
+    );
     const delta = total - downlinkSeen;
     downlinkSeen = total;
     return delta;
@@ -149,11 +174,21 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
     agent.on('update-sent', () => progress.updateSent());
   }
   aggregator.on('round-closed', (event: RoundClosedEvent) => {
-    rows.push(rowOf(event, event.accuracy, downlinkSinceLastRound(), event.modelVersion));
+    rows.push(
+      rowOf(
+        event,
+        event.accuracy,
+        downlinkSinceLastRound(),
+        event.modelVersion,
+      ),
+    );
     progress.roundDone(event.round, event.accuracy);
   });
   aggregator.on('round-failed', (event: RoundFailedEvent) => {
-    rows.push({ ...rowOf(event, undefined, downlinkSinceLastRound(), event.modelVersion), failure: event.reasonCode });
+    rows.push({
+      ...rowOf(event, undefined, downlinkSinceLastRound(), event.modelVersion),
+      failure: event.reasonCode,
+    });
     progress.roundDone(event.round, undefined);
     log.warn({ round: event.round, code: event.reasonCode }, 'round failed');
   });
@@ -219,11 +254,17 @@ export async function runSimulation(options: SimulationOptions): Promise<Simulat
   });
   console.error(
     `base ${baseAccuracy.toFixed(4)}, final ${report.finalAccuracy?.toFixed(4) ?? 'n/a'}` +
-      (centralizedAccuracy === undefined ? '' : `, centralized ${centralizedAccuracy.toFixed(4)}`) +
+      (centralizedAccuracy === undefined
+        ? ''
+        : `, centralized ${centralizedAccuracy.toFixed(4)}`) +
       `, model ${modelPath}, ${(report.totalMs / 1000).toFixed(0)} s`,
   );
-  if (options.reportPath !== undefined) writeJsonAtomic(options.reportPath, report);
-  log.info({ reportPath: options.reportPath, durationMs: report.totalMs }, 'simulation finished');
+  if (options.reportPath !== undefined)
+    writeJsonAtomic(options.reportPath, report);
+  log.info(
+    { reportPath: options.reportPath, durationMs: report.totalMs },
+    'simulation finished',
+  );
   return report;
 }
 
@@ -259,12 +300,20 @@ async function compareWithTfjs(
   const classifier = await OnnxClassifier.create(readFileSync(onnxPath));
   const onnxProbabilities = await classifier.predict(test.images, test.count);
   await classifier.close();
-  const tfjsProbabilities = await predictTfjs(readWeightsFile(weightsPath), test.images, test.count);
+  const tfjsProbabilities = await predictTfjs(
+    readWeightsFile(weightsPath),
+    test.images,
+    test.count,
+  );
   let same = 0;
   for (let i = 0; i < test.count; i++) {
     const offset = i * NUM_CLASSES;
-    const onnxTop = argMax(onnxProbabilities.subarray(offset, offset + NUM_CLASSES));
-    const tfjsTop = argMax(tfjsProbabilities.subarray(offset, offset + NUM_CLASSES));
+    const onnxTop = argMax(
+      onnxProbabilities.subarray(offset, offset + NUM_CLASSES),
+    );
+    const tfjsTop = argMax(
+      tfjsProbabilities.subarray(offset, offset + NUM_CLASSES),
+    );
     if (onnxTop === tfjsTop) same += 1;
   }
   return same / test.count;
@@ -272,7 +321,8 @@ async function compareWithTfjs(
 
 function argMax(values: Float32Array): number {
   let best = 0;
-  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  for (let i = 1; i < values.length; i++)
+    if (values[i] > values[best]) best = i;
   return best;
 }
 

@@ -8,7 +8,6 @@ export class RoundProgress {
   readonly #bar: cliProgress.SingleBar | undefined;
   readonly #rounds: number;
   #updates = 0;
-  #round = 0;
   #done = 0;
 
   constructor(rounds: number, vehicles: number, interactive: boolean) {
@@ -18,17 +17,23 @@ export class RoundProgress {
         {
           format:
             'round {round}/{rounds} |{bar}| {value}/{total} rounds done, ' +
-            '{updates}/' + vehicles + ' updates, accuracy {accuracy}',
+            '{updates}/' +
+            vehicles +
+            ' updates, accuracy {accuracy}',
           hideCursor: true,
         },
         cliProgress.Presets.shades_classic,
       );
-      this.#bar.start(rounds, 0, { round: 0, rounds, updates: 0, accuracy: '-' });
+      this.#bar.start(rounds, 0, {
+        round: 0,
+        rounds,
+        updates: 0,
+        accuracy: '-',
+      });
     }
   }
 
   roundOpened(round: number): void {
-    this.#round = round;
     this.#updates = 0;
     this.#bar?.update({ round, updates: 0 });
   }
@@ -40,13 +45,13 @@ export class RoundProgress {
 
   roundDone(round: number, accuracy: number | undefined): void {
     this.#done += 1;
-    const shown = accuracy === undefined ? '-' : accuracy.toFixed(4);
+    const accuracyText = accuracy === undefined ? '-' : accuracy.toFixed(4);
     if (this.#bar !== undefined) {
-      this.#bar.update(this.#done, { accuracy: shown });
+      this.#bar.update(this.#done, { accuracy: accuracyText });
     } else {
       console.error(
         `round ${round} done (${this.#done}/${this.#rounds}), ` +
-          `${this.#updates} updates, accuracy ${shown}`,
+          `${this.#updates} updates, accuracy ${accuracyText}`,
       );
     }
   }

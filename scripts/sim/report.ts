@@ -75,12 +75,24 @@ function kib(bytes: number): string {
 export function printRoundTable(rows: RoundRow[]): void {
   const table = new Table({
     style: { head: [], border: [] },
-    head: ['round', 'version', 'accepted', 'rejected', 'accuracy', 'up KiB', 'down KiB', 'examples', 'seconds'],
+    head: [
+      'round',
+      'version',
+      'accepted',
+      'rejected',
+      'accuracy',
+      'up KiB',
+      'down KiB',
+      'examples',
+      'seconds',
+    ],
   });
   for (const row of rows) {
     table.push([
       row.round,
-      row.failure === undefined ? row.modelVersion : `${row.modelVersion} (${row.failure})`,
+      row.failure === undefined
+        ? row.modelVersion
+        : `${row.modelVersion} (${row.failure})`,
       row.accepted,
       row.rejected,
       row.accuracy === null ? '-' : row.accuracy.toFixed(4),
