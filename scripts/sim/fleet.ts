@@ -98,7 +98,6 @@ export async function runSimulation(
       'runs',
       `simulate-${new Date().toISOString().replace(/[:.]/g, '-')}`,
     );
-  mkdirSync(stateDir, { recursive: true });
   log.info({ ...summarize(options), stateDir }, 'simulation started');
 
   const backend = await selectTrainingBackend(log);
@@ -113,6 +112,9 @@ export async function runSimulation(
       `training backend ${backend}`,
   );
 
+  // Created only once the inputs are known to be good, so a bad flag
+  // leaves no empty run directory behind.
+  mkdirSync(stateDir, { recursive: true });
   // Components take their own child logger from the root one.
   const root = options.log;
   const broker = await startBroker({ port: 0, host: '127.0.0.1', log: root });
