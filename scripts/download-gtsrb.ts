@@ -9,29 +9,25 @@
  *   [--download-dir DIR] [--checksums FILE] [--force]
  *   [--connect-timeout-ms MS] [--idle-timeout-ms MS]
  */
-import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream, existsSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import {
   mkdir,
   readdir,
   readFile,
   rename,
   rm,
-  stat,
   writeFile,
 } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { Readable, Transform } from 'node:stream';
-import type { ReadableStream as WebReadableStream } from 'node:stream/web';
-import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
-import { SingleBar } from 'cli-progress';
 import { Command, InvalidArgumentError } from 'commander';
 
 import { convertGtsrbArchives } from '../models/gtsrb-convert.ts';
 import { createLogger, type Logger } from '../protocol/index.ts';
 import { ErrorCode, FleetError } from '../protocol/errors.ts';
+import { abortOnSignals } from './download/signals.ts';
+import { downloadArchive, type TransferSettings } from './download/transfer.ts';
 
 /**
  * Host and archives of the official GTSRB release, with their MD5 sums,
@@ -89,16 +85,6 @@ export interface DownloadGtsrbOptions {
   log?: Logger;
 }
 
-/** Settings of one archive transfer. */
-interface TransferSettings {
-  showProgress: boolean;
-  connectTimeoutMs: number;
-  idleTimeoutMs: number;
-  progressIntervalMs: number;
-  signal: AbortSignal | undefined;
-  log: Logger;
-}
-
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_PROGRESS_INTERVAL_MS = 5_000;
 
@@ -108,281 +94,6 @@ export interface DownloadGtsrbResult {
   testCount: number;
   /** True when the output existed and nothing was converted. */
   wasPresent: boolean;
-}
-
-/** Computes the MD5 of a file as lower-case hex. */
-async function md5File(path: string): Promise<string> {
-  const hash = createHash('md5');
-  await pipeline(createReadStream(path), hash);
-  return hash.digest('hex');
-}
-
-async function fileSize(path: string): Promise<number> {
-  return existsSync(path) ? (await stat(path)).size : 0;
-}
-
-function createProgressBar(
-  show: boolean,
-  label: string,
-): SingleBar | undefined {
-  if (!show) return undefined;
-  return new SingleBar({
-    format: `${label} [{bar}] {percentage}% | {value}/{total} bytes`,
-    stream: process.stderr,
-  });
-}
-
-/**
- * Sends the GET request, resuming from `start` bytes with a Range header.
- * Aborts `transfer` when the response headers do not arrive within
- * `settings.connectTimeoutMs`.
- */
-async function requestArchive(
-  url: string,
-  start: number,
-  transfer: AbortController,
-  settings: TransferSettings,
-): Promise<Response> {
-  const { connectTimeoutMs } = settings;
-  let hasTimedOut = false;
-  const timer = setTimeout(() => {
-    hasTimedOut = true;
-    transfer.abort();
-  }, connectTimeoutMs);
-  try {
-    const headers: Record<string, string> =
-      start > 0 ? { Range: `bytes=${start}-` } : {};
-    return await fetch(url, { headers, signal: transfer.signal });
-  } catch (err) {
-    settings.signal?.throwIfAborted();
-    if (hasTimedOut) {
-      throw new FleetError(
-        ErrorCode.DataNotFound,
-        `download of ${url} timed out: no response headers within ` +
-          `${connectTimeoutMs} ms (--connect-timeout-ms); check the network ` +
-          `or pass --base-url with a reachable mirror`,
-        { cause: err },
-      );
-    }
-    const cause =
-      err instanceof Error && err.cause instanceof Error ? err.cause : err;
-    const reason = cause instanceof Error ? cause.message : String(cause);
-    throw new FleetError(
-      ErrorCode.DataNotFound,
-      `download of ${url} failed: ${reason}; check the network or pass ` +
-        `--base-url with a reachable mirror`,
-      { cause: err },
-    );
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/**
- * Reports download progress: on the progress bar when there is one,
- * otherwise as a log line every `settings.progressIntervalMs`, so a run
- * whose output is not a terminal still shows that it is alive.
- */
-function startProgress(
-  url: string,
-  partPath: string,
-  settings: TransferSettings,
-): { update(bytes: number, totalBytes: number): void; stop(): void } {
-  const bar = createProgressBar(
-    settings.showProgress,
-    basename(partPath, '.part'),
-  );
-  let bytes = 0;
-  let totalBytes = 0;
-  let hasStarted = false;
-  const interval = bar
-    ? undefined
-    : setInterval(() => {
-        settings.log.info(
-          { url, bytes, totalBytes },
-          'archive download progress',
-        );
-      }, settings.progressIntervalMs);
-  return {
-    update(received: number, total: number): void {
-      bytes = received;
-      totalBytes = total;
-      if (!hasStarted && total > 0) bar?.start(total, received);
-      hasStarted = true;
-      bar?.update(received);
-    },
-    stop(): void {
-      clearInterval(interval);
-      bar?.stop();
-    },
-  };
-}
-
-/**
- * Streams the response body to `partPath`, appending when `append`. The
- * transfer is aborted when no byte arrives for `settings.idleTimeoutMs`.
- *
- * @throws {FleetError} DATA_NOT_FOUND when the connection breaks or goes
- *   idle; the bytes on disk stay in `partPath` for the next run to resume.
- */
-async function saveBody(
-  url: string,
-  response: Response,
-  partPath: string,
-  append: boolean,
-  transfer: AbortController,
-  settings: TransferSettings,
-): Promise<void> {
-  const { idleTimeoutMs } = settings;
-  let received = append ? await fileSize(partPath) : 0;
-  const length = Number(response.headers.get('content-length') ?? 0);
-  const total = length > 0 ? received + length : 0;
-  const progress = startProgress(url, partPath, settings);
-  progress.update(received, total);
-  let isIdle = false;
-  const idleTimer = setTimeout(() => {
-    isIdle = true;
-    transfer.abort();
-  }, idleTimeoutMs);
-  const counter = new Transform({
-    transform(chunk: Buffer, _encoding, callback) {
-      idleTimer.refresh();
-      received += chunk.length;
-      progress.update(received, total);
-      callback(null, chunk);
-    },
-  });
-
-  try {
-    await pipeline(
-      Readable.fromWeb(response.body as WebReadableStream),
-      counter,
-      createWriteStream(partPath, { flags: append ? 'a' : 'w' }),
-    );
-  } catch (err) {
-    settings.signal?.throwIfAborted();
-    const onDisk = await fileSize(partPath);
-    const reason = isIdle
-      ? `timed out: no data for ${idleTimeoutMs} ms (--idle-timeout-ms)`
-      : 'was interrupted';
-    throw new FleetError(
-      ErrorCode.DataNotFound,
-      `download of ${url} ${reason}; ${partPath} contains ${onDisk} bytes, ` +
-        `so run again to resume`,
-      { cause: err },
-    );
-  } finally {
-    clearTimeout(idleTimer);
-    progress.stop();
-  }
-}
-
-/** Returns true when `dest` exists with the expected MD5; deletes it otherwise. */
-async function isVerified(
-  dest: string,
-  expectedMd5: string,
-  log: Logger,
-): Promise<boolean> {
-  if (!existsSync(dest)) return false;
-  const actualMd5 = await md5File(dest);
-  if (actualMd5 === expectedMd5) return true;
-
-  log.warn(
-    { path: dest, expectedMd5, actualMd5 },
-    'archive checksum mismatch, downloading again',
-  );
-  await rm(dest);
-  return false;
-}
-
-/**
- * Fetches `url` into `partPath`, resuming from its current size with an
- * HTTP Range request. A server that ignores Range (status 200) restarts
- * the file.
- */
-async function fetchToPart(
-  url: string,
-  partPath: string,
-  settings: TransferSettings,
-): Promise<void> {
-  const start = await fileSize(partPath);
-  const transfer = new AbortController();
-  const onAbort = () => transfer.abort();
-  settings.signal?.addEventListener('abort', onAbort, { once: true });
-  try {
-    const response = await requestArchive(url, start, transfer, settings);
-    await saveResponse(url, response, start, partPath, transfer, settings);
-  } finally {
-    settings.signal?.removeEventListener('abort', onAbort);
-  }
-}
-
-/** Checks the status of `response` and saves its body to `partPath`. */
-async function saveResponse(
-  url: string,
-  response: Response,
-  start: number,
-  partPath: string,
-  transfer: AbortController,
-  settings: TransferSettings,
-): Promise<void> {
-  if (response.status === 416 && start > 0) {
-    // The server has no bytes past `start`, so the part file is complete.
-    await response.body?.cancel();
-    return;
-  }
-  const isResumed = response.status === 206;
-  if (response.status !== 200 && !isResumed) {
-    await response.body?.cancel();
-    throw new FleetError(
-      ErrorCode.DataNotFound,
-      `download of ${url} failed: HTTP ${response.status} ` +
-        `${response.statusText}; check --base-url`,
-    );
-  }
-
-  settings.log.info(
-    { url, resumeFromBytes: isResumed ? start : 0 },
-    'archive download started',
-  );
-  await saveBody(url, response, partPath, isResumed, transfer, settings);
-}
-
-/**
- * Downloads one archive into `dest` unless a file with the expected MD5
- * is there. A partial download (`dest.part`) is resumed. The file is
- * renamed to `dest` only after its MD5 matches.
- *
- * @throws {FleetError} DATA_NOT_FOUND when the request fails or times
- *   out, DIGEST_MISMATCH when the downloaded file has another MD5.
- */
-async function downloadArchive(
-  url: string,
-  dest: string,
-  expectedMd5: string,
-  settings: TransferSettings,
-): Promise<void> {
-  const { log } = settings;
-  if (await isVerified(dest, expectedMd5, log)) {
-    log.info({ path: dest }, 'archive already downloaded');
-    return;
-  }
-
-  const partPath = `${dest}.part`;
-  await fetchToPart(url, partPath, settings);
-
-  const actualMd5 = await md5File(partPath);
-  if (actualMd5 !== expectedMd5) {
-    await rm(partPath, { force: true });
-    throw new FleetError(
-      ErrorCode.DigestMismatch,
-      `checksum mismatch for ${basename(dest)}: expected MD5 ${expectedMd5}, ` +
-        `got ${actualMd5}; the download was deleted, so run again, or check ` +
-        `--base-url and --checksums`,
-    );
-  }
-  await rename(partPath, dest);
-  log.info({ path: dest, bytes: await fileSize(dest) }, 'archive downloaded');
 }
 
 /** Resolves the expected MD5 of each archive, applying `overrides`. */
@@ -599,51 +310,6 @@ function parseMs(value: string): number {
     );
   }
   return ms;
-}
-
-const SIGNAL_EXIT_CODES = { SIGINT: 130, SIGTERM: 143 } as const;
-type StopSignal = keyof typeof SIGNAL_EXIT_CODES;
-
-/**
- * Signals closer together than this count as one. Ctrl-C signals the whole
- * process group, and `npm run` and tsx forward it too, so node can receive
- * the same SIGINT two or three times within milliseconds.
- */
-const REPEATED_SIGNAL_WINDOW_MS = 1000;
-
-/**
- * Aborts `controller` on the first SIGINT or SIGTERM, so downloadGtsrb
- * removes its partial dataset before it rejects. A second signal more than
- * REPEATED_SIGNAL_WINDOW_MS later exits at once; the next run then removes
- * the folder left behind.
- */
-function abortOnSignals(controller: AbortController): {
-  received(): StopSignal | undefined;
-  dispose(): void;
-} {
-  let received: StopSignal | undefined;
-  let receivedAtMs = 0;
-  const onSignal = (signal: StopSignal) => {
-    if (received !== undefined) {
-      if (Date.now() - receivedAtMs < REPEATED_SIGNAL_WINDOW_MS) return;
-      process.exit(SIGNAL_EXIT_CODES[signal]);
-    }
-    received = signal;
-    receivedAtMs = Date.now();
-    process.stderr.write(`download-gtsrb: ${signal} received, stopping\n`);
-    controller.abort(new Error(`stopped by ${signal}`));
-  };
-  for (const signal of Object.keys(SIGNAL_EXIT_CODES) as StopSignal[]) {
-    process.on(signal, onSignal);
-  }
-  return {
-    received: () => received,
-    dispose(): void {
-      for (const signal of Object.keys(SIGNAL_EXIT_CODES) as StopSignal[]) {
-        process.off(signal, onSignal);
-      }
-    },
-  };
 }
 
 async function main(argv: string[]): Promise<void> {
