@@ -31,6 +31,9 @@ RUN npm ci --no-audit --no-fund --omit=dev --include=optional || \
     npm ci --no-audit --no-fund --omit=dev --omit=optional
 
 COPY . .
+# The processes write their state under /app by default.
+RUN mkdir -p /app/state /app/runs /app/data && \
+    chown node:node /app/state /app/runs /app/data
 ENV NODE_ENV=production
 USER node
 CMD ["npm", "run", "broker", "--", "--host", "0.0.0.0"]
