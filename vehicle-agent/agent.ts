@@ -10,6 +10,7 @@ import {
 } from '../models/backend.ts';
 import { loadLabelledImages, type LabelledImages } from '../models/index.ts';
 import {
+  AckStatus,
   ErrorCode,
   FleetTopics,
   VehicleState,
@@ -22,6 +23,7 @@ import {
   type Logger,
   type ModelRelease,
   type RoundTask,
+  type UpdateAck,
 } from '../protocol/index.ts';
 import { recordAck } from './acks.ts';
 import { createBrokerClient, endClient, settleWithin } from './connection.ts';
@@ -38,6 +40,7 @@ import {
   type VehicleAgentOptions,
 } from './options.ts';
 import { ReleaseHandler } from './release-handler.ts';
+import { Outbox } from './outbox.ts';
 import { RoundRunner } from './round-runner.ts';
 
 /** Time `stop()` waits for the OFFLINE status to be acknowledged. */
@@ -71,6 +74,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private starting: Promise<void> | undefined;
   private subscribed = false;
   private readonly releases: ReleaseHandler;
+  private readonly outbox: Outbox;
 
   /**
    * @throws {TypeError} for a missing or wrongly typed option.
@@ -88,6 +92,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       vehicleId: this.vehicleId,
     });
     this.deployment = new ModelDeployment(this.options.stateDir, this.log);
+    this.outbox = new Outbox(this.options.stateDir, this.log);
     this.releases = new ReleaseHandler({
       deployment: this.deployment,
       log: this.log,
@@ -122,6 +127,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   get counters(): AgentCounters {
     return {
       ...this.stats,
+      outboxPending: this.outbox.pendingCount,
       acksRejected: { ...this.stats.acksRejected },
       featureCacheHits: this.featureCache.hits,
       featureCacheMisses: this.featureCache.misses,
@@ -195,6 +201,8 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       );
     }
     this.rounds = this.createRoundRunner(this.frames, this.trainingBackend);
+    // Counts the entries left by an earlier run and moves corrupt ones aside.
+    await this.outbox.list();
 
     this.state = 'running';
     this.client = createBrokerClient({
@@ -217,6 +225,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         numExamples: this.frames.count,
         backend: this.trainingBackend,
         modelVersion: this.deployedVersion,
+        outboxPending: this.outbox.pendingCount,
         durationMs: Date.now() - started,
       },
       'agent started',
@@ -292,7 +301,8 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
 
   /**
    * Subscribes on the first successful connection (mqtt.js subscribes
-   * again by itself after reconnects) and publishes the ONLINE status.
+   * again by itself after reconnects), publishes the ONLINE status and
+   * then publishes every outbox entry again.
    */
   private async onConnect(): Promise<void> {
     const client = this.client;
@@ -318,6 +328,65 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     if (this.state !== 'running') return;
     this.log.info({ brokerUrl: this.options.brokerUrl }, 'agent connected');
     this.emit('connected');
+    await this.resendOutbox();
+  }
+
+  /**
+   * Publishes every outbox entry again with QoS 1, oldest first. An entry
+   * the aggregator already counted comes back REJECTED with
+   * DUPLICATE_UPDATE (or ROUND_CLOSED), which removes it like any ack.
+   */
+  private async resendOutbox(): Promise<void> {
+    let entries;
+    try {
+      entries = await this.outbox.list();
+    } catch (err) {
+      this.log.error({ err }, 'outbox not readable');
+      return;
+    }
+    for (const { updateId, round, payload } of entries) {
+      const client = this.client;
+      if (client === undefined || this.state !== 'running') return;
+      try {
+        await client.publishAsync(
+          this.topics.update(this.vehicleId),
+          Buffer.from(payload),
+          { qos: 1 },
+        );
+      } catch (err) {
+        // The entry stays, and the next connection sends it again.
+        this.log.warn({ err, updateId, round }, 'update resend failed');
+        return;
+      }
+      this.stats.bytesSent += payload.length;
+      this.stats.updatesResent += 1;
+      this.log.info(
+        { updateId, round, bytes: payload.length },
+        'update resent from outbox',
+      );
+      this.emit('update-resent', { updateId, round, bytes: payload.length });
+    }
+  }
+
+  /** Removes the acknowledged update from the outbox and logs the outcome. */
+  private async settleOutbox(ack: UpdateAck): Promise<void> {
+    const { updateId, round } = ack;
+    const reasonCode = ack.reasonCode || undefined;
+    try {
+      const removed = await this.outbox.remove(updateId);
+      this.log.info(
+        {
+          updateId,
+          round,
+          accepted: ack.status === AckStatus.Accepted,
+          reasonCode,
+          removed,
+        },
+        'outbox entry acknowledged',
+      );
+    } catch (err) {
+      this.log.error({ err, updateId, round }, 'outbox entry not removed');
+    }
   }
 
   private async loadFrames(): Promise<LabelledImages> {
@@ -344,7 +413,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       waitForModel: (task, signal) => this.releases.waitForModel(task, signal),
       beforeTraining: () => this.releases.flush(),
       afterTraining: () => this.releases.afterTraining(),
-      publishUpdate: (payload) => this.publishUpdate(payload),
+      publishUpdate: (payload, update) => this.publishUpdate(payload, update),
       publishStatus: () => this.publishStatus(),
       events: this,
     });
@@ -415,7 +484,12 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     this.rounds!.offer(task);
   }
 
-  private async publishUpdate(payload: Uint8Array): Promise<void> {
+  /** Stores the update in the outbox first, so a crash cannot lose it. */
+  private async publishUpdate(
+    payload: Uint8Array,
+    update: { updateId: string; round: number },
+  ): Promise<void> {
+    await this.outbox.add(update.updateId, update.round, payload);
     await this.client!.publishAsync(
       this.topics.update(this.vehicleId),
       Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength),
@@ -426,7 +500,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   }
 
   private handleAck(payload: Buffer): void {
-    let ack;
+    let ack: UpdateAck;
     try {
       ack = decodeUpdateAck(payload);
     } catch (err) {
@@ -437,7 +511,10 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     if (recordAck(ack, sent, this.stats, this.log)) {
       void this.resynchronise(ack.currentRound, ack.currentModelVersion);
     }
-    this.emit('ack', ack);
+    // Every ack settles the update: ACCEPTED counted it, DUPLICATE_UPDATE
+    // means an earlier send was counted, and any other rejection would
+    // repeat on a resend. 'ack' is emitted once the entry is removed.
+    void this.settleOutbox(ack).then(() => this.emit('ack', ack));
   }
 
   /**

@@ -22,7 +22,8 @@ const RECONNECT_PERIOD_MS = 2000;
 const RECONNECT_LOG_INTERVAL_MS = 30_000;
 
 /**
- * Creates an MQTT 3.1.1 client (aedes rejects MQTT 5) that connects in the
+ * Creates an MQTT 3.1.1 client (aedes rejects MQTT 5) with a persistent
+ * session (`clean: false`) under `clientId`, that connects in the
  * background and retries every 2 s for as long as the broker is
  * unreachable or refuses the connection. The first failed attempt and
  * then at most one attempt per 30 s are logged at warn, with the broker
@@ -35,7 +36,9 @@ export function createBrokerClient(
   const client = mqtt.connect(brokerUrl, {
     protocolVersion: 4,
     clientId: options.clientId,
-    clean: true,
+    // A persistent session: the broker keeps the subscriptions and queues
+    // QoS 1 acks while the vehicle is away. The client id must be stable.
+    clean: false,
     reconnectPeriod: RECONNECT_PERIOD_MS,
     connectTimeout: 10_000,
     will: {

@@ -13,6 +13,13 @@ export interface UpdateSentEvent {
   trainAccuracy: number;
 }
 
+/** Payload of the 'update-resent' event: an outbox entry sent again. */
+export interface UpdateResentEvent {
+  updateId: string;
+  round: number;
+  bytes: number;
+}
+
 /** Payload of the 'release-deployed' event. */
 export interface ReleaseDeployedEvent {
   version: number;
@@ -47,6 +54,9 @@ export interface TrainingFinishedEvent {
 /** Event names and listener arguments of VehicleAgent. */
 export type AgentEvents = {
   'update-sent': [UpdateSentEvent];
+  /** Published again from the outbox after a (re)connection. */
+  'update-resent': [UpdateResentEvent];
+  /** Emitted once the update's outbox entry is removed. */
   ack: [UpdateAck];
   'release-deployed': [ReleaseDeployedEvent];
   'release-rejected': [ReleaseRejectedEvent];
@@ -63,6 +73,10 @@ export interface AgentCounters {
   /** Encoded update bytes published. */
   bytesSent: number;
   updatesSent: number;
+  /** Outbox entries published again after a (re)connection. */
+  updatesResent: number;
+  /** Updates in the outbox, awaiting their ack. */
+  outboxPending: number;
   acksAccepted: number;
   /** Rejected updates by reason code. */
   acksRejected: Record<string, number>;
@@ -82,6 +96,8 @@ export function createCounters(): AgentCounters {
     bytesReceived: 0,
     bytesSent: 0,
     updatesSent: 0,
+    updatesResent: 0,
+    outboxPending: 0,
     acksAccepted: 0,
     acksRejected: {},
     releasesDeployed: 0,

@@ -7,8 +7,11 @@ export type {
   ReleaseRejectedEvent,
   TrainingFinishedEvent,
   TrainingStartedEvent,
+  UpdateResentEvent,
   UpdateSentEvent,
 } from './events.ts';
+export { Outbox } from './outbox.ts';
+export type { OutboxEntry } from './outbox.ts';
 export { ModelDeployment, verifyRelease } from './deployment.ts';
 export type { DeployedModel } from './deployment.ts';
 export { FeatureCache, hashFrozenPrefix } from './feature-cache.ts';

@@ -43,7 +43,11 @@ export interface RoundRunnerOptions {
   beforeTraining: () => Promise<void>;
   /** Applies a release that was held back during training. */
   afterTraining: () => void;
-  publishUpdate: (payload: Uint8Array) => Promise<void>;
+  /** Stores the update in the outbox, then publishes it with QoS 1. */
+  publishUpdate: (
+    payload: Uint8Array,
+    update: { updateId: string; round: number },
+  ) => Promise<void>;
   publishStatus: () => Promise<void>;
   /** Emitter of the agent's events. */
   events: EventEmitter<AgentEvents>;
@@ -255,7 +259,7 @@ export class RoundRunner {
       sentAtMs: Date.now(),
     });
     try {
-      await this.options.publishUpdate(payload);
+      await this.options.publishUpdate(payload, update);
     } catch (err) {
       this.sentUpdates.delete(update.updateId);
       throw err;
