@@ -3,7 +3,7 @@
  * `npx tsx aggregator/main.ts --fleet-id demo --state-dir state/aggregator`.
  */
 import { fileURLToPath } from 'node:url';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import {
   createLogger,
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -13,34 +13,14 @@ import {
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
 import { Aggregator } from './aggregator.ts';
 import type { AggregatorOptions } from './options.ts';
+import {
+  parseIntegerAtLeast,
+  parseNumberAtLeast,
+} from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
   new URL('../models/base/gtsrb-cnn-v0.weights.pb', import.meta.url),
 );
-
-function integer(min: number) {
-  return (text: string): number => {
-    const value = Number(text);
-    if (!Number.isSafeInteger(value) || value < min) {
-      throw new InvalidArgumentError(
-        `expected an integer >= ${min}, got ${text}`,
-      );
-    }
-    return value;
-  };
-}
-
-function number(min: number) {
-  return (text: string): number => {
-    const value = Number(text);
-    if (!Number.isFinite(value) || value < min) {
-      throw new InvalidArgumentError(
-        `expected a number >= ${min}, got ${text}`,
-      );
-    }
-    return value;
-  };
-}
 
 const program = new Command('aggregator')
   .description('Run federated rounds for one fleet over MQTT.')
@@ -57,13 +37,28 @@ const program = new Command('aggregator')
     'comma-separated layers vehicles train',
     'dense1,dense2',
   )
-  .option('--local-epochs <count>', 'local epochs per round', integer(1), 1)
-  .option('--batch-size <count>', 'local batch size', integer(1), 32)
-  .option('--learning-rate <number>', 'local learning rate', number(0), 0.001)
+  .option(
+    '--local-epochs <count>',
+    'local epochs per round',
+    parseIntegerAtLeast(1),
+    1,
+  )
+  .option(
+    '--batch-size <count>',
+    'local batch size',
+    parseIntegerAtLeast(1),
+    32,
+  )
+  .option(
+    '--learning-rate <number>',
+    'local learning rate',
+    parseNumberAtLeast(0),
+    0.001,
+  )
   .option(
     '--proximal-mu <number>',
     'FedProx coefficient, 0 for FedAvg',
-    number(0),
+    parseNumberAtLeast(0),
     0,
   )
   .option(
@@ -73,62 +68,67 @@ const program = new Command('aggregator')
   .option(
     '--vehicles-per-round <count>',
     'vehicles selected per round, 0 for all online',
-    integer(0),
+    parseIntegerAtLeast(0),
     0,
   )
   .option(
     '--min-vehicles-online <count>',
     'online vehicles to wait for before a round',
-    integer(1),
+    parseIntegerAtLeast(1),
     1,
   )
   .option(
     '--online-wait-timeout-ms <ms>',
     'wait for --min-vehicles-online at most this long',
-    integer(0),
+    parseIntegerAtLeast(0),
     60_000,
   )
   .option(
     '--min-updates <count>',
     'accepted updates a round needs (quorum)',
-    integer(1),
+    parseIntegerAtLeast(1),
     1,
   )
   .option(
     '--round-timeout-ms <ms>',
     'round deadline after it opens',
-    integer(1),
+    parseIntegerAtLeast(1),
     300_000,
   )
   .option(
     '--max-rounds <count>',
     'rounds to run, 0 to run until stopped',
-    integer(0),
+    parseIntegerAtLeast(0),
     0,
   )
-  .option('--seed <integer>', 'seed of vehicle selection', integer(0), 1)
+  .option(
+    '--seed <integer>',
+    'seed of vehicle selection',
+    parseIntegerAtLeast(0),
+    1,
+  )
   .option(
     '--max-message-bytes <bytes>',
     'maximum size of an update or release message',
-    integer(1024),
+    parseIntegerAtLeast(1024),
     DEFAULT_MAX_MESSAGE_BYTES,
   )
   .option(
     '--max-examples-per-update <count>',
     'reject updates that claim more training examples than this',
-    integer(1),
+    parseIntegerAtLeast(1),
     1_000_000,
   )
   .option(
     '--max-abs-delta-value <number>',
     'reject updates with a delta value whose magnitude is above this',
-    number(0),
+    parseNumberAtLeast(0),
     1000,
   )
   .option(
     '--export-tolerance-abs <number>',
     'max ONNX-vs-TF.js probability difference',
-    number(0),
+    parseNumberAtLeast(0),
     1e-4,
   )
   .option(
@@ -138,12 +138,12 @@ const program = new Command('aggregator')
   .option(
     '--test-limit <count>',
     'use at most this many test images',
-    integer(1),
+    parseIntegerAtLeast(1),
   )
   .option(
     '--probe-count <count>',
     'test images in the export check batch',
-    integer(1),
+    parseIntegerAtLeast(1),
     16,
   )
   .addOption(

@@ -2,45 +2,32 @@
  * Command line of the simulated fleet. See scripts/sim/fleet.ts for what a
  * run does.
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { createLogger, isFleetError } from '../protocol/index.ts';
+import {
+  parseIntegerAtLeast,
+  parseNumberAtLeast,
+  parsePositiveNumber,
+} from '../protocol/cli-arguments.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
-
-function integer(min: number) {
-  return (text: string): number => {
-    const value = Number(text);
-    if (!Number.isSafeInteger(value) || value < min) {
-      throw new InvalidArgumentError(
-        `expected an integer >= ${min}, got ${text}`,
-      );
-    }
-    return value;
-  };
-}
-
-function positiveNumber(text: string): number {
-  const value = Number(text);
-  if (!Number.isFinite(value) || value <= 0) {
-    throw new InvalidArgumentError(`expected a positive number, got ${text}`);
-  }
-  return value;
-}
-
-function nonNegativeNumber(text: string): number {
-  const value = Number(text);
-  if (!Number.isFinite(value) || value < 0) {
-    throw new InvalidArgumentError(`expected a number >= 0, got ${text}`);
-  }
-  return value;
-}
 
 const program = new Command('simulate')
   .description(
     'Run a simulated fleet: embedded broker, aggregator and N vehicle ' +
       'agents with non-IID shares of the training images.',
   )
-  .option('--vehicles <count>', 'number of vehicles', integer(1), 10)
-  .option('--rounds <count>', 'number of federated rounds', integer(1), 20)
+  .option(
+    '--vehicles <count>',
+    'number of vehicles',
+    parseIntegerAtLeast(1),
+    10,
+  )
+  .option(
+    '--rounds <count>',
+    'number of federated rounds',
+    parseIntegerAtLeast(1),
+    20,
+  )
   .option(
     '--data <dir>',
     'data directory in GTSRB layout (default: $FLEETLEARN_DATA, then ' +
@@ -49,33 +36,38 @@ const program = new Command('simulate')
   .option(
     '--seed <integer>',
     'seed for splits, selection and training',
-    integer(0),
+    parseIntegerAtLeast(0),
     1,
   )
   .option('--report <file>', 'write the JSON report to this file')
   .option(
     '--alpha <number>',
     'Dirichlet concentration of the class split; smaller is more skewed',
-    positiveNumber,
+    parsePositiveNumber,
     0.5,
   )
   .option(
     '--local-epochs <count>',
     'epochs each vehicle trains per round',
-    integer(1),
+    parseIntegerAtLeast(1),
     1,
   )
-  .option('--batch-size <count>', 'local batch size', integer(1), 32)
+  .option(
+    '--batch-size <count>',
+    'local batch size',
+    parseIntegerAtLeast(1),
+    32,
+  )
   .option(
     '--learning-rate <number>',
     'local learning rate',
-    positiveNumber,
+    parsePositiveNumber,
     0.001,
   )
   .option(
     '--proximal-mu <number>',
     'FedProx coefficient, 0 for FedAvg',
-    nonNegativeNumber,
+    parseNumberAtLeast(0),
     0,
   )
   .option(
@@ -90,9 +82,14 @@ const program = new Command('simulate')
   .option(
     '--min-updates <count>',
     'quorum of accepted updates per round (default: half the vehicles)',
-    integer(1),
+    parseIntegerAtLeast(1),
   )
-  .option('--round-timeout-ms <ms>', 'round deadline', integer(1000), 600_000)
+  .option(
+    '--round-timeout-ms <ms>',
+    'round deadline',
+    parseIntegerAtLeast(1000),
+    600_000,
+  )
   .option(
     '--state-dir <dir>',
     'where the aggregator and agents keep state (default: runs/simulate-<time>)',

@@ -15,7 +15,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import cliProgress from 'cli-progress';
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 
 import {
   DEFAULT_TRAINABLE_LAYERS,
@@ -43,6 +43,11 @@ import {
 } from '../models/index.ts';
 import { createLogger, isFleetError, type Logger } from '../protocol/index.ts';
 import {
+  parseFraction,
+  parseIntegerAtLeast,
+  parsePositiveNumber,
+} from '../protocol/cli-arguments.ts';
+import {
   renderProvenance,
   type BaseModelRun,
 } from './base-model-provenance.ts';
@@ -61,34 +66,6 @@ interface BaseModelOptions {
   headBatchSize: number;
   headLearningRate: number;
   augment: boolean;
-}
-
-function integer(min: number) {
-  return (text: string): number => {
-    const value = Number(text);
-    if (!Number.isSafeInteger(value) || value < min) {
-      throw new InvalidArgumentError(
-        `expected an integer >= ${min}, got ${text}`,
-      );
-    }
-    return value;
-  };
-}
-
-function fraction(text: string): number {
-  const value = Number(text);
-  if (!(value > 0 && value < 1)) {
-    throw new InvalidArgumentError(`expected a number in (0, 1), got ${text}`);
-  }
-  return value;
-}
-
-function positiveNumber(text: string): number {
-  const value = Number(text);
-  if (!Number.isFinite(value) || value <= 0) {
-    throw new InvalidArgumentError(`expected a positive number, got ${text}`);
-  }
-  return value;
 }
 
 function parseOptions(argv: string[]): BaseModelOptions {
@@ -110,49 +87,49 @@ function parseOptions(argv: string[]): BaseModelOptions {
     .option(
       '--depot-fraction <number>',
       'fraction of tracks in the depot split',
-      fraction,
+      parseFraction,
       0.5,
     )
     .option(
       '--seed <integer>',
       'seed of the split, weights and shuffles',
-      integer(0),
+      parseIntegerAtLeast(0),
       1,
     )
     .option(
       '--epochs <count>',
       'epochs of the full CNN on the depot split',
-      integer(1),
+      parseIntegerAtLeast(1),
       9,
     )
     .option(
       '--batch-size <count>',
       'batch size of the full CNN',
-      integer(1),
+      parseIntegerAtLeast(1),
       64,
     )
     .option(
       '--learning-rate <number>',
       'Adam learning rate of the full CNN',
-      positiveNumber,
+      parsePositiveNumber,
       0.001,
     )
     .option(
       '--head-epochs <count>',
       'epochs of the dense-head retrain on the vehicle tracks; 0 skips it',
-      integer(0),
+      parseIntegerAtLeast(0),
       10,
     )
     .option(
       '--head-batch-size <count>',
       'batch size of the head retrain',
-      integer(1),
+      parseIntegerAtLeast(1),
       64,
     )
     .option(
       '--head-learning-rate <number>',
       'Adam learning rate of the head retrain',
-      positiveNumber,
+      parsePositiveNumber,
       0.001,
     );
   program.parse(argv);

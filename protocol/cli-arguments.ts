@@ -1,0 +1,54 @@
+import { InvalidArgumentError } from 'commander';
+
+/**
+ * Parsers of numeric command-line values for commander. Each throws
+ * InvalidArgumentError, which commander prints with the option name.
+ */
+
+function toNumber(text: string): number {
+  return text.trim() === '' ? Number.NaN : Number(text);
+}
+
+/** Returns a parser of integers >= `min`. */
+export function parseIntegerAtLeast(min: number): (text: string) => number {
+  return (text) => {
+    const value = toNumber(text);
+    if (!Number.isSafeInteger(value) || value < min) {
+      throw new InvalidArgumentError(
+        `expected an integer >= ${min}, got ${text}`,
+      );
+    }
+    return value;
+  };
+}
+
+/** Returns a parser of finite numbers >= `min`. */
+export function parseNumberAtLeast(min: number): (text: string) => number {
+  return (text) => {
+    const value = toNumber(text);
+    if (!Number.isFinite(value) || value < min) {
+      throw new InvalidArgumentError(
+        `expected a number >= ${min}, got ${text}`,
+      );
+    }
+    return value;
+  };
+}
+
+/** Parses a finite number > 0. */
+export function parsePositiveNumber(text: string): number {
+  const value = toNumber(text);
+  if (!Number.isFinite(value) || value <= 0) {
+    throw new InvalidArgumentError(`expected a positive number, got ${text}`);
+  }
+  return value;
+}
+
+/** Parses a number strictly between 0 and 1. */
+export function parseFraction(text: string): number {
+  const value = toNumber(text);
+  if (!(value > 0 && value < 1)) {
+    throw new InvalidArgumentError(`expected a number in (0, 1), got ${text}`);
+  }
+  return value;
+}
