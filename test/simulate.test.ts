@@ -64,6 +64,9 @@ describe('simulate command', () => {
     for (const round of report.rounds) {
       assert.equal(round.accepted, 3, `round ${round.round}`);
       assert.equal(round.rejected, 0, `round ${round.round}`);
+      assert.equal(round.sent, 3, `round ${round.round} sent`);
+      assert.equal(round.delivered, 3, `round ${round.round} delivered`);
+      assert.equal(round.duplicatesDropped, 0, `round ${round.round}`);
       assert.ok(round.uplinkBytes > 0);
       assert.ok(round.downlinkBytes > 0);
       assert.ok(round.durationMs > 0);

@@ -171,24 +171,44 @@ export async function runSimulation(
     downlinkSeen = total;
     return delta;
   };
+  // Per round: update messages the vehicles sent, and the ones the
+  // aggregator received and decided on.
+  const sentByRound = new Map<number, number>();
+  const deliveredByRound = new Map<number, number>();
+  const countsOf = (round: number) => ({
+    sent: sentByRound.get(round) ?? 0,
+    delivered: deliveredByRound.get(round) ?? 0,
+  });
   aggregator.on('round-opened', (event) => progress.roundOpened(event.round));
+  aggregator.on('update-decided', (event) => {
+    if (event.round === undefined) return;
+    deliveredByRound.set(
+      event.round,
+      (deliveredByRound.get(event.round) ?? 0) + 1,
+    );
+  });
   for (const agent of agents) {
-    agent.on('update-sent', () => progress.updateSent());
+    agent.on('update-sent', (event) => {
+      sentByRound.set(event.round, (sentByRound.get(event.round) ?? 0) + 1);
+      progress.updateSent();
+    });
   }
   aggregator.on('round-closed', (event: RoundClosedEvent) => {
-    rows.push(
-      rowOf(
+    rows.push({
+      ...rowOf(
         event,
         event.accuracy,
         downlinkSinceLastRound(),
         event.modelVersion,
       ),
-    );
+      ...countsOf(event.round),
+    });
     progress.roundDone(event.round, event.accuracy);
   });
   aggregator.on('round-failed', (event: RoundFailedEvent) => {
     rows.push({
       ...rowOf(event, undefined, downlinkSinceLastRound(), event.modelVersion),
+      ...countsOf(event.round),
       failure: event.reasonCode,
     });
     progress.roundDone(event.round, undefined);
@@ -282,6 +302,9 @@ function rowOf(
     accepted: event.accepted,
     rejected: event.rejected,
     rejectedByReason: event.rejectedByReason,
+    duplicatesDropped: event.rejectedByReason.DUPLICATE_UPDATE ?? 0,
+    sent: 0,
+    delivered: 0,
     accuracy: accuracy ?? null,
     uplinkBytes: event.uplinkBytes,
     downlinkBytes,

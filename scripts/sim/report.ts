@@ -8,6 +8,12 @@ export interface RoundRow {
   accepted: number;
   rejected: number;
   rejectedByReason: Record<string, number>;
+  /** Resent copies of an already counted update, rejected as duplicates. */
+  duplicatesDropped: number;
+  /** Update messages the vehicles published for this round. */
+  sent: number;
+  /** Update messages for this round the aggregator received and decided on. */
+  delivered: number;
   /** Top-1 test accuracy of the published ONNX model, measured with onnxruntime. */
   accuracy: number | null;
   /** Update bytes the aggregator received. */
