@@ -7,6 +7,8 @@
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
 
+export { applyDeltas } from '../models/weight-math.ts';
+
 /** Accumulates weighted deltas; `result()` returns their weighted mean. */
 export class FedAvgAccumulator {
   readonly #sizes: ReadonlyMap<string, number>;
@@ -120,33 +122,4 @@ function addScaled(
   scale: number,
 ): void {
   for (let i = 0; i < sum.length; i++) sum[i] += values[i] * scale;
-}
-
-/**
- * Returns `weights` with `deltas` added to the tensors they name; the
- * other tensors are shared, not copied.
- *
- * @throws {RangeError} when a delta names a tensor that `weights` lacks or
- *   has a different size.
- */
-export function applyDeltas(
-  weights: ReadonlyMap<string, Float32Array>,
-  deltas: ReadonlyMap<string, Float32Array>,
-): WeightMap {
-  const next: WeightMap = new Map(weights);
-  for (const [name, delta] of deltas) {
-    const base = weights.get(name);
-    if (base === undefined) {
-      throw new RangeError(`delta for unknown tensor ${name}`);
-    }
-    if (base.length !== delta.length) {
-      throw new RangeError(
-        `delta for ${name} has ${delta.length} values, expected ${base.length}`,
-      );
-    }
-    const updated = new Float32Array(base.length);
-    for (let i = 0; i < base.length; i++) updated[i] = base[i] + delta[i];
-    next.set(name, updated);
-  }
-  return next;
 }

@@ -16,6 +16,7 @@ import type { AggregatorOptions } from './options.ts';
 import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
+  parsePositiveNumber,
 } from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
@@ -52,7 +53,7 @@ const program = new Command('aggregator')
   .option(
     '--learning-rate <number>',
     'local learning rate',
-    parseNumberAtLeast(0),
+    parsePositiveNumber,
     0.001,
   )
   .option(

@@ -41,8 +41,8 @@ export type FleetContext = Pick<
  * State of one open round: who was selected, whose update was accepted,
  * and the FedAvg sum of accepted deltas. The round closes when every
  * selected vehicle has an accepted update, at its deadline, or on
- * `close('stopped')`. A rejected update does not count as a vehicle's
- * answer, because anyone on the broker can publish on a vehicle's topic.
+ * `close('stopped')`. A rejected update does not count as the vehicle's
+ * response, because anyone on the broker can publish on a vehicle's topic.
  */
 export class OpenRound {
   readonly round: number;

@@ -11,7 +11,7 @@ import {
 } from '../protocol/index.ts';
 import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
 import { readWeightsFile } from '../models/weights-file.ts';
-import { applyDeltas } from './fedavg.ts';
+import { applyDeltas } from '../models/index.ts';
 import { buildRelease } from './messages.ts';
 import { checkWeights, exportAndCheck } from './model-check.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';

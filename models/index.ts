@@ -81,3 +81,4 @@ export type { ConvImpl, ForwardOptions, TensorMap } from './forward.ts';
 export { augmentImages } from './augment.ts';
 export type { AugmentOptions } from './augment.ts';
 export { conv2dCustomGrad, forwardBetween } from './forward.ts';
+export { applyDeltas } from './weight-math.ts';

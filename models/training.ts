@@ -73,7 +73,7 @@ export interface TrainLocalOptions extends LocalTrainingOptions {
    * Restricts the softmax to the classes present in `labels` (a
    * "restricted softmax"). With
    * label-skewed vehicles, plain cross-entropy pushes down the logits of
-   * every class a vehicle never sees, and averaging those updates drags the
+   * every class missing from a vehicle's examples, and averaging those updates drags the
    * global model away from them. Default false.
    */
   restrictToLocalClasses?: boolean;

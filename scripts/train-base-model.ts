@@ -24,6 +24,7 @@ import {
   type WeightMap,
 } from '../models/architecture.ts';
 import {
+  applyDeltas,
   augmentImages,
   createRandom,
   evaluateAccuracy,
@@ -154,16 +155,6 @@ function resolveFullDataDir(flag: string | undefined): string {
 }
 
 /** Adds `deltas` to `base`, returning new weights. */
-function applyDeltas(base: WeightMap, deltas: WeightMap): WeightMap {
-  const weights: WeightMap = new Map(base);
-  for (const [name, delta] of deltas) {
-    const values = Float32Array.from(base.get(name)!);
-    for (let i = 0; i < values.length; i++) values[i] += delta[i];
-    weights.set(name, values);
-  }
-  return weights;
-}
-
 /** Trains with a progress bar on stderr. */
 async function trainWithProgress(
   base: WeightMap,

@@ -104,7 +104,7 @@ describe('aggregator killed mid-round', () => {
     { timeout: 120_000 },
     async () => {
       const frames = await loadLabelledImages(resolveDataDir(), { limit: 100 });
-      // The idle vehicle is selected but never answers, so round 1 stays
+      // The idle vehicle is selected but never sends an update, so round 1 stays
       // open after the real vehicle's update is accepted.
       await publishIdleStatus(broker, VehicleState.Online);
       agent = new VehicleAgent({

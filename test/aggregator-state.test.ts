@@ -38,7 +38,7 @@ before(async () => {
   images = await loadRealImages();
 });
 
-/** A debug-level logger that keeps every line as a parsed object. */
+/** Creates a debug-level logger that keeps every line as an object. */
 function captureLog() {
   const lines: Array<{ level: number; msg: string }> = [];
   const log = pino(

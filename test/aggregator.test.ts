@@ -305,9 +305,9 @@ describe('aggregator rejects bad updates', () => {
     );
     assertRejected(spoofed, ErrorCode.MalformedPayload);
 
-    // A rejected update is not a vehicle's answer: every selected vehicle
-    // has sent one, yet the round stays open and each may still send a
-    // valid update, even under the update id of its rejected one.
+    // A rejected update does not count as the vehicle's response. Every
+    // selected vehicle has sent one, yet the round stays open, and each
+    // may still send a valid update, even under its rejected update id.
     assert.equal(aggregator.roundsCompleted, 0);
     const retrying = online.filter((id) => id !== 'good-a');
     for (const id of retrying) {

@@ -83,7 +83,7 @@ async function waitUntil(
   }
 }
 
-/** A port that was free a moment ago: a broker on port 0, closed again. */
+/** Finds a free port by starting a broker on port 0 and closing it. */
 async function freePort(): Promise<number> {
   const probe = await startBroker({ port: 0, log: silent });
   const { port } = probe;
@@ -115,7 +115,7 @@ function buildRelease(): ModelRelease {
   };
 }
 
-/** A task long enough (many epochs) that a stop lands during training. */
+/** Builds a task with enough epochs that a stop lands during training. */
 function buildLongTask(release: ModelRelease): RoundTask {
   return {
     fleetId: FLEET_ID,

@@ -51,8 +51,8 @@ const DISCONNECT_TIMEOUT_MS = 2000;
 const RUN_STOP_TIMEOUT_MS = 3000;
 
 /**
- * A vehicle agent. The constructor only checks options; `start()` loads
- * the frames, picks the training backend, restores the deployed model and
+ * Vehicle daemon. The constructor only checks options. `start()` loads the
+ * frames, picks the training backend, restores the deployed model and
  * creates the MQTT client, which connects in the background. Malformed or
  * rejected input is logged at warn and skipped, so the daemon keeps
  * running.

@@ -1,4 +1,5 @@
 import {
+  applyDeltas,
   OnnxClassifier,
   OnnxFeatureExtractor,
   evaluateAccuracy,
@@ -93,12 +94,7 @@ export async function trainCentralized(
   });
   progress.stop();
 
-  const trained: WeightMap = new Map(base);
-  for (const [name, delta] of result.deltas) {
-    const values = Float32Array.from(base.get(name)!);
-    for (let i = 0; i < values.length; i++) values[i] += delta[i];
-    trained.set(name, values);
-  }
+  const trained = applyDeltas(base, result.deltas);
   const classifier = await OnnxClassifier.create(exportOnnx(trained));
   const accuracy = await evaluateAccuracy(classifier, test.images, test.labels);
   await classifier.close();
