@@ -13,6 +13,11 @@ import {
   tensorNamesOfLayers,
 } from '../models/architecture.ts';
 import { createRandom } from '../models/random.ts';
+import {
+  MAX_ABS_WEIGHTED_DELTA,
+  MAX_EXAMPLES_PER_ADD,
+  MAX_UPDATES,
+} from './fedavg.ts';
 
 const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
 
@@ -209,6 +214,7 @@ function checkNumbers(
   ) {
     invalid('maxAbsDeltaValue', options.maxAbsDeltaValue, 'a positive number');
   }
+  checkAccumulatorBounds(options);
   if (!(options.exportToleranceAbs > 0)) {
     invalid(
       'exportToleranceAbs',
@@ -217,6 +223,38 @@ function checkNumbers(
     );
   }
   if (options.testSet !== undefined) checkTestSet(options.testSet);
+}
+
+/** Checks that every update that passes validation fits FedAvgAccumulator. */
+function checkAccumulatorBounds(
+  options: Pick<
+    ResolvedOptions,
+    'maxExamplesPerUpdate' | 'maxAbsDeltaValue' | 'vehiclesPerRound'
+  >,
+): void {
+  if (options.maxExamplesPerUpdate > MAX_EXAMPLES_PER_ADD) {
+    invalid(
+      'maxExamplesPerUpdate',
+      options.maxExamplesPerUpdate,
+      `at most ${MAX_EXAMPLES_PER_ADD}`,
+    );
+  }
+  const weighted = options.maxAbsDeltaValue * options.maxExamplesPerUpdate;
+  if (weighted > MAX_ABS_WEIGHTED_DELTA) {
+    invalid(
+      'maxAbsDeltaValue',
+      options.maxAbsDeltaValue,
+      `at most ${MAX_ABS_WEIGHTED_DELTA} / maxExamplesPerUpdate ` +
+        `(${options.maxExamplesPerUpdate})`,
+    );
+  }
+  if (options.vehiclesPerRound > MAX_UPDATES) {
+    invalid(
+      'vehiclesPerRound',
+      options.vehiclesPerRound,
+      `at most ${MAX_UPDATES}`,
+    );
+  }
 }
 
 function resolveTrainableTensors(layers: string[]): string[] {

@@ -103,6 +103,14 @@ describe('aggregator options', () => {
       () => new Aggregator({ ...options, maxAbsDeltaValue: Infinity }),
       isInvalidConfig('maxAbsDeltaValue'),
     );
+    assert.throws(
+      () => new Aggregator({ ...options, maxExamplesPerUpdate: 2 ** 27 }),
+      isInvalidConfig('maxExamplesPerUpdate'),
+    );
+    assert.throws(
+      () => new Aggregator({ ...options, maxAbsDeltaValue: 1e6 }),
+      isInvalidConfig('maxAbsDeltaValue'),
+    );
     assert.equal(new Aggregator(options).options.maxExamplesPerUpdate, 1e6);
     assert.equal(new Aggregator(options).options.maxAbsDeltaValue, 1000);
     assert.throws(

@@ -1,7 +1,12 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { FedAvgAccumulator, applyDeltas } from '../aggregator/fedavg.ts';
+import {
+  FedAvgAccumulator,
+  MAX_EXAMPLES_PER_ADD,
+  applyDeltas,
+} from '../aggregator/fedavg.ts';
 import { checkFinite } from '../aggregator/versions.ts';
+import { createRandom } from '../models/index.ts';
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 
 const SIZES = new Map([
@@ -93,14 +98,85 @@ describe('FedAvgAccumulator', () => {
     assert.deepEqual([...accumulator.result().get('a')!], [1, 1, 1]);
   });
 
-  test('unsafe example total rejected', () => {
+  test('oversized example count rejected', () => {
     const accumulator = new FedAvgAccumulator(SIZES);
-    accumulator.add(deltas([1, 1, 1], [1]), Number.MAX_SAFE_INTEGER - 1);
+    accumulator.add(deltas([1, 1, 1], [1]), MAX_EXAMPLES_PER_ADD);
 
-    assert.throws(() => accumulator.add(deltas([1, 1, 1], [1]), 2), RangeError);
+    assert.throws(
+      () => accumulator.add(deltas([1, 1, 1], [1]), MAX_EXAMPLES_PER_ADD + 1),
+      /numExamples must be an integer in 1\.\.67108864, got 67108865/,
+    );
 
-    assert.equal(accumulator.totalExamples, Number.MAX_SAFE_INTEGER - 1);
+    assert.equal(accumulator.totalExamples, MAX_EXAMPLES_PER_ADD);
     assert.equal(accumulator.count, 1);
+  });
+
+  test('non-finite or huge value rejected', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(
+      () => accumulator.add(deltas([1, Number.NaN, 1], [1]), 2),
+      /tensor a value NaN at index 1/,
+    );
+    assert.throws(
+      () => accumulator.add(deltas([1, 1, 1], [2 ** 31]), 64),
+      /tensor b value 2147483648 at index 0 times 64 examples/,
+    );
+
+    assert.equal(accumulator.count, 0);
+  });
+
+  test('arrival order leaves bytes unchanged', () => {
+    const random = createRandom(7);
+    const updates = Array.from({ length: 24 }, () => ({
+      values: Float32Array.from(
+        { length: 500 },
+        () => (random() - 0.5) * 10 ** Math.floor(random() * 8 - 6),
+      ),
+      numExamples: 1 + Math.floor(random() * 5000),
+    }));
+    const aggregate = (order: number[]): Uint8Array => {
+      const accumulator = new FedAvgAccumulator(new Map([['w', 500]]));
+      for (const index of order) {
+        const { values, numExamples } = updates[index];
+        accumulator.add(new Map([['w', values]]), numExamples);
+      }
+      return new Uint8Array(accumulator.result().get('w')!.buffer);
+    };
+    const forward = updates.map((_, index) => index);
+    const reference = aggregate(forward);
+
+    for (let trial = 0; trial < 20; trial++) {
+      const order = [...forward].sort(() => random() - 0.5);
+      assert.deepEqual(aggregate(order), reference);
+    }
+    assert.deepEqual(aggregate([...forward].reverse()), reference);
+  });
+
+  test('exact sums match float64 mean', () => {
+    const random = createRandom(11);
+    const accumulator = new FedAvgAccumulator(new Map([['w', 1000]]));
+    const sums = new Float64Array(1000);
+    let total = 0;
+    for (let k = 0; k < 50; k++) {
+      const values = Float32Array.from(
+        { length: 1000 },
+        () => (random() - 0.5) * 1e-3,
+      );
+      const numExamples = 1 + Math.floor(random() * 1000);
+      accumulator.add(new Map([['w', values]]), numExamples);
+      values.forEach((value, i) => (sums[i] += value * numExamples));
+      total += numExamples;
+    }
+    const mean = accumulator.result().get('w')!;
+
+    for (let i = 0; i < mean.length; i++) {
+      const expected = Math.fround(sums[i] / total);
+      assert.ok(
+        Math.abs(mean[i] - expected) <= Math.abs(expected) * 2 ** -22,
+        `element ${i}: ${mean[i]} against ${expected}`,
+      );
+    }
   });
 
   test('invalid tensor size rejected', () => {
