@@ -1,24 +1,22 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
-import {
-  FleetTopics,
-  createLogger,
-  encodeModelRelease,
-  type Logger,
-} from '../protocol/index.ts';
+import { FleetTopics, createLogger, type Logger } from '../protocol/index.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
 import type { AggregatorEvents } from './events.ts';
 import { receiveUpdate } from './ingress.ts';
-import { buildRelease } from './messages.ts';
 import { ModelStore, type StoredModel } from './model-store.ts';
 import {
   resolveOptions,
   type AggregatorOptions,
   type ResolvedOptions,
 } from './options.ts';
+import { checkReleaseFits } from './release-messages.ts';
+import { ReleasePublisher } from './release-publisher.ts';
 import type { FleetContext } from './round.ts';
-import { RoundRunner, type RoundHost } from './round-runner.ts';
+import type { RoundHost } from './round-runner.ts';
+import { RoundLoop } from './round-loop.ts';
+import { rollbackSteps, selectStartModel } from './rollback.ts';
 import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
 
@@ -31,6 +29,10 @@ type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
  * numExamples), and publishes each new version once its ONNX export has
  * matched TF.js. Round number and model version persist in `stateDir`.
  *
+ * A release travels as retained chunks plus a retained notice (see
+ * release-publisher.ts). `rollbackTo` makes an older stored version the
+ * current one again.
+ *
  * Events: 'round-opened', 'round-closed', 'round-failed',
  * 'update-decided', 'release-published' (see events.ts).
  */
@@ -40,6 +42,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   readonly #log: Logger;
   readonly #topics: FleetTopics;
   readonly #store: ModelStore;
+  readonly #publisher: ReleasePublisher;
   readonly #vehicles = new VehicleRegistry();
   readonly #fleetContext: Omit<FleetContext, 'lastRound'>;
   readonly #stopping = new AbortController();
@@ -51,7 +54,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
    * queued updates while the connection is still being set up.
    */
   #pendingAcks: Array<{ vehicleId: string; ack: Uint8Array }> = [];
-  #runner: RoundRunner | undefined;
+  readonly #rounds: RoundLoop;
   #loop: Promise<void> | undefined;
 
   /**
@@ -70,6 +73,17 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     });
     this.#topics = new FleetTopics(this.options.fleetId);
     this.#store = new ModelStore(this.options.stateDir, MODEL_NAME);
+    this.#rounds = new RoundLoop({
+      maxRounds: this.options.maxRounds,
+      stopping: this.#stopping.signal,
+      hostFor: (signal, maxRounds) => this.#roundHost(signal, maxRounds),
+    });
+    this.#publisher = new ReleasePublisher({
+      stateDir: this.options.stateDir,
+      topics: this.#topics,
+      maxMessageBytes: this.options.maxMessageBytes,
+      log: this.#log,
+    });
     const trainable = TENSOR_SPECS.filter((spec) =>
       this.options.trainableTensors.includes(spec.name),
     );
@@ -84,17 +98,17 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
 
   /** The open round, or the last one opened (0 before the first). */
   get currentRound(): number {
-    return this.#runner?.lastRound ?? 0;
+    return this.#rounds.runner?.lastRound ?? 0;
   }
 
   /** Version of the current global model (0 before `start()`). */
   get currentModelVersion(): number {
-    return this.#runner?.model.manifest.version ?? 0;
+    return this.#rounds.runner?.model.manifest.version ?? 0;
   }
 
   /** Rounds closed or failed since `start()`. */
   get roundsCompleted(): number {
-    return this.#runner?.roundsCompleted ?? 0;
+    return this.#rounds.roundsCompleted;
   }
 
   /** Ids of the vehicles whose last status is online. */
@@ -103,10 +117,14 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   }
 
   /**
-   * Loads or creates the current model, connects to the broker, publishes
-   * the retained release and starts the round loop in the background.
+   * Loads or creates the current model, rolls back when the option
+   * `rollbackToVersion` is set, checks that the model's release fits
+   * in maxMessageBytes, connects to the broker, publishes the retained
+   * release and starts the round loop in the background.
    *
-   * @throws {FleetError} from loading the model (see loadCurrentModel).
+   * @throws {FleetError} from loading the model (see loadCurrentModel),
+   *   INVALID_CONFIG when the release notice cannot fit in
+   *   maxMessageBytes, and the errors of `loadRollbackTarget`.
    * @throws {Error} when called twice, or when `stop()` ran meanwhile.
    */
   async start(): Promise<void> {
@@ -119,14 +137,22 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       this.#store,
       this.#log,
     );
-    this.#runner = new RoundRunner(this.#roundHost(), model, state.round);
+    const served = selectStartModel(
+      this.#store,
+      this.options.stateDir,
+      { state, model },
+      this.options.rollbackToVersion,
+      this.#log,
+    );
+    checkReleaseFits(
+      served.manifest,
+      served.onnx,
+      this.options.maxMessageBytes,
+    );
+    this.#rounds.begin(served, state.round);
 
     await this.#connect();
-    const release = buildRelease(model.manifest, model.onnx);
-    await this.#publishRelease(
-      model,
-      encodeModelRelease(release, this.options.maxMessageBytes),
-    );
+    await this.#publishRelease(served);
     if (this.#phase !== 'starting') {
       throw new Error('aggregator stopped while starting');
     }
@@ -142,7 +168,49 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       },
       'aggregator started',
     );
-    this.#loop = this.#runner.run();
+    this.#loop = this.#rounds.run();
+  }
+
+  /**
+   * Makes the stored model `version` the current one again. The open
+   * round is abandoned (a 'round-failed' event with ROLLED_BACK), the
+   * state is saved, and the version's chunks and retained notice are
+   * published again, so that vehicles and late joiners switch to it.
+   * Later rounds train from it, and the versions they produce take
+   * numbers above the highest one ever stored, with it as their parent.
+   * A round already closing when this is called finishes first, and its
+   * version is rolled back too.
+   *
+   * @throws {RangeError} when `version` is not an integer >= 0.
+   * @throws {FleetError} INVALID_MODEL when `version` is not stored,
+   *   INVALID_CONFIG when it is not older than the current version.
+   * @throws {Error} when the aggregator is not running (use the option
+   *   `rollbackToVersion` before `start()`).
+   */
+  async rollbackTo(version: number): Promise<void> {
+    if (this.#phase !== 'running') {
+      throw new Error(
+        `aggregator cannot roll back while ${this.#phase}; pass the ` +
+          'option rollbackToVersion to roll back at start',
+      );
+    }
+    await this.#rounds.switchRunner(
+      rollbackSteps(
+        {
+          store: this.#store,
+          stateDir: this.options.stateDir,
+          log: this.#log,
+          reportFailedRound: (event) => {
+            this.emit('round-failed', event);
+            this.#notifyRoundListeners();
+          },
+          publishRoundTask: (bytes, round) =>
+            this.#publishRoundTask(bytes, round),
+          publishRelease: (model) => this.#publishRelease(model),
+        },
+        version,
+      ),
+    );
   }
 
   /**
@@ -157,7 +225,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     }
     const wasStarted = this.#phase !== 'new';
     this.#phase = 'stopping';
-    this.#runner?.abandonOpenRound();
+    this.#rounds.runner?.abandonOpenRound();
     this.#stopping.abort();
     await this.#loop;
     await this.#client?.endAsync();
@@ -181,7 +249,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       const check = (): void => {
         const completed = this.roundsCompleted;
         const hasEnded =
-          this.#phase === 'stopped' || this.#runner?.isRoundLimitReached;
+          this.#phase === 'stopped' || this.#rounds.isRoundLimitReached;
         if (completed >= count) {
           this.#roundListeners.delete(check);
           resolve();
@@ -205,15 +273,16 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     for (const listener of [...this.#roundListeners]) listener();
   }
 
-  #roundHost(): RoundHost {
+  /** Host of one round runner, with its own signal and round budget. */
+  #roundHost(signal: AbortSignal, maxRounds: number): RoundHost {
     return {
-      options: this.options,
+      options: { ...this.options, maxRounds },
       log: this.#log,
       store: this.#store,
       vehicles: this.#vehicles,
-      signal: this.#stopping.signal,
+      signal,
       publishRoundTask: (bytes, round) => this.#publishRoundTask(bytes, round),
-      publishRelease: (model, bytes) => this.#publishRelease(model, bytes),
+      publishRelease: (model) => this.#publishRelease(model),
       emit: this.emit.bind(this),
       onRoundEnded: () => this.#notifyRoundListeners(),
     };
@@ -227,6 +296,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       onMessage: (topic, payload) => this.#onMessage(topic, payload),
       signal: this.#stopping.signal,
       log: this.#log,
+      security: this.options.security,
     });
     const pending = this.#pendingAcks;
     this.#pendingAcks = [];
@@ -249,7 +319,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   }
 
   #onUpdate(vehicleId: string, payload: Buffer): void {
-    const runner = this.#runner;
+    const runner = this.#rounds.runner;
     if (runner === undefined) return;
     const { ack, event } = receiveUpdate(
       vehicleId,
@@ -273,11 +343,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       return;
     }
     const topic = this.#topics.ack(vehicleId);
-    client.publishAsync(topic, Buffer.from(ack), { qos: 1 }).catch(
-      (err: unknown) => {
+    client
+      .publishAsync(topic, Buffer.from(ack), { qos: 1 })
+      .catch((err: unknown) => {
         this.#log.warn({ err, vehicleId, topic }, 'ack publish failed');
-      },
-    );
+      });
   }
 
   #publishRoundTask(bytes: Uint8Array, round: number): void {
@@ -290,18 +360,39 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     );
   }
 
-  async #publishRelease(model: StoredModel, bytes: Uint8Array): Promise<void> {
+  /** Publishes the chunks and retained notice of `model`. */
+  async #publishRelease(model: StoredModel): Promise<void> {
     const { version, round, sha256 } = model.manifest;
-    const topic = this.#topics.release();
+    const client = this.#client!;
     const options = { qos: 1, retain: true } as const;
-    await this.#client!.publishAsync(topic, Buffer.from(bytes), options);
+    const published = await this.#publisher.publish(
+      model,
+      async (topic, bytes) => {
+        const payload = Buffer.from(
+          bytes.buffer,
+          bytes.byteOffset,
+          bytes.byteLength,
+        );
+        await client.publishAsync(topic, payload, options);
+      },
+    );
 
-    const fields = { modelVersion: version, round, bytes: bytes.byteLength };
-    this.#log.info({ ...fields, sha256 }, 'model release published');
+    this.#log.info(
+      {
+        modelVersion: version,
+        round,
+        sha256,
+        bytes: published.noticeBytes,
+        chunkCount: published.chunkCount,
+        chunkBytes: published.chunkBytes,
+      },
+      'model release published',
+    );
     this.emit('release-published', {
-      ...fields,
+      modelVersion: version,
+      round,
       sha256,
-      bytes: bytes.byteLength,
+      bytes: published.noticeBytes,
     });
   }
 }

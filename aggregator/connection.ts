@@ -1,5 +1,13 @@
 import { connect, type MqttClient } from 'mqtt';
-import type { Logger } from '../protocol/index.ts';
+import {
+  ErrorCode,
+  FleetError,
+  clientIdOf,
+  identitiesOfCertificate,
+  toMqttSecurityOptions,
+  type BrokerClientSecurity,
+  type Logger,
+} from '../protocol/index.ts';
 
 /** Inputs of {@link connectToBroker}. */
 export interface ConnectionOptions {
@@ -11,6 +19,30 @@ export interface ConnectionOptions {
   /** Signal aborted when the owner stops. Later socket errors log at debug. */
   signal: AbortSignal;
   log: Logger;
+  /**
+   * Client certificate and key (with an `mqtts://` brokerUrl), or
+   * username and password; default none.
+   */
+  security?: BrokerClientSecurity;
+}
+
+/**
+ * Checks that the client certificate carries the identity of `clientId`,
+ * because the broker rejects any other client id.
+ */
+function assertCertificateMatches(
+  security: BrokerClientSecurity | undefined,
+  clientId: string,
+): void {
+  const tls = security?.tls;
+  if (tls === undefined) return;
+  const clientIds = identitiesOfCertificate(tls.cert).map(clientIdOf);
+  if (clientIds.includes(clientId)) return;
+  throw new FleetError(
+    ErrorCode.InvalidConfig,
+    `certificate ${tls.files.certPath} is for client ids ` +
+      `[${clientIds.join(', ')}], expected ${clientId}`,
+  );
 }
 
 /**
@@ -18,14 +50,18 @@ export interface ConnectionOptions {
  * accepts, then subscribes. mqtt.js resubscribes after a reconnect.
  *
  * @throws {Error} when `signal` aborts before the connection is up.
+ * @throws {FleetError} INVALID_CONFIG when the client certificate is not
+ *   for `clientId`.
  */
 export async function connectToBroker(
   options: ConnectionOptions,
 ): Promise<MqttClient> {
   const { brokerUrl, clientId, log, signal } = options;
+  assertCertificateMatches(options.security, clientId);
   // A persistent session (clean: false) lets the broker queue QoS 1
   // updates while the aggregator reconnects.
   const client = connect(brokerUrl, {
+    ...toMqttSecurityOptions(options.security),
     protocolVersion: 4,
     clientId,
     clean: false,

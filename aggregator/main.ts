@@ -7,7 +7,11 @@ import { Command, Option } from 'commander';
 import {
   createLogger,
   DEFAULT_MAX_MESSAGE_BYTES,
+  ErrorCode,
   isFleetError,
+  loadClientTls,
+  readClientConfig,
+  type BrokerClientSecurity,
   type Logger,
 } from '../protocol/index.ts';
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
@@ -110,7 +114,7 @@ const program = new Command('aggregator')
   )
   .option(
     '--max-message-bytes <bytes>',
-    'maximum size of an update or release message',
+    'maximum size of an update, a release notice or a release chunk',
     parseIntegerAtLeast(1024),
     DEFAULT_MAX_MESSAGE_BYTES,
   )
@@ -147,6 +151,26 @@ const program = new Command('aggregator')
     parseIntegerAtLeast(1),
     16,
   )
+  .option(
+    '--rollback-to <version>',
+    'at start, make this older stored model version the current one again',
+    parseIntegerAtLeast(0),
+  )
+  .option(
+    '--config <file>',
+    'aggregator.json from `provision issue-aggregator`: fleet id, broker ' +
+      'URL and TLS files; --fleet-id and --broker-url override it',
+  )
+  .option('--tls-ca <file>', 'fleet CA certificate (PEM)')
+  .option('--tls-cert <file>', "the aggregator's certificate (PEM)")
+  .option(
+    '--tls-key <file>',
+    "the aggregator's private key (PEM); must have mode 0600",
+  )
+  .option(
+    '--username <name>',
+    'MQTT username; the password comes from $FLEETLEARN_BROKER_PASSWORD',
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -178,7 +202,56 @@ interface Flags {
   testData?: string;
   testLimit?: number;
   probeCount: number;
+  rollbackTo?: number;
+  config?: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  username?: string;
   logLevel: string;
+}
+
+/**
+ * Applies --config and the TLS and username flags: fleet id and broker URL
+ * from the file unless given on the command line, and the credentials.
+ */
+function connectionOf(
+  flags: Flags,
+): Pick<AggregatorOptions, 'fleetId' | 'brokerUrl' | 'security'> {
+  const config =
+    flags.config === undefined ? undefined : readClientConfig(flags.config);
+  const fromCli = (name: string): boolean =>
+    program.getOptionValueSource(name) === 'cli';
+  const tlsFlags = [flags.tlsCa, flags.tlsCert, flags.tlsKey];
+  const tlsFlagCount = tlsFlags.filter((flag) => flag !== undefined).length;
+  if (tlsFlagCount !== 0 && tlsFlagCount !== 3) {
+    throw new TypeError('give all of --tls-ca, --tls-cert and --tls-key');
+  }
+  const files =
+    tlsFlagCount === 3
+      ? {
+          caPath: flags.tlsCa!,
+          certPath: flags.tlsCert!,
+          keyPath: flags.tlsKey!,
+        }
+      : config?.tls;
+  const security: BrokerClientSecurity = {};
+  if (files !== undefined) security.tls = loadClientTls(files);
+  if (flags.username !== undefined) {
+    security.username = flags.username;
+    security.password = process.env.FLEETLEARN_BROKER_PASSWORD;
+  }
+  return {
+    fleetId:
+      config === undefined || fromCli('fleetId')
+        ? flags.fleetId
+        : config.fleetId,
+    brokerUrl:
+      config === undefined || fromCli('brokerUrl')
+        ? flags.brokerUrl
+        : config.brokerUrl,
+    security: Object.keys(security).length === 0 ? undefined : security,
+  };
 }
 
 /** Loads the test split and takes the probe batch evenly spaced from it. */
@@ -210,8 +283,7 @@ async function loadTestData(
 
 function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
   return {
-    fleetId: flags.fleetId,
-    brokerUrl: flags.brokerUrl,
+    ...connectionOf(flags),
     stateDir: flags.stateDir,
     baseWeightsPath: flags.baseWeights,
     trainableLayers: flags.trainableLayers
@@ -233,6 +305,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     maxExamplesPerUpdate: flags.maxExamplesPerUpdate,
     maxAbsDeltaValue: flags.maxAbsDeltaValue,
     exportToleranceAbs: flags.exportToleranceAbs,
+    rollbackToVersion: flags.rollbackTo,
     log,
   };
 }
@@ -276,7 +349,7 @@ async function main(): Promise<void> {
     if (stopping !== undefined) return;
     log.fatal({ err, code: codeOf(err) }, 'aggregator failed to start');
     await aggregator.stop();
-    process.exit(1);
+    process.exit(codeOf(err) === ErrorCode.InvalidConfig ? 2 : 1);
   }
   await aggregator.whenFinished();
   await stop('finished');

@@ -1,11 +1,9 @@
 /** Builders of the messages the aggregator publishes. Pure functions. */
 import {
   AckStatus,
-  type ModelRelease,
   type RoundTask,
   type UpdateAck,
 } from '../protocol/index.ts';
-import type { ModelManifest } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
 import type { OpenRound } from './round.ts';
 import type { UpdateDecision } from './validate.ts';
@@ -52,26 +50,6 @@ export function buildRoundTask(
     deadlineMs: round.deadlineMs,
     minUpdates: options.minUpdates,
     modelSha256,
-  };
-}
-
-/** Builds the release notice of a stored model version, ONNX inline. */
-export function buildRelease(
-  manifest: ModelManifest,
-  onnx: Uint8Array,
-): ModelRelease {
-  return {
-    modelName: manifest.modelName,
-    version: manifest.version,
-    parentVersion: manifest.parentVersion,
-    round: manifest.round,
-    sha256: manifest.sha256,
-    sizeBytes: onnx.byteLength,
-    createdAtMs: manifest.createdAtMs,
-    onnx,
-    testAccuracy: manifest.testAccuracy ?? 0,
-    numVehicles: manifest.numVehicles,
-    numExamples: manifest.numExamples,
   };
 }
 

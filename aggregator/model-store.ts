@@ -1,4 +1,4 @@
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
@@ -56,6 +56,25 @@ export class ModelStore {
   /** Returns whether all files of `version` are stored. */
   has(version: number): boolean {
     return existsSync(this.pathOf(version, 'json'));
+  }
+
+  /** Stored version numbers, ascending. */
+  versions(): number[] {
+    if (!existsSync(this.dir)) return [];
+    return readdirSync(this.dir)
+      .map((name) => /^v(\d+)\.json$/.exec(name))
+      .filter((match) => match !== null)
+      .map((match) => Number(match[1]))
+      .sort((a, b) => a - b);
+  }
+
+  /**
+   * Highest stored version, or -1 when none is stored. New versions take
+   * the next number, so that a rollback never reuses one.
+   */
+  highestVersion(): number {
+    const versions = this.versions();
+    return versions.length === 0 ? -1 : versions[versions.length - 1];
   }
 
   /** Writes the three files of `model`, each atomically, manifest last. */

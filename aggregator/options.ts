@@ -3,16 +3,19 @@ import {
   ErrorCode,
   FleetError,
   assertTopicLevel,
+  type BrokerClientSecurity,
   type Logger,
 } from '../protocol/index.ts';
 import {
   DEFAULT_TRAINABLE_LAYERS,
   IMAGE_CHANNELS,
   IMAGE_SIZE,
+  MODEL_NAME,
   NUM_CLASSES,
   tensorNamesOfLayers,
 } from '../models/architecture.ts';
 import { createRandom } from '../models/random.ts';
+import { chunkSizeFor } from './release-messages.ts';
 import {
   MAX_ABS_WEIGHTED_DELTA,
   MAX_EXAMPLES_PER_ADD,
@@ -72,7 +75,10 @@ export interface AggregatorOptions {
   maxRounds?: number;
   /** Seed of vehicle selection. Default 1. */
   seed?: number;
-  /** Maximum size of an update or release message. Default 64 MiB. */
+  /**
+   * Maximum size of an update, a release notice or one release chunk.
+   * Release chunks are sized to fill it. Default 64 MiB.
+   */
   maxMessageBytes?: number;
   /**
    * Maximum numExamples of one update. Default 1,000,000. It bounds the
@@ -94,13 +100,26 @@ export interface AggregatorOptions {
   testSet?: TestSet;
   /** Parent logger; the aggregator logs through a child. */
   log?: Logger;
+  /**
+   * Client certificate and key (with an `mqtts://` brokerUrl), or a
+   * username and password, for the broker connection.
+   */
+  security?: BrokerClientSecurity;
+  /**
+   * Model version to roll back to in `start()`, before the first round.
+   * It must be stored and older than the current version; see
+   * `Aggregator.rollbackTo`.
+   */
+  rollbackToVersion?: number;
 }
 
 /** Options with defaults filled in and checked. */
 export type ResolvedOptions = Required<
-  Omit<AggregatorOptions, 'testSet' | 'log'>
+  Omit<AggregatorOptions, 'testSet' | 'log' | 'rollbackToVersion' | 'security'>
 > & {
   testSet?: TestSet;
+  security?: BrokerClientSecurity;
+  rollbackToVersion?: number;
   trainableTensors: string[];
 };
 
@@ -166,6 +185,8 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     maxAbsDeltaValue: options.maxAbsDeltaValue ?? 1000,
     exportToleranceAbs: options.exportToleranceAbs ?? 1e-4,
     testSet: options.testSet,
+    security: options.security,
+    rollbackToVersion: options.rollbackToVersion,
     ...resolveProbe(options),
   };
   checkNumbers(resolved);
@@ -207,6 +228,10 @@ function checkNumbers(
   requireInteger('maxRounds', options.maxRounds, 0);
   requireInteger('seed', options.seed, 0);
   requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);
+  chunkSizeFor(options.maxMessageBytes, MODEL_NAME);
+  if (options.rollbackToVersion !== undefined) {
+    requireInteger('rollbackToVersion', options.rollbackToVersion, 0);
+  }
   requireInteger('maxExamplesPerUpdate', options.maxExamplesPerUpdate, 1);
   if (
     !(options.maxAbsDeltaValue > 0) ||

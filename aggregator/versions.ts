@@ -3,19 +3,14 @@
  * each later version from the previous one plus a round's mean delta.
  */
 import { existsSync, mkdirSync } from 'node:fs';
-import {
-  ErrorCode,
-  FleetError,
-  encodeModelRelease,
-  type Logger,
-} from '../protocol/index.ts';
+import { ErrorCode, FleetError, type Logger } from '../protocol/index.ts';
 import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
 import { readWeightsFile } from '../models/weights-file.ts';
 import { applyDeltas } from '../models/index.ts';
-import { buildRelease } from './messages.ts';
 import { checkWeights, exportAndCheck } from './model-check.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
+import { encodeRelease } from './release-messages.ts';
 import type { OpenRound, RoundStats } from './round.ts';
 import { loadState, saveState, type AggregatorState } from './state.ts';
 
@@ -107,19 +102,20 @@ async function createBaseVersion(
 }
 
 /**
- * Builds the version after `current`: its weights plus `meanDelta`,
- * exported and checked against TF.js. Nothing is stored here.
+ * Builds model `version` from `current` (its parent): the parent's weights
+ * plus `meanDelta`, exported and checked against TF.js. Nothing is stored
+ * here.
  *
  * @throws {FleetError} NON_FINITE_VALUE when a merged weight is NaN or
  *   infinite, EXPORT_MISMATCH when ONNX and TF.js disagree.
  */
 export async function buildNextVersion(
   current: StoredModel,
+  version: number,
   meanDelta: WeightMap,
   stats: RoundStats,
   options: ResolvedOptions,
 ): Promise<{ model: StoredModel; maxAbsDiff: number }> {
-  const version = current.manifest.version + 1;
   const weights = applyDeltas(current.weights, meanDelta);
   checkFinite(weights, version);
   const checked = await exportAndCheck(
@@ -171,7 +167,7 @@ export function checkFinite(weights: WeightMap, version: number): void {
 /** A new version, stored and recorded in state.json, not yet published. */
 export interface CommittedVersion {
   model: StoredModel;
-  /** Encoded ModelRelease of the version. */
+  /** Encoded release notice (ModelRelease) of the version. */
   release: Uint8Array;
   exportMaxAbsDiff: number;
 }
@@ -179,10 +175,13 @@ export interface CommittedVersion {
 /**
  * Turns a closed round into the next model version: checks the quorum,
  * adds the FedAvg mean delta, exports and checks the ONNX model, stores
- * it, then updates state.json. Nothing is written when a step fails.
+ * it, then updates state.json. Nothing is written when a step fails. The
+ * version number follows the highest one stored, so after a rollback the
+ * numbers of withdrawn versions are not reused.
  *
  * @throws {FleetError} QUORUM_NOT_MET, NON_FINITE_VALUE (merged weights),
- *   EXPORT_MISMATCH, or PAYLOAD_TOO_LARGE when the release exceeds maxMessageBytes.
+ *   EXPORT_MISMATCH, or PAYLOAD_TOO_LARGE when the release notice exceeds
+ *   maxMessageBytes.
  */
 export async function commitRound(
   round: OpenRound,
@@ -200,14 +199,18 @@ export async function commitRound(
   }
 
   const mean = round.accumulator.result();
+  const version =
+    Math.max(store.highestVersion(), current.manifest.version) + 1;
   const { model, maxAbsDiff } = await buildNextVersion(
     current,
+    version,
     mean,
     stats,
     options,
   );
-  const release = encodeModelRelease(
-    buildRelease(model.manifest, model.onnx),
+  const { notice } = encodeRelease(
+    model.manifest,
+    model.onnx,
     options.maxMessageBytes,
   );
 
@@ -216,5 +219,5 @@ export async function commitRound(
     round: stats.round,
     modelVersion: model.manifest.version,
   });
-  return { model, release, exportMaxAbsDiff: maxAbsDiff };
+  return { model, release: notice, exportMaxAbsDiff: maxAbsDiff };
 }

@@ -1,2 +1,22 @@
-export { startBroker } from './broker.ts';
+export { startBroker, DEFAULT_CLIENT_LIMITS } from './broker.ts';
 export type { BrokerOptions, RunningBroker } from './broker.ts';
+export type { BrokerTlsOptions } from './listener.ts';
+export { isLoopbackHost } from './listener.ts';
+export type { ClientLimits } from './rate-limit.ts';
+export { TokenBucket } from './rate-limit.ts';
+export {
+  filterCoversFilter,
+  filterMatchesTopic,
+  isPublishAllowed,
+  isSubscribeAllowed,
+  topicRulesOf,
+} from './acl.ts';
+export type { TopicRules } from './acl.ts';
+export {
+  PasswordDirectory,
+  createPasswordUser,
+  readUsersFile,
+  saveUser,
+  verifyPassword,
+} from './passwords.ts';
+export type { PasswordUser, UsersFile } from './passwords.ts';

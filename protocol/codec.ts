@@ -4,6 +4,7 @@ import type {
   ModelRelease,
   ModelUpdate,
   ModelWeights,
+  ReleaseChunk,
   RoundTask,
   UpdateAck,
   VehicleStatus,
@@ -167,7 +168,7 @@ export function decodeUpdateAck(bytes: Uint8Array): UpdateAck {
   return object as unknown as UpdateAck;
 }
 
-/** Encodes a ModelRelease. */
+/** Encodes a release notice; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
 export function encodeModelRelease(
   release: ModelRelease,
   maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
@@ -175,14 +176,105 @@ export function encodeModelRelease(
   return encodeWith(schema.ModelRelease, release, maxBytes);
 }
 
-/** Decodes a ModelRelease; throws MALFORMED_PAYLOAD on bad bytes. */
+const HEX_SHA256 = /^[0-9a-f]{64}$/;
+
+/**
+ * Checks that a notice's chunk fields describe its file: at least one
+ * byte, `chunkCount` = ceil(sizeBytes / chunkSizeBytes), and one
+ * lower-case hex SHA-256 per chunk.
+ */
+function checkChunkPlan(release: ModelRelease): void {
+  const { version, sizeBytes, chunkSizeBytes, chunkCount } = release;
+  const malformed = (text: string): never => {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `ModelRelease version ${version} ${text}`,
+    );
+  };
+  if (!HEX_SHA256.test(release.sha256)) {
+    malformed(`has sha256 "${release.sha256}", expected 64 hex digits`);
+  }
+  if (sizeBytes < 1 || chunkSizeBytes < 1) {
+    malformed(
+      `has sizeBytes ${sizeBytes} and chunkSizeBytes ${chunkSizeBytes}, ` +
+        'expected both at least 1',
+    );
+  }
+  const expectedCount = Math.ceil(sizeBytes / chunkSizeBytes);
+  if (chunkCount !== expectedCount) {
+    malformed(
+      `has chunkCount ${chunkCount}, but ${sizeBytes} bytes in chunks of ` +
+        `${chunkSizeBytes} bytes make ${expectedCount}`,
+    );
+  }
+  if (release.chunkSha256.length !== chunkCount) {
+    malformed(
+      `lists ${release.chunkSha256.length} chunk digests for ` +
+        `${chunkCount} chunks`,
+    );
+  }
+  const bad = release.chunkSha256.findIndex((hex) => !HEX_SHA256.test(hex));
+  if (bad >= 0) {
+    malformed(
+      `has chunk ${bad} digest "${release.chunkSha256[bad]}", ` +
+        'expected 64 lower-case hex digits',
+    );
+  }
+}
+
+/**
+ * Decodes a release notice and checks its chunk fields.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes, a missing name or
+ *   digest, or chunk fields that do not describe the file.
+ */
 export function decodeModelRelease(bytes: Uint8Array): ModelRelease {
   const object = decodeWith(schema.ModelRelease, bytes);
   requireText('ModelRelease', object, ['modelName', 'sha256']);
   object.sizeBytes = toSafeInteger('sizeBytes', object.sizeBytes);
   object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
   object.numExamples = toSafeInteger('numExamples', object.numExamples);
-  return object as unknown as ModelRelease;
+  const release = object as unknown as ModelRelease;
+  checkChunkPlan(release);
+  return release;
+}
+
+/**
+ * Maximum number of bytes a ReleaseChunk adds around its data: four
+ * one-byte field tags, the model name with its length prefix, and
+ * version, index and data length as varints of at most 5 bytes each.
+ */
+export function releaseChunkOverheadBytes(modelName: string): number {
+  const nameBytes = Buffer.byteLength(modelName, 'utf8');
+  return 4 + 5 + nameBytes + 5 + 5 + 5;
+}
+
+/** Encodes a ReleaseChunk; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
+export function encodeReleaseChunk(
+  chunk: ReleaseChunk,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.ReleaseChunk, chunk, maxBytes);
+}
+
+/**
+ * Decodes a ReleaseChunk.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes, a missing model
+ *   name or empty data.
+ */
+export function decodeReleaseChunk(bytes: Uint8Array): ReleaseChunk {
+  const object = decodeWith(schema.ReleaseChunk, bytes);
+  requireText('ReleaseChunk', object, ['modelName']);
+  const data = object.data as Uint8Array;
+  if (data.length === 0) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `ReleaseChunk ${String(object.index)} of version ` +
+        `${String(object.version)} has no data`,
+    );
+  }
+  return object as unknown as ReleaseChunk;
 }
 
 /** Encodes a VehicleStatus. */

@@ -46,6 +46,8 @@ export const ErrorCode = {
   InvalidConfig: 'INVALID_CONFIG',
   /** Model file or weights that do not match the architecture. */
   InvalidModel: 'INVALID_MODEL',
+  /** Round abandoned because the fleet rolled back to an older model. */
+  RolledBack: 'ROLLED_BACK',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -3,15 +3,18 @@ export {
   decodeModelRelease,
   decodeModelUpdate,
   decodeModelWeights,
+  decodeReleaseChunk,
   decodeRoundTask,
   decodeUpdateAck,
   decodeVehicleStatus,
   encodeModelRelease,
   encodeModelUpdate,
   encodeModelWeights,
+  encodeReleaseChunk,
   encodeRoundTask,
   encodeUpdateAck,
   encodeVehicleStatus,
+  releaseChunkOverheadBytes,
   toSafeInteger,
 } from './codec.ts';
 export { ErrorCode, FleetError, isFleetError } from './errors.ts';
@@ -20,6 +23,7 @@ export type {
   ModelRelease,
   ModelUpdate,
   ModelWeights,
+  ReleaseChunk,
   RoundTask,
   TrainingConfig,
   UpdateAck,
@@ -35,3 +39,24 @@ export {
 export { FleetTopics, assertTopicLevel } from './topics.ts';
 export { createLogger } from './logger.ts';
 export type { Logger } from './logger.ts';
+export {
+  TLS_BROKER_PROTOCOLS,
+  assertCertificateIdentity,
+  assertPrivateKeyFile,
+  clientIdOf,
+  formatIdentityUri,
+  identitiesOfCertificate,
+  isTlsBrokerUrl,
+  loadClientTls,
+  parseIdentityUri,
+  readClientConfig,
+  toMqttSecurityOptions,
+} from './tls.ts';
+export type {
+  BrokerClientSecurity,
+  ClientTlsFiles,
+  ClientTlsMaterial,
+  FleetClientConfig,
+  FleetIdentity,
+  FleetRole,
+} from './tls.ts';

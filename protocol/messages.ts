@@ -65,18 +65,32 @@ export interface UpdateAck {
   currentModelVersion: number;
 }
 
+/** Release notice: the ONNX file's identity and how it is chunked. */
 export interface ModelRelease {
   modelName: string;
   version: number;
   parentVersion: number;
   round: number;
+  /** Hex SHA-256 of the whole ONNX file. */
   sha256: string;
   sizeBytes: number;
   createdAtMs: number;
-  onnx: Uint8Array;
   testAccuracy: number;
   numVehicles: number;
   numExamples: number;
+  /** Data bytes of every chunk except the last. */
+  chunkSizeBytes: number;
+  chunkCount: number;
+  /** Hex SHA-256 of each chunk's data, by chunk index. */
+  chunkSha256: string[];
+}
+
+/** One part of a released ONNX file. */
+export interface ReleaseChunk {
+  modelName: string;
+  version: number;
+  index: number;
+  data: Uint8Array;
 }
 
 export interface VehicleStatus {

@@ -20,6 +20,7 @@ export const schema = {
   ModelUpdate: lookup('ModelUpdate'),
   UpdateAck: lookup('UpdateAck'),
   ModelRelease: lookup('ModelRelease'),
+  ReleaseChunk: lookup('ReleaseChunk'),
   VehicleStatus: lookup('VehicleStatus'),
   ModelWeights: lookup('ModelWeights'),
 };

@@ -15,6 +15,12 @@ export function assertTopicLevel(kind: string, value: string): void {
   }
 }
 
+function assertCount(kind: string, value: number): void {
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new RangeError(`invalid ${kind} ${value}: expected an integer >= 0`);
+  }
+}
+
 /** Topic names of one fleet. */
 export class FleetTopics {
   readonly fleetId: string;
@@ -34,6 +40,37 @@ export class FleetTopics {
   /** Retained ModelRelease of the current global model. */
   release(): string {
     return `${this.prefix}/releases/current`;
+  }
+
+  /**
+   * Retained ReleaseChunk `index` of model `version`, for example
+   * `fleet/v1/<fleet>/releases/v3/chunks/0`.
+   *
+   * @throws {RangeError} for a version or index that is not an integer >= 0.
+   */
+  releaseChunk(version: number, index: number): string {
+    assertCount('model version', version);
+    assertCount('chunk index', index);
+    return `${this.prefix}/releases/v${version}/chunks/${index}`;
+  }
+
+  /**
+   * Returns the model version and chunk index of a chunk topic of this
+   * fleet, or undefined when the topic is not one.
+   */
+  releaseChunkOf(
+    topic: string,
+  ): { version: number; index: number } | undefined {
+    const head = `${this.prefix}/releases/`;
+    if (!topic.startsWith(head)) return undefined;
+    const match = /^v(\d+)\/chunks\/(\d+)$/.exec(topic.slice(head.length));
+    if (match === null) return undefined;
+    const version = Number(match[1]);
+    const index = Number(match[2]);
+    if (!Number.isSafeInteger(version) || !Number.isSafeInteger(index)) {
+      return undefined;
+    }
+    return { version, index };
   }
 
   /** ModelUpdate from one vehicle, QoS 1. */

@@ -2,14 +2,48 @@
  * Command line of the simulated fleet. See scripts/sim/fleet.ts for what a
  * run does.
  */
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isFleetError } from '../protocol/index.ts';
 import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
   parsePositiveNumber,
 } from '../protocol/cli-arguments.ts';
+import {
+  DEFAULT_FAULT_RATE,
+  FAULT_KINDS,
+  parseFaultList,
+  type FaultKind,
+} from './sim/faults.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
+
+/** Round deadline without faults: long enough for slow training backends. */
+const ROUND_TIMEOUT_MS = 600_000;
+/**
+ * Round deadline with faults. A delay-deadline fault stalls a vehicle's
+ * link until its round's deadline has passed, so every such round lasts
+ * this long.
+ * 10 s leaves room for a 2 s reconnect, a killed agent's restart and its
+ * training again with the feature cache on gtsrb32; raise it with
+ * --round-timeout-ms for slower training.
+ */
+const FAULTY_ROUND_TIMEOUT_MS = 10_000;
+
+function parseFaults(text: string): FaultKind[] {
+  try {
+    return parseFaultList(text);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+function parseFaultRate(text: string): number {
+  const value = text.trim() === '' ? Number.NaN : Number(text);
+  if (!(value > 0 && value <= 1)) {
+    throw new InvalidArgumentError(`expected a number in (0, 1], got ${text}`);
+  }
+  return value;
+}
 
 const program = new Command('simulate')
   .description(
@@ -86,9 +120,21 @@ const program = new Command('simulate')
   )
   .option(
     '--round-timeout-ms <ms>',
-    'round deadline',
+    `round deadline (default: ${ROUND_TIMEOUT_MS}, or ` +
+      `${FAULTY_ROUND_TIMEOUT_MS} with --faults)`,
     parseIntegerAtLeast(1000),
-    600_000,
+  )
+  .option(
+    '--faults <kinds>',
+    `inject faults: "all" or a comma-separated list of ${FAULT_KINDS.join(', ')}`,
+    parseFaults,
+  )
+  .option(
+    '--fault-rate <fraction>',
+    'share of the selected vehicles each fault kind hits per round, seeded ' +
+      'by --seed',
+    parseFaultRate,
+    DEFAULT_FAULT_RATE,
   )
   .option(
     '--state-dir <dir>',
@@ -113,6 +159,7 @@ const program = new Command('simulate')
 program.parse();
 const flags = program.opts();
 const log = createLogger({ level: flags.logLevel, name: 'fleetlearn' });
+const faults: FaultKind[] = flags.faults ?? [];
 
 const options: SimulationOptions = {
   vehicles: flags.vehicles,
@@ -130,9 +177,13 @@ const options: SimulationOptions = {
     .split(',')
     .map((name) => name.trim()),
   minUpdates: flags.minUpdates,
-  roundTimeoutMs: flags.roundTimeoutMs,
+  roundTimeoutMs:
+    flags.roundTimeoutMs ??
+    (faults.length > 0 ? FAULTY_ROUND_TIMEOUT_MS : ROUND_TIMEOUT_MS),
   stateDir: flags.stateDir,
   centralized: flags.centralized,
+  faults,
+  faultRate: flags.faultRate,
   baseWeightsPath: flags.baseWeights,
   depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,
@@ -140,7 +191,20 @@ const options: SimulationOptions = {
 };
 
 try {
-  await runSimulation(options);
+  const { delivery } = await runSimulation(options);
+  // An accepted bad payload takes the place of a genuine update, so it
+  // fails the run like a lost or double-counted one.
+  const failures =
+    delivery.lost + delivery.doubleCounted + delivery.injectedAccepted;
+  if (failures > 0) {
+    console.error(
+      `simulate: ${delivery.lost} finished updates lost, ` +
+        `${delivery.doubleCounted} counted twice and ` +
+        `${delivery.injectedAccepted} bad payloads accepted; see ` +
+        '"delivery" in the report',
+    );
+    process.exit(1);
+  }
   process.exit(0);
 } catch (err) {
   if (isFleetError(err) || err instanceof RangeError) {

@@ -11,12 +11,10 @@ import {
   FleetTopics,
   VehicleState,
   createLogger,
-  decodeModelRelease,
   decodeRoundTask,
   decodeUpdateAck,
   encodeFloat32Tensor,
   encodeVehicleStatus,
-  type ModelRelease,
   type ModelUpdate,
   type RoundTask,
   type UpdateAck,
@@ -32,6 +30,10 @@ import { initializeWeights } from '../models/weight-init.ts';
 import { writeWeightsFile } from '../models/weights-file.ts';
 import { startBroker, type RunningBroker } from '../broker/index.ts';
 import type { AggregatorOptions } from '../aggregator/index.ts';
+import {
+  fetchChunkedRelease,
+  type FetchedRelease,
+} from './release-fixtures.ts';
 
 export const FLEET_ID = 'test-fleet';
 export const topics = new FleetTopics(FLEET_ID);
@@ -279,34 +281,13 @@ export function buildUpdate(
   };
 }
 
-/** Subscribes a fresh client to the release topic; returns the retained release. */
-export async function fetchRetainedRelease(
+/**
+ * Subscribes a fresh client to the release topic and the chunk topics it
+ * lists; returns the retained release notice with the joined ONNX file.
+ */
+export function fetchRetainedRelease(
   broker: RunningBroker,
   timeoutMs = 10_000,
-): Promise<ModelRelease> {
-  const client = connect(`mqtt://127.0.0.1:${broker.port}`, {
-    protocolVersion: 4,
-    clientId: `late-subscriber-${Math.random().toString(16).slice(2)}`,
-    reconnectPeriod: 0,
-  });
-  try {
-    const release = new Promise<ModelRelease>((resolve, reject) => {
-      const timer = setTimeout(
-        () => reject(new Error('no retained release within timeout')),
-        timeoutMs,
-      );
-      client.on('message', (_topic, payload, packet) => {
-        if (!packet.retain) return;
-        clearTimeout(timer);
-        resolve(decodeModelRelease(payload));
-      });
-    });
-    await new Promise<void>((resolve) =>
-      client.once('connect', () => resolve()),
-    );
-    await client.subscribeAsync(topics.release(), { qos: 1 });
-    return await release;
-  } finally {
-    await client.endAsync();
-  }
+): Promise<FetchedRelease> {
+  return fetchChunkedRelease(broker.port, topics, timeoutMs);
 }

@@ -253,8 +253,8 @@ describe('other messages', () => {
     assert.equal(ack.currentRound, 4);
   });
 
-  it('release keeps the onnx bytes', () => {
-    const onnx = Uint8Array.from([1, 2, 3, 250]);
+  it('release notice keeps chunk digests', () => {
+    const digests = ['ab'.repeat(32), 'cd'.repeat(32)];
 
     const release = decodeModelRelease(
       encodeModelRelease({
@@ -262,18 +262,23 @@ describe('other messages', () => {
         version: 1,
         parentVersion: 0,
         round: 1,
-        sha256: 'cd'.repeat(32),
-        sizeBytes: 4,
+        sha256: 'ef'.repeat(32),
+        sizeBytes: 7,
         createdAtMs: 5,
-        onnx,
         testAccuracy: 0.9,
         numVehicles: 3,
         numExamples: 400,
+        chunkSizeBytes: 4,
+        chunkCount: 2,
+        chunkSha256: digests,
       }),
     );
 
-    assert.deepEqual(Array.from(release.onnx), [1, 2, 3, 250]);
-    assert.equal(release.sizeBytes, 4);
+    assert.deepEqual(release.chunkSha256, digests);
+    assert.equal(release.chunkCount, 2);
+    assert.equal(release.chunkSizeBytes, 4);
+    assert.equal(release.sizeBytes, 7);
+    assert.equal(release.numExamples, 400);
   });
 });
 

@@ -13,18 +13,17 @@ import { after, describe, test } from 'node:test';
 import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
 import { exportOnnx, sha256Hex } from '../models/index.ts';
 import { initializeWeights } from '../models/weight-init.ts';
-import {
-  ErrorCode,
-  FleetError,
-  createLogger,
-  type ModelRelease,
-} from '../protocol/index.ts';
+import { ErrorCode, FleetError, createLogger } from '../protocol/index.ts';
 import {
   ModelDeployment,
   hashFrozenPrefix,
   readDeployedModel,
   verifyRelease,
 } from '../vehicle-agent/index.ts';
+import {
+  buildChunkedRelease,
+  type FetchedRelease,
+} from './release-fixtures.ts';
 
 const log = createLogger({ level: 'silent' });
 const weights = initializeWeights(3);
@@ -50,21 +49,9 @@ function withDenseShift(shift: number): WeightMap {
 function releaseOf(
   version: number,
   source: WeightMap = withDenseShift(version / 100),
-): ModelRelease {
+): FetchedRelease {
   const onnx = exportOnnx(source);
-  return {
-    modelName: MODEL_NAME,
-    version,
-    parentVersion: 0,
-    round: version,
-    sha256: sha256Hex(onnx),
-    sizeBytes: onnx.length,
-    createdAtMs: Date.now(),
-    onnx,
-    testAccuracy: 0,
-    numVehicles: 0,
-    numExamples: 0,
-  };
+  return { ...buildChunkedRelease(onnx, version).release, onnx };
 }
 
 function assertFleetError(err: unknown, code: string): true {
@@ -79,7 +66,9 @@ after(() => {
 
 describe('release verification', () => {
   test('accepts matching digest', () => {
-    assert.doesNotThrow(() => verifyRelease(releaseOf(1)));
+    const release = releaseOf(1);
+
+    assert.doesNotThrow(() => verifyRelease(release, release.onnx));
   });
 
   test('rejects flipped byte', () => {
@@ -88,7 +77,7 @@ describe('release verification', () => {
     onnx[100] ^= 1;
 
     assert.throws(
-      () => verifyRelease({ ...release, onnx }),
+      () => verifyRelease(release, onnx),
       (err) => assertFleetError(err, ErrorCode.DigestMismatch),
     );
   });
@@ -97,7 +86,11 @@ describe('release verification', () => {
     const release = releaseOf(1);
 
     assert.throws(
-      () => verifyRelease({ ...release, sizeBytes: release.sizeBytes + 1 }),
+      () =>
+        verifyRelease(
+          { ...release, sizeBytes: release.sizeBytes + 1 },
+          release.onnx,
+        ),
       (err) => assertFleetError(err, ErrorCode.DigestMismatch),
     );
   });

@@ -24,13 +24,17 @@ import {
   VehicleState,
   createLogger,
   decodeVehicleStatus,
-  encodeModelRelease,
   encodeRoundTask,
   type Logger,
   type ModelRelease,
   type RoundTask,
 } from '../protocol/index.ts';
 import { VehicleAgent, type AgentEvents } from '../vehicle-agent/index.ts';
+import type { EncodedRelease } from '../aggregator/release-messages.ts';
+import {
+  buildChunkedRelease,
+  publishChunkedRelease,
+} from './release-fixtures.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DATA_DIR =
@@ -98,21 +102,8 @@ function connectFleet(port: number, clientId: string): Promise<MqttClient> {
   });
 }
 
-function buildRelease(): ModelRelease {
-  const onnx = exportOnnx(initializeWeights(21));
-  return {
-    modelName: MODEL_NAME,
-    version: 0,
-    parentVersion: 0,
-    round: 0,
-    sha256: sha256Hex(onnx),
-    sizeBytes: onnx.length,
-    createdAtMs: Date.now(),
-    onnx,
-    testAccuracy: 0,
-    numVehicles: 0,
-    numExamples: 0,
-  };
+function buildRelease(): EncodedRelease {
+  return buildChunkedRelease(exportOnnx(initializeWeights(21)), 0);
 }
 
 /** Builds a task with enough epochs that a stop lands during training. */
@@ -255,14 +246,10 @@ describe('vehicle agent lifecycle', () => {
       { qos: 1 },
     );
     const release = buildRelease();
-    await fleet.publishAsync(
-      topics.release(),
-      Buffer.from(encodeModelRelease(release)),
-      { qos: 1, retain: true },
-    );
+    await publishChunkedRelease(fleet, topics, release);
     await fleet.publishAsync(
       topics.roundTask(),
-      Buffer.from(encodeRoundTask(buildLongTask(release))),
+      Buffer.from(encodeRoundTask(buildLongTask(release.release))),
       { qos: 1, retain: true },
     );
     const captured = captureLogger();

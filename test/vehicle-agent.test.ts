@@ -33,16 +33,21 @@ import {
   decodeModelUpdate,
   decodeTensorValues,
   decodeVehicleStatus,
-  encodeModelRelease,
   encodeRoundTask,
   encodeUpdateAck,
   type Logger,
-  type ModelRelease,
   type ModelUpdate,
   type RoundTask,
   type VehicleStatus,
 } from '../protocol/index.ts';
 import { VehicleAgent, type AgentEvents } from '../vehicle-agent/index.ts';
+import type { EncodedRelease } from '../aggregator/release-messages.ts';
+import {
+  buildChunkedRelease,
+  encodeTamperedChunk,
+  publishChunkedRelease,
+  type FetchedRelease,
+} from './release-fixtures.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DATA_DIR =
@@ -68,26 +73,18 @@ function captureLogger(): { log: Logger; lines: Record<string, unknown>[] } {
   return { log: pino({ level: 'debug' }, stream), lines };
 }
 
-function buildRelease(weights: WeightMap, version: number): ModelRelease {
+/** A release notice with its file and its encoded messages. */
+type TestRelease = FetchedRelease & { encoded: EncodedRelease };
+
+function buildRelease(weights: WeightMap, version: number): TestRelease {
   const onnx = exportOnnx(weights);
-  return {
-    modelName: MODEL_NAME,
-    version,
-    parentVersion: Math.max(version - 1, 0),
-    round: version,
-    sha256: sha256Hex(onnx),
-    sizeBytes: onnx.length,
-    createdAtMs: Date.now(),
-    onnx,
-    testAccuracy: 0,
-    numVehicles: 0,
-    numExamples: 0,
-  };
+  const encoded = buildChunkedRelease(onnx, version);
+  return { ...encoded.release, onnx, encoded };
 }
 
 function buildTask(
   round: number,
-  release: ModelRelease,
+  release: TestRelease,
   selected: string[] = [VEHICLE_ID],
 ): RoundTask {
   return {
@@ -257,11 +254,7 @@ describe('vehicle agent over mqtt', () => {
   });
 
   test('deploys release and sends update', async () => {
-    await publishRetained(
-      fleet,
-      topics.release(),
-      encodeModelRelease(releaseV0),
-    );
+    await publishChunkedRelease(fleet, topics, releaseV0.encoded);
     await publishRetained(
       fleet,
       topics.roundTask(),
@@ -350,16 +343,14 @@ describe('vehicle agent over mqtt', () => {
   });
 
   test('tampered release is rejected', async () => {
-    const onnx = Uint8Array.from(releaseV1.onnx);
-    onnx[onnx.length >> 1] ^= 0xff;
-    const tampered = { ...releaseV1, onnx };
     const rejected = waitForEvent(agent, 'release-rejected');
 
     await publishRetained(
       fleet,
-      topics.release(),
-      encodeModelRelease(tampered),
+      topics.releaseChunk(1, 0),
+      encodeTamperedChunk(releaseV1.encoded, 0),
     );
+    await publishRetained(fleet, topics.release(), releaseV1.encoded.notice);
     const [event] = await rejected;
 
     assert.equal(event.code, ErrorCode.DigestMismatch);
@@ -416,11 +407,7 @@ describe('vehicle agent over mqtt', () => {
     const order: string[] = [];
     agent.once('training-started', () => {
       order.push('training-started');
-      void publishRetained(
-        fleet,
-        topics.release(),
-        encodeModelRelease(releaseV1),
-      );
+      void publishChunkedRelease(fleet, topics, releaseV1.encoded);
     });
     agent.once('training-finished', () => order.push('training-finished'));
     const deployed = waitForEvent(agent, 'release-deployed');
@@ -507,11 +494,7 @@ describe('vehicle agent over mqtt', () => {
     );
     await new Promise((resolve) => setTimeout(resolve, 200));
     const sentBefore = agent.counters.updatesSent;
-    await publishRetained(
-      fleet,
-      topics.release(),
-      encodeModelRelease(releaseV2),
-    );
+    await publishChunkedRelease(fleet, topics, releaseV2.encoded);
     const update = decodeModelUpdate(await updateMessage);
 
     assert.equal(sentBefore, 3);
@@ -547,15 +530,14 @@ describe('vehicle agent over mqtt', () => {
       log: captured.log,
     });
     const finished = waitForEvent(small, 'training-finished');
-    await publishRetained(
-      fleet,
-      topics.release(),
-      encodeModelRelease(releaseV1),
-    );
+    // Version 2 is the release the main agent runs, so the notice does
+    // not move it: a lower version would roll it back.
+    const current = buildRelease(shiftDense(weightsV0, 0.02), 2);
+    await publishChunkedRelease(fleet, topics, current.encoded);
     await publishRetained(
       fleet,
       topics.roundTask(),
-      encodeRoundTask(buildTask(7, releaseV1, ['veh-002'])),
+      encodeRoundTask(buildTask(7, current, ['veh-002'])),
     );
 
     await small.start();

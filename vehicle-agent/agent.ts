@@ -40,6 +40,12 @@ import {
   type VehicleAgentOptions,
 } from './options.ts';
 import { ReleaseHandler } from './release-handler.ts';
+import {
+  ReleaseDownloader,
+  createDownloadCounters,
+  mqttChunkTransport,
+  type DownloadCounters,
+} from './release-download.ts';
 import { Outbox } from './outbox.ts';
 import { RoundRunner } from './round-runner.ts';
 
@@ -66,6 +72,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private readonly deployment: ModelDeployment;
   private readonly featureCache = new FeatureCache();
   private readonly stats = createCounters();
+  private readonly downloadCounters = createDownloadCounters();
   private frames: LabelledImages | undefined;
   private trainingBackend: TrainingBackend | undefined;
   private client: MqttClient | undefined;
@@ -95,6 +102,13 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     this.outbox = new Outbox(this.options.stateDir, this.log);
     this.releases = new ReleaseHandler({
       deployment: this.deployment,
+      downloads: new ReleaseDownloader({
+        stateDir: this.options.stateDir,
+        topics: this.topics,
+        transport: mqttChunkTransport(() => this.client),
+        log: this.log,
+        counters: this.downloadCounters,
+      }),
       log: this.log,
       stats: this.stats,
       events: this,
@@ -132,6 +146,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       featureCacheHits: this.featureCache.hits,
       featureCacheMisses: this.featureCache.misses,
     };
+  }
+
+  /** A snapshot of the release chunk counters. */
+  get releaseDownloads(): DownloadCounters {
+    return { ...this.downloadCounters };
   }
 
   /**
@@ -213,6 +232,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         payload: this.statusBytes(VehicleState.Offline),
       },
       log: this.log,
+      security: this.options.security,
       onConnect: () => void this.onConnect(),
     });
     this.client.on('message', (topic, payload) =>
@@ -307,6 +327,9 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private async onConnect(): Promise<void> {
     const client = this.client;
     if (client === undefined || this.state !== 'running') return;
+    // Before the release topic delivers a notice, so that only a download
+    // from an earlier connection requests its chunks again.
+    this.releases.onConnected();
     if (!this.subscribed) {
       try {
         await client.subscribeAsync(
@@ -435,9 +458,13 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   }
 
   private dispatch(topic: string, payload: Buffer): void {
+    const chunk = this.topics.releaseChunkOf(topic);
     if (topic === this.topics.release()) {
       this.stats.bytesReceived += payload.length;
       this.handleRelease(payload);
+    } else if (chunk !== undefined) {
+      this.stats.bytesReceived += payload.length;
+      this.releases.handleChunk(chunk.version, chunk.index, payload);
     } else if (topic === this.topics.roundTask()) {
       this.stats.bytesReceived += payload.length;
       this.handleRoundTask(payload);

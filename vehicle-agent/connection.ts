@@ -1,6 +1,10 @@
 /** MQTT connection of a vehicle: last will, reconnects and their logs. */
 import mqtt, { type MqttClient } from 'mqtt';
-import type { Logger } from '../protocol/index.ts';
+import {
+  toMqttSecurityOptions,
+  type BrokerClientSecurity,
+  type Logger,
+} from '../protocol/index.ts';
 
 /** Options of `createBrokerClient`. */
 export interface BrokerConnectionOptions {
@@ -8,6 +12,8 @@ export interface BrokerConnectionOptions {
   clientId: string;
   /** Retained QoS 1 message the broker publishes if the vehicle drops. */
   will: { topic: string; payload: Uint8Array };
+  /** Client certificate and key, or username and password; default none. */
+  security?: BrokerClientSecurity;
   log: Logger;
   /**
    * Called on every accepted connection. mqtt.js subscribes again by
@@ -34,6 +40,7 @@ export function createBrokerClient(
 ): MqttClient {
   const { log, brokerUrl } = options;
   const client = mqtt.connect(brokerUrl, {
+    ...toMqttSecurityOptions(options.security),
     protocolVersion: 4,
     clientId: options.clientId,
     // A persistent session: the broker keeps the subscriptions and queues

@@ -33,26 +33,27 @@ export interface DeployedModel extends ModelFileRecord {
   classifier: OnnxClassifier;
 }
 
-/** Model bytes and identity, as a release or a model file carries them. */
+/** Model bytes and identity, of a downloaded release or a model file. */
 export type ModelSource = Pick<
   StoredModel,
   'modelName' | 'version' | 'sha256' | 'onnx'
 >;
 
 /**
- * Checks a release's ONNX bytes against its `sizeBytes` and `sha256`.
+ * Checks an ONNX file against the `sizeBytes` and `sha256` of its release
+ * notice.
  *
  * @throws {FleetError} DIGEST_MISMATCH when either differs.
  */
-export function verifyRelease(release: ModelRelease): void {
-  if (release.onnx.length !== release.sizeBytes) {
+export function verifyRelease(release: ModelRelease, onnx: Uint8Array): void {
+  if (onnx.length !== release.sizeBytes) {
     throw new FleetError(
       ErrorCode.DigestMismatch,
-      `release version ${release.version} has ${release.onnx.length} ONNX ` +
+      `release version ${release.version} has ${onnx.length} ONNX ` +
         `bytes, but sizeBytes says ${release.sizeBytes}`,
     );
   }
-  const digest = sha256Hex(release.onnx);
+  const digest = sha256Hex(onnx);
   if (digest !== release.sha256.toLowerCase()) {
     throw new FleetError(
       ErrorCode.DigestMismatch,

@@ -13,6 +13,7 @@ export type {
 export { Outbox } from './outbox.ts';
 export type { OutboxEntry } from './outbox.ts';
 export { ModelDeployment, verifyRelease } from './deployment.ts';
+export type { DownloadCounters } from './release-download.ts';
 export type { DeployedModel } from './deployment.ts';
 export { FeatureCache, hashFrozenPrefix } from './feature-cache.ts';
 export { readDeployedModel } from './model-files.ts';

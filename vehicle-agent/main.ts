@@ -8,7 +8,12 @@
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolveDataDir } from '../models/index.ts';
-import { createLogger, isFleetError } from '../protocol/index.ts';
+import {
+  createLogger,
+  isFleetError,
+  readClientConfig,
+  type ClientTlsFiles,
+} from '../protocol/index.ts';
 import { VehicleAgent } from './agent.ts';
 import { classifyImageFile, type ImageClassification } from './classify.ts';
 
@@ -39,10 +44,18 @@ function parseSeed(text: string): number {
   return value;
 }
 
+/** Environment variable that contains the MQTT password for --username. */
+const PASSWORD_ENV = 'FLEETLEARN_BROKER_PASSWORD';
+
 interface RunFlags {
-  vehicleId: string;
-  fleetId: string;
-  brokerUrl: string;
+  config?: string;
+  vehicleId?: string;
+  fleetId?: string;
+  brokerUrl?: string;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  username?: string;
   data?: string;
   dataLimit?: number;
   stateDir?: string;
@@ -52,16 +65,62 @@ interface RunFlags {
   logLevel: string;
 }
 
+/** Connection settings from --config, overridden by single flags. */
+interface ConnectionFlags {
+  vehicleId: string;
+  fleetId: string;
+  brokerUrl: string;
+  tls: ClientTlsFiles | undefined;
+}
+
+function resolveConnectionFlags(flags: RunFlags): ConnectionFlags {
+  const config =
+    flags.config === undefined ? undefined : readClientConfig(flags.config);
+  const vehicleId = flags.vehicleId ?? config?.vehicleId;
+  if (vehicleId === undefined) {
+    throw new TypeError(
+      'give --vehicle-id <id>, or --config with a vehicleId field',
+    );
+  }
+  const tlsFlags = [flags.tlsCa, flags.tlsCert, flags.tlsKey];
+  const tlsFlagCount = tlsFlags.filter((flag) => flag !== undefined).length;
+  if (tlsFlagCount !== 0 && tlsFlagCount !== 3) {
+    throw new TypeError('give all of --tls-ca, --tls-cert and --tls-key');
+  }
+  const tls =
+    tlsFlagCount === 3
+      ? {
+          caPath: flags.tlsCa!,
+          certPath: flags.tlsCert!,
+          keyPath: flags.tlsKey!,
+        }
+      : config?.tls;
+  return {
+    vehicleId,
+    fleetId: flags.fleetId ?? config?.fleetId ?? 'default',
+    brokerUrl:
+      flags.brokerUrl ??
+      config?.brokerUrl ??
+      (tls === undefined ? 'mqtt://127.0.0.1:1883' : 'mqtts://127.0.0.1:8883'),
+    tls,
+  };
+}
+
 async function runAgent(flags: RunFlags): Promise<void> {
   const log = createLogger({ level: flags.logLevel, name: 'vehicle-agent' });
   let agent: VehicleAgent;
   try {
+    const connection = resolveConnectionFlags(flags);
     agent = new VehicleAgent({
-      vehicleId: flags.vehicleId,
-      fleetId: flags.fleetId,
-      brokerUrl: flags.brokerUrl,
+      vehicleId: connection.vehicleId,
+      fleetId: connection.fleetId,
+      brokerUrl: connection.brokerUrl,
+      tls: connection.tls,
+      username: flags.username,
+      password:
+        flags.username === undefined ? undefined : process.env[PASSWORD_ENV],
       stateDir:
-        flags.stateDir ?? path.join('state', 'vehicles', flags.vehicleId),
+        flags.stateDir ?? path.join('state', 'vehicles', connection.vehicleId),
       dataDir: resolveDataDir(flags.data),
       dataLimit: flags.dataLimit,
       preferredBackend: flags.backend,
@@ -160,9 +219,31 @@ program
     'Run the vehicle daemon until SIGINT or SIGTERM. It retries the ' +
       'broker every 2 s until it connects.',
   )
-  .requiredOption('--vehicle-id <id>', 'vehicle id, one MQTT topic level')
-  .option('--fleet-id <id>', 'fleet id, one MQTT topic level', 'default')
-  .option('--broker-url <url>', 'MQTT broker URL', 'mqtt://127.0.0.1:1883')
+  .option(
+    '--config <file>',
+    'agent.json from `provision issue-vehicle`: vehicle id, fleet id, ' +
+      'broker URL and TLS files; the flags below override its fields',
+  )
+  .option(
+    '--vehicle-id <id>',
+    'vehicle id, one MQTT topic level (required without --config)',
+  )
+  .option('--fleet-id <id>', 'fleet id, one MQTT topic level (default default)')
+  .option(
+    '--broker-url <url>',
+    'MQTT broker URL (default mqtt://127.0.0.1:1883, or ' +
+      'mqtts://127.0.0.1:8883 with TLS files)',
+  )
+  .option('--tls-ca <file>', 'fleet CA certificate (PEM)')
+  .option('--tls-cert <file>', "this vehicle's certificate (PEM)")
+  .option(
+    '--tls-key <file>',
+    "this vehicle's private key (PEM); must have mode 0600",
+  )
+  .option(
+    '--username <name>',
+    `MQTT username; the password comes from $${PASSWORD_ENV}`,
+  )
   .option(
     '--data <dir>',
     'labelled frames (train split); default: FLEETLEARN_DATA, else the ' +

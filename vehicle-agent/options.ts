@@ -1,7 +1,12 @@
 import type { LabelledImages } from '../models/index.ts';
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
+  assertCertificateIdentity,
   assertTopicLevel,
+  isTlsBrokerUrl,
+  loadClientTls,
+  type BrokerClientSecurity,
+  type ClientTlsFiles,
   type Logger,
 } from '../protocol/index.ts';
 
@@ -27,6 +32,16 @@ export interface VehicleAgentOptions {
   maxMessageBytes?: number;
   /** Base seed, combined with vehicle id and round; default 0. */
   seed?: number;
+  /**
+   * Mutual TLS: the fleet CA, this vehicle's certificate and its private
+   * key, which must have mode 0600 or stricter. Needs an `mqtts://`
+   * brokerUrl. The files are read when the agent is constructed.
+   */
+  tls?: ClientTlsFiles;
+  /** MQTT username, for a broker with a users file (development). */
+  username?: string;
+  /** MQTT password that goes with `username`; never logged. */
+  password?: string;
   /** Parent logger; the agent takes a child with component "agent". */
   log?: Logger;
 }
@@ -43,6 +58,8 @@ export interface ResolvedAgentOptions {
   preferredBackend: string | undefined;
   maxMessageBytes: number;
   seed: number;
+  /** Credentials of the broker connection; undefined for none. */
+  security: BrokerClientSecurity | undefined;
 }
 
 const BROKER_PROTOCOLS = ['mqtt:', 'mqtts:', 'tcp:', 'tls:', 'ws:', 'wss:'];
@@ -118,11 +135,50 @@ function checkPositiveInteger(
 }
 
 /**
- * Checks the options of a VehicleAgent and applies defaults.
+ * Loads the TLS files and checks that they suit the broker URL and the
+ * vehicle; returns undefined without TLS, username or password.
+ */
+function resolveSecurity(
+  options: VehicleAgentOptions,
+  brokerUrl: string,
+): BrokerClientSecurity | undefined {
+  const { tls, username, password } = options;
+  if (password !== undefined && username === undefined) {
+    throw new TypeError('option password needs the option username');
+  }
+  if (username !== undefined) requireString('username', username);
+  if (tls === undefined) {
+    return username === undefined ? undefined : { username, password };
+  }
+  if (!isTlsBrokerUrl(brokerUrl)) {
+    throw new RangeError(
+      `option tls is set but brokerUrl ${brokerUrl} is not a TLS URL; ` +
+        'use mqtts://',
+    );
+  }
+  const material = loadClientTls({
+    caPath: requireString('tls.caPath', tls.caPath),
+    certPath: requireString('tls.certPath', tls.certPath),
+    keyPath: requireString('tls.keyPath', tls.keyPath),
+  });
+  assertCertificateIdentity(material, {
+    role: 'vehicle',
+    fleetId: options.fleetId,
+    vehicleId: options.vehicleId,
+  });
+  return { tls: material, username, password };
+}
+
+/**
+ * Checks the options of a VehicleAgent, applies defaults and reads the TLS
+ * files.
  *
  * @throws {TypeError} for a missing or wrongly typed option.
- * @throws {RangeError} for an id that is not one topic level, or a value
- *   out of range.
+ * @throws {RangeError} for an id that is not one topic level, a value out
+ *   of range, or TLS files with a broker URL that is not TLS.
+ * @throws {FleetError} INVALID_CONFIG for a TLS file that cannot be read,
+ *   a private key file that its group or others can read, or a
+ *   certificate issued for another vehicle or fleet.
  */
 export function resolveAgentOptions(
   options: VehicleAgentOptions,
@@ -151,10 +207,11 @@ export function resolveAgentOptions(
     );
   }
 
+  const brokerUrl = checkBrokerUrl(options.brokerUrl);
   return {
     vehicleId,
     fleetId,
-    brokerUrl: checkBrokerUrl(options.brokerUrl),
+    brokerUrl,
     stateDir: requireString('stateDir', options.stateDir),
     dataDir: hasDir ? requireString('dataDir', options.dataDir) : undefined,
     dataLimit: checkPositiveInteger('dataLimit', options.dataLimit, undefined),
@@ -166,5 +223,6 @@ export function resolveAgentOptions(
       DEFAULT_MAX_MESSAGE_BYTES,
     )!,
     seed,
+    security: resolveSecurity(options, brokerUrl),
   };
 }

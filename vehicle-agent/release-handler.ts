@@ -1,6 +1,8 @@
 /**
- * Model releases on the vehicle: verification, one deployment at a time,
- * releases held back during training, and waiting for a round's model.
+ * Model releases on the vehicle: which notices to act on, chunked
+ * downloads, one deployment at a time, releases held back during
+ * training, rollbacks the fleet announces, and waiting for a round's
+ * model.
  */
 import type { EventEmitter } from 'node:events';
 import { MODEL_NAME } from '../models/architecture.ts';
@@ -12,18 +14,16 @@ import {
   type ModelRelease,
   type RoundTask,
 } from '../protocol/index.ts';
-import {
-  verifyRelease,
-  type DeployedModel,
-  type ModelDeployment,
-} from './deployment.ts';
+import type { DeployedModel, ModelDeployment } from './deployment.ts';
 import type { AgentCounters, AgentEvents } from './events.ts';
+import type { ReleaseDownloader } from './release-download.ts';
 
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Callbacks and shared state the release handler uses. */
 export interface ReleaseHandlerOptions {
   deployment: ModelDeployment;
+  downloads: ReleaseDownloader;
   log: Logger;
   /** Counters the handler updates in place. */
   stats: AgentCounters;
@@ -35,43 +35,84 @@ export interface ReleaseHandlerOptions {
 }
 
 /**
- * Deploys verified releases one at a time, in arrival order. A release
- * that arrives during training is held, and only the newest held release
- * is applied once training finishes, so a model never changes in the
- * middle of a training run.
+ * A release ready to serve: a downloaded file, or the kept previous
+ * model that a rollback notice names.
+ */
+type ReadyRelease =
+  | { kind: 'file'; release: ModelRelease; onnx: Uint8Array }
+  | { kind: 'previous'; release: ModelRelease };
+
+/** Identity of a model: version and digest. */
+function keyOf(model: { version: number; sha256: string }): string {
+  return `${model.version}:${model.sha256.toLowerCase()}`;
+}
+
+function isSameModel(
+  a: { version: number; sha256: string } | undefined,
+  b: { version: number; sha256: string },
+): boolean {
+  return a !== undefined && keyOf(a) === keyOf(b);
+}
+
+/**
+ * Acts on release notices. The latest notice is the fleet's current
+ * release, also when its version is lower than the one in service (a
+ * rollback): the kept previous model is served again when it matches,
+ * otherwise the release is downloaded. Deployments run one at a time, in
+ * arrival order. A release that becomes ready during training is held,
+ * and only the latest one is applied once training finishes, so a model
+ * never changes in the middle of a training run.
  */
 export class ReleaseHandler {
   private chain: Promise<void> = Promise.resolve();
-  private heldRelease: ModelRelease | undefined;
+  private heldRelease: ReadyRelease | undefined;
+  /** The latest notice offered. */
+  private latest: ModelRelease | undefined;
+  /** Releases that failed download or deployment, by version and digest. */
+  private readonly rejected = new Set<string>();
+  /** Release last logged as held, by version and digest. */
+  private heldLogged: string | undefined;
   private readonly waiters = new Set<() => void>();
   private stopped = false;
 
   constructor(private readonly options: ReleaseHandlerOptions) {}
 
   /**
-   * Verifies a decoded release and deploys it, or holds it during
-   * training. A digest or size mismatch is logged at warn and the model in
-   * service stays.
+   * Acts on a decoded release notice: ignores the model in service,
+   * switches back to the kept previous model, or downloads the release.
+   * A release that failed before is tried again, because the aggregator
+   * may have published its chunks again; verified chunks stay on disk.
    */
   offer(release: ModelRelease): void {
-    const { log } = this.options;
-    try {
-      verifyRelease(release);
-    } catch (err) {
-      this.reject(err, release.version);
-      return;
-    }
-    if (this.options.isTraining()) {
-      if ((this.heldRelease?.version ?? -1) < release.version) {
-        this.heldRelease = release;
-      }
-      log.info(
-        { modelVersion: release.version },
-        'release held until training finishes',
+    if (this.stopped) return;
+    if (release.modelName !== MODEL_NAME) {
+      const message =
+        `release names model ${release.modelName}, but this vehicle ` +
+        `runs ${MODEL_NAME}`;
+      this.reject(
+        new FleetError(ErrorCode.InvalidModel, message),
+        release.version,
       );
       return;
     }
-    this.enqueue(() => this.apply(release));
+    this.latest = release;
+    this.rejected.delete(keyOf(release));
+    // A round waiting for a model checks it against the new notice.
+    this.wakeWaiters();
+    if (this.options.isTraining()) this.logHeld(release);
+    this.enqueue(async () => this.consider(release));
+  }
+
+  /** Hands a message on a chunk topic to the downloader. */
+  handleChunk(version: number, index: number, payload: Uint8Array): void {
+    if (!this.stopped) {
+      this.options.downloads.handleChunk(version, index, payload);
+    }
+  }
+
+  /** Requests missing chunks again after a (re)connection. */
+  onConnected(): void {
+    if (!this.stopped) this.options.downloads.onConnected();
   }
 
   /** Counts, logs and reports a release that was not deployed. */
@@ -89,6 +130,7 @@ export class ReleaseHandler {
   afterTraining(): void {
     const held = this.heldRelease;
     this.heldRelease = undefined;
+    this.heldLogged = undefined;
     if (held !== undefined) this.enqueue(() => this.apply(held));
   }
 
@@ -114,10 +156,11 @@ export class ReleaseHandler {
     return model.version;
   }
 
-  /** Stops deploying and releases every waiting round. */
+  /** Stops downloading and deploying and releases every waiting round. */
   async stop(): Promise<void> {
     this.stopped = true;
     this.heldRelease = undefined;
+    this.options.downloads.stop();
     this.wakeWaiters();
     await this.chain;
   }
@@ -129,58 +172,142 @@ export class ReleaseHandler {
     });
   }
 
-  private async apply(release: ModelRelease): Promise<void> {
-    const { deployment, log } = this.options;
-    if (this.stopped) return;
+  private isLatest(release: ModelRelease): boolean {
+    return this.latest === undefined || isSameModel(this.latest, release);
+  }
+
+  /** Decides what a notice needs, once earlier deployments are done. */
+  private consider(release: ModelRelease): void {
+    const { deployment, downloads, log } = this.options;
+    if (this.stopped || !this.isLatest(release)) return;
     const current = deployment.current;
     const fields = { modelVersion: release.version };
-    if (current !== undefined && release.version <= current.version) {
-      log.debug(
-        { ...fields, deployedVersion: current.version },
-        'release not newer than deployed model ignored',
+    if (isSameModel(current, release)) {
+      downloads.discardAll();
+      log.debug(fields, 'release already deployed');
+      return;
+    }
+    if (current !== undefined && release.version === current.version) {
+      // NOTE: a version number the aggregator issued twice, for example
+      // after its state directory was deleted, is not deployed again.
+      log.warn(
+        { ...fields, sha256: release.sha256, deployedSha256: current.sha256 },
+        'release with deployed version but other digest ignored',
       );
       return;
     }
-    if (release.modelName !== MODEL_NAME) {
-      const message =
-        `release names model ${release.modelName}, but this vehicle ` +
-        `runs ${MODEL_NAME}`;
-      this.reject(
-        new FleetError(ErrorCode.InvalidModel, message),
-        release.version,
+    if (isSameModel(deployment.previous, release)) {
+      downloads.discardAll();
+      this.ready({ kind: 'previous', release });
+      return;
+    }
+    void this.download(release);
+  }
+
+  private async download(release: ModelRelease): Promise<void> {
+    let onnx: Uint8Array | undefined;
+    try {
+      onnx = await this.options.downloads.fetch(release);
+    } catch (err) {
+      this.rejected.add(keyOf(release));
+      this.reject(err, release.version);
+      this.wakeWaiters();
+      return;
+    }
+    if (onnx !== undefined && !this.stopped) {
+      this.ready({ kind: 'file', release, onnx });
+    }
+  }
+
+  private ready(item: ReadyRelease): void {
+    if (this.options.isTraining()) {
+      this.heldRelease = item;
+      this.logHeld(item.release);
+      return;
+    }
+    this.enqueue(() => this.apply(item));
+  }
+
+  /**
+   * Logs once per training run that a release waits for it to finish:
+   * when its notice arrives during training, or its download ends then.
+   */
+  private logHeld(release: ModelRelease): void {
+    if (this.heldLogged === keyOf(release)) return;
+    this.heldLogged = keyOf(release);
+    this.options.log.info(
+      { modelVersion: release.version },
+      'release held until training finishes',
+    );
+  }
+
+  private async apply(item: ReadyRelease): Promise<void> {
+    const { deployment, downloads, log } = this.options;
+    const { release } = item;
+    if (this.stopped) return;
+    const current = deployment.current;
+    if (!this.isLatest(release) || isSameModel(current, release)) {
+      log.debug(
+        { modelVersion: release.version },
+        'superseded release not deployed',
       );
       return;
     }
 
     const started = Date.now();
     try {
-      await deployment.deploy(release);
+      if (item.kind === 'file') {
+        await deployment.deploy({ ...release, onnx: item.onnx });
+        await downloads.remove(release);
+      } else if (isSameModel(deployment.previous, release)) {
+        await deployment.rollback();
+      } else {
+        // The kept previous model changed since the notice arrived.
+        void this.download(release);
+        return;
+      }
     } catch (err) {
+      this.rejected.add(keyOf(release));
       this.reject(err, release.version);
+      this.wakeWaiters();
       return;
     }
-    const durationMs = Date.now() - started;
+    this.reportDeployed(release, current, Date.now() - started);
+    await this.options.onModelChanged();
+  }
+
+  private reportDeployed(
+    release: ModelRelease,
+    replaced: DeployedModel | undefined,
+    durationMs: number,
+  ): void {
     this.options.stats.releasesDeployed += 1;
-    log.info(
-      { ...fields, previousVersion: current?.version, durationMs },
+    const isRollback =
+      replaced !== undefined && release.version < replaced.version;
+    this.options.log.info(
+      {
+        modelVersion: release.version,
+        previousVersion: replaced?.version,
+        rollback: isRollback,
+        durationMs,
+      },
       'release deployed',
     );
     this.options.events.emit('release-deployed', {
       version: release.version,
       sha256: release.sha256,
-      previousVersion: current?.version,
+      previousVersion: replaced?.version,
       durationMs,
     });
     this.wakeWaiters();
-    await this.options.onModelChanged();
   }
 
   /**
    * Waits until the model the task names (version and digest) is loaded,
    * bounded by the task's deadline (none when `deadlineMs` is 0). Returns
-   * undefined when the deadline passes, the agent stops, or a model at
-   * or above that version without the digest is in service, or `signal`
-   * aborts.
+   * undefined when the deadline passes, the agent stops, `signal` aborts,
+   * or the model cannot arrive: its release was rejected, or a model at or
+   * above that version is in service and the latest notice names another.
    */
   async waitForModel(
     task: RoundTask,
@@ -194,10 +321,9 @@ export class ReleaseHandler {
       if (model !== undefined) return model;
       if (this.stopped || signal?.aborted === true) return undefined;
 
-      const current = deployment.current;
-      if (current !== undefined && current.version >= task.modelVersion) {
+      if (!this.isAwaited(task)) {
         log.warn(
-          { ...fields, deployedVersion: current.version },
+          { ...fields, deployedVersion: deployment.current?.version },
           'round model not available',
         );
         return undefined;
@@ -210,6 +336,15 @@ export class ReleaseHandler {
       }
       await this.nextDeployment(remainingMs, signal);
     }
+  }
+
+  /** Returns whether the model of `task` may still be deployed. */
+  private isAwaited(task: RoundTask): boolean {
+    const expected = { version: task.modelVersion, sha256: task.modelSha256 };
+    if (this.rejected.has(keyOf(expected))) return false;
+    if (isSameModel(this.latest, expected)) return true;
+    const current = this.options.deployment.current;
+    return current === undefined || current.version < task.modelVersion;
   }
 
   private nextDeployment(

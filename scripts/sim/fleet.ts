@@ -1,17 +1,12 @@
 /**
  * One simulation run: the embedded broker, the aggregator and N vehicle
- * agents in this process. Every agent is a real MQTT client on loopback;
+ * agents in this process (see fleet-run.ts), then the centralized
+ * baseline and the report. Every agent is a real MQTT client on loopback;
  * they share the CPU, so vehicles train one after another in practice.
  */
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import {
-  Aggregator,
-  type RoundClosedEvent,
-  type RoundFailedEvent,
-} from '../../aggregator/index.ts';
-import { startBroker } from '../../broker/index.ts';
 import {
   MODEL_NAME,
   NUM_CLASSES,
@@ -24,14 +19,15 @@ import {
   tensorNamesOfLayers,
 } from '../../models/index.ts';
 import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
-import { VehicleAgent } from '../../vehicle-agent/index.ts';
 import { trainCentralized } from './centralized.ts';
 import { prepareFleetData, unionOf } from './data.ts';
+import type { FaultKind } from './faults.ts';
+import { runFleet } from './fleet-run.ts';
+import { formatDeliveryLine } from './ledger.ts';
 import { RoundProgress } from './progress.ts';
 import {
   buildReport,
   printRoundTable,
-  type RoundRow,
   type SimulationReport,
 } from './report.ts';
 
@@ -42,9 +38,6 @@ export const BASE_WEIGHTS_PATH = path.join(
   REPO_ROOT,
   'models/base/gtsrb-cnn-v0.weights.pb',
 );
-
-const FLEET_ID = 'sim';
-const PROBE_IMAGES = 64;
 
 export interface SimulationOptions {
   vehicles: number;
@@ -72,6 +65,10 @@ export interface SimulationOptions {
   depotTracksPath?: string;
   /** Train the centralized baseline too. */
   centralized: boolean;
+  /** Faults to inject; empty for a run without faults. */
+  faults: FaultKind[];
+  /** Share of the selected vehicles each fault kind hits per round. */
+  faultRate: number;
   progress: boolean;
   log: Logger;
 }
@@ -115,119 +112,23 @@ export async function runSimulation(
   // Created only once the inputs are known to be good, so a bad flag
   // leaves no empty run directory behind.
   mkdirSync(stateDir, { recursive: true });
-  // Components take their own child logger from the root one.
-  const root = options.log;
-  const broker = await startBroker({ port: 0, host: '127.0.0.1', log: root });
-  const brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
-  const aggregator = new Aggregator({
-    fleetId: FLEET_ID,
-    brokerUrl,
-    stateDir: path.join(stateDir, 'aggregator'),
-    baseWeightsPath,
-    trainableLayers: options.trainLayers,
-    localEpochs: options.localEpochs,
-    batchSize: options.batchSize,
-    learningRate: options.learningRate,
-    proximalMu: options.proximalMu,
-    restrictToLocalClasses: options.restrictToLocalClasses,
-    vehiclesPerRound: 0,
-    minVehiclesOnline: options.vehicles,
-    onlineWaitTimeoutMs: 120_000,
-    minUpdates,
-    roundTimeoutMs: options.roundTimeoutMs,
-    maxRounds: options.rounds,
-    seed: options.seed,
-    probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
-    probeCount: Math.min(PROBE_IMAGES, data.test.count),
-    testSet: { images: data.test.images, labels: data.test.labels },
-    log: root,
-  });
-  const agents = data.shares.map(
-    (frames, index) =>
-      new VehicleAgent({
-        vehicleId: `veh-${String(index + 1).padStart(3, '0')}`,
-        fleetId: FLEET_ID,
-        brokerUrl,
-        stateDir: path.join(stateDir, `vehicle-${index + 1}`),
-        frames,
-        seed: options.seed,
-        log: root,
-      }),
-  );
-
-  const rows: RoundRow[] = [];
   const progress = new RoundProgress(
     options.rounds,
     options.vehicles,
     options.progress,
   );
-  let downlinkSeen = 0;
-  const downlinkSinceLastRound = (): number => {
-    const total = agents.reduce(
-      (sum, agent) => sum + agent.counters.bytesReceived,
-      0,
-    );
-    const delta = total - downlinkSeen;
-    downlinkSeen = total;
-    return delta;
-  };
-  // Per round: update messages the vehicles sent, and the ones the
-  // aggregator received and decided on.
-  const sentByRound = new Map<number, number>();
-  const deliveredByRound = new Map<number, number>();
-  const countsOf = (round: number) => ({
-    sent: sentByRound.get(round) ?? 0,
-    delivered: deliveredByRound.get(round) ?? 0,
+  const fleet = await runFleet({
+    options,
+    data,
+    baseWeightsPath,
+    stateDir,
+    minUpdates,
+    progress,
   });
-  aggregator.on('round-opened', (event) => progress.roundOpened(event.round));
-  aggregator.on('update-decided', (event) => {
-    if (event.round === undefined) return;
-    deliveredByRound.set(
-      event.round,
-      (deliveredByRound.get(event.round) ?? 0) + 1,
-    );
-  });
-  for (const agent of agents) {
-    agent.on('update-sent', (event) => {
-      sentByRound.set(event.round, (sentByRound.get(event.round) ?? 0) + 1);
-      progress.updateSent();
-    });
-  }
-  aggregator.on('round-closed', (event: RoundClosedEvent) => {
-    rows.push({
-      ...rowOf(
-        event,
-        event.accuracy,
-        downlinkSinceLastRound(),
-        event.modelVersion,
-      ),
-      ...countsOf(event.round),
-    });
-    progress.roundDone(event.round, event.accuracy);
-  });
-  aggregator.on('round-failed', (event: RoundFailedEvent) => {
-    rows.push({
-      ...rowOf(event, undefined, downlinkSinceLastRound(), event.modelVersion),
-      ...countsOf(event.round),
-      failure: event.reasonCode,
-    });
-    progress.roundDone(event.round, undefined);
-    log.warn({ round: event.round, code: event.reasonCode }, 'round failed');
-  });
-
-  try {
-    await aggregator.start();
-    await Promise.all(agents.map((agent) => agent.start()));
-    await aggregator.whenFinished();
-  } finally {
-    progress.stop();
-    await aggregator.stop();
-    await Promise.allSettled(agents.map((agent) => agent.stop()));
-    await broker.close();
-  }
 
   const federatedMs = Date.now() - started;
-  printRoundTable(rows);
+  printRoundTable(fleet.rows);
+  console.error(formatDeliveryLine(fleet.delivery));
 
   let centralizedAccuracy: number | undefined;
   if (options.centralized) {
@@ -255,7 +156,7 @@ export async function runSimulation(
     'aggregator',
     'models',
     MODEL_NAME,
-    `v${aggregator.currentModelVersion}.onnx`,
+    `v${fleet.modelVersion}.onnx`,
   );
   const agreement = await compareWithTfjs(
     modelPath,
@@ -269,8 +170,10 @@ export async function runSimulation(
     baseAccuracy,
     centralizedAccuracy,
     modelPath,
-    modelVersion: aggregator.currentModelVersion,
-    rows,
+    modelVersion: fleet.modelVersion,
+    rows: fleet.rows,
+    delivery: fleet.delivery,
+    faults: fleet.faults,
     federatedMs,
     totalMs: Date.now() - started,
   });
@@ -288,29 +191,6 @@ export async function runSimulation(
     'simulation finished',
   );
   return report;
-}
-
-function rowOf(
-  event: RoundClosedEvent | RoundFailedEvent,
-  accuracy: number | undefined,
-  downlinkBytes: number,
-  modelVersion: number,
-): RoundRow {
-  return {
-    round: event.round,
-    modelVersion,
-    accepted: event.accepted,
-    rejected: event.rejected,
-    rejectedByReason: event.rejectedByReason,
-    duplicatesDropped: event.rejectedByReason.DUPLICATE_UPDATE ?? 0,
-    sent: 0,
-    delivered: 0,
-    accuracy: accuracy ?? null,
-    uplinkBytes: event.uplinkBytes,
-    downlinkBytes,
-    numExamples: event.numExamples,
-    durationMs: event.durationMs,
-  };
 }
 
 /**

@@ -1,10 +1,14 @@
 import Table from 'cli-table3';
+import type { FaultRecord } from './fault-injector.ts';
+import type { DeliverySummary } from './ledger.ts';
 
 /** One round of the report. */
 export interface RoundRow {
   round: number;
   /** Model version after the round. */
   modelVersion: number;
+  /** Vehicles selected for the round. */
+  selected: number;
   accepted: number;
   rejected: number;
   rejectedByReason: Record<string, number>;
@@ -12,6 +16,8 @@ export interface RoundRow {
   duplicatesDropped: number;
   /** Update messages the vehicles published for this round. */
   sent: number;
+  /** Outbox entries of this round the vehicles published again. */
+  resent: number;
   /** Update messages for this round the aggregator received and decided on. */
   delivered: number;
   /** Top-1 test accuracy of the published ONNX model, measured with onnxruntime. */
@@ -27,6 +33,15 @@ export interface RoundRow {
   durationMs: number;
   /** Error code when the round failed. */
   failure?: string;
+  /** Faults injected into this round, by kind; only in a faulty run. */
+  faultsInjected?: Record<string, number>;
+  /**
+   * True when an aggregator restart abandoned the round: no model came
+   * out of it, and its counts are those decided before the restart.
+   */
+  interrupted?: boolean;
+  /** Releases published for the interrupted round; 0 unless one leaked. */
+  releasesPublished?: number;
 }
 
 export interface SimulationReport {
@@ -41,6 +56,10 @@ export interface SimulationReport {
   /** Share of test images where ONNX and TF.js agree on the top-1 class. */
   top1Agreement: number;
   rounds: RoundRow[];
+  /** Whether every finished update was decided once, and how. */
+  delivery: DeliverySummary;
+  /** Faults injected and aggregator restarts; null in a run without faults. */
+  faults: FaultRecord | null;
   federatedMs: number;
   totalMs: number;
 }
@@ -54,6 +73,8 @@ export function buildReport(input: {
   modelVersion: number;
   top1Agreement: number;
   rows: RoundRow[];
+  delivery: DeliverySummary;
+  faults: FaultRecord | undefined;
   federatedMs: number;
   totalMs: number;
 }): SimulationReport {
@@ -68,6 +89,8 @@ export function buildReport(input: {
     modelVersion: input.modelVersion,
     top1Agreement: input.top1Agreement,
     rounds: input.rows,
+    delivery: input.delivery,
+    faults: input.faults ?? null,
     federatedMs: input.federatedMs,
     totalMs: input.totalMs,
   };
@@ -79,6 +102,7 @@ function kib(bytes: number): string {
 
 /** Prints one line per round to stdout. */
 export function printRoundTable(rows: RoundRow[]): void {
+  const hasFaults = rows.some((row) => row.faultsInjected !== undefined);
   const table = new Table({
     style: { head: [], border: [] },
     head: [
@@ -91,14 +115,13 @@ export function printRoundTable(rows: RoundRow[]): void {
       'down KiB',
       'examples',
       'seconds',
+      ...(hasFaults ? ['selected', 'faults'] : []),
     ],
   });
   for (const row of rows) {
     table.push([
       row.round,
-      row.failure === undefined
-        ? row.modelVersion
-        : `${row.modelVersion} (${row.failure})`,
+      versionCell(row),
       row.accepted,
       row.rejected,
       row.accuracy === null ? '-' : row.accuracy.toFixed(4),
@@ -106,7 +129,19 @@ export function printRoundTable(rows: RoundRow[]): void {
       kib(row.downlinkBytes),
       row.numExamples,
       (row.durationMs / 1000).toFixed(1),
+      ...(hasFaults ? [row.selected, faultsCell(row)] : []),
     ]);
   }
   console.log(table.toString());
+}
+
+function versionCell(row: RoundRow): string | number {
+  if (row.interrupted === true) return `${row.modelVersion} (interrupted)`;
+  if (row.failure !== undefined) return `${row.modelVersion} (${row.failure})`;
+  return row.modelVersion;
+}
+
+/** Total faults injected into the round. */
+function faultsCell(row: RoundRow): number {
+  return Object.values(row.faultsInjected ?? {}).reduce((sum, n) => sum + n, 0);
 }

@@ -1,0 +1,24 @@
+export {
+  REVOCATION_REASONS,
+  authorityPaths,
+  initAuthority,
+  loadAuthority,
+  writeCrl,
+} from './authority.ts';
+export type {
+  AuthorityState,
+  CertificateRole,
+  FleetAuthority,
+  InitAuthorityOptions,
+  IssuedCertificate,
+  RevocationReason,
+} from './authority.ts';
+export {
+  DEFAULT_LEAF_VALIDITY_DAYS,
+  issueAggregator,
+  issueBroker,
+  issueVehicle,
+} from './issue.ts';
+export type { IssuedFiles } from './issue.ts';
+export { revokeCertificates } from './revoke.ts';
+export type { RevocationTarget } from './revoke.ts';
