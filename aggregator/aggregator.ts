@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetTopics, createLogger, type Logger } from '../protocol/index.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
 import type { AggregatorEvents } from './events.ts';
@@ -19,6 +20,15 @@ import { RoundLoop } from './round-loop.ts';
 import { rollbackSteps, selectStartModel } from './rollback.ts';
 import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
+
+/** Time `stop()` waits for a graceful MQTT disconnect. */
+const DISCONNECT_TIMEOUT_MS = 5000;
+
+/**
+ * Accepted update ids remembered across rounds, so that a late copy is
+ * answered DUPLICATE_UPDATE. About 100 bytes each.
+ */
+const MAX_REMEMBERED_UPDATES = 10_000;
 
 type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
 
@@ -44,9 +54,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   readonly #store: ModelStore;
   readonly #publisher: ReleasePublisher;
   readonly #vehicles = new VehicleRegistry();
-  readonly #fleetContext: Omit<FleetContext, 'lastRound'>;
+  readonly #fleetContext: Omit<FleetContext, 'lastRound' | 'earlierAccepted'>;
   readonly #stopping = new AbortController();
   readonly #roundListeners = new Set<() => void>();
+  /** Recently accepted update ids and their round, oldest first. */
+  readonly #acceptedUpdates = new Map<string, number>();
   #phase: Phase = 'new';
   #client: MqttClient | undefined;
   /**
@@ -228,7 +240,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     this.#rounds.runner?.abandonOpenRound();
     this.#stopping.abort();
     await this.#loop;
-    await this.#client?.endAsync();
+    // Bounded, because a graceful end waits for every QoS 1 message in
+    // flight, which never completes once the connection is gone.
+    if (this.#client !== undefined) {
+      await endClient(this.#client, DISCONNECT_TIMEOUT_MS);
+    }
 
     this.#phase = 'stopped';
     this.#notifyRoundListeners();
@@ -321,16 +337,28 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   #onUpdate(vehicleId: string, payload: Buffer): void {
     const runner = this.#rounds.runner;
     if (runner === undefined) return;
-    const { ack, event } = receiveUpdate(
+    const { ack, event, decision } = receiveUpdate(
       vehicleId,
       payload,
       {
-        fleet: { ...this.#fleetContext, lastRound: runner.lastRound },
+        fleet: {
+          ...this.#fleetContext,
+          lastRound: runner.lastRound,
+          earlierAccepted: this.#acceptedUpdates,
+        },
         round: runner.openRound,
         currentModelVersion: runner.model.manifest.version,
       },
       this.#log,
     );
+    if (decision.accepted) {
+      const { updateId, round } = decision.update;
+      this.#acceptedUpdates.set(updateId, round);
+      if (this.#acceptedUpdates.size > MAX_REMEMBERED_UPDATES) {
+        const oldest = this.#acceptedUpdates.keys().next().value as string;
+        this.#acceptedUpdates.delete(oldest);
+      }
+    }
 
     this.#publishAck(vehicleId, ack);
     this.emit('update-decided', event);

@@ -35,6 +35,7 @@ export type FleetContext = Pick<
   | 'maxMessageBytes'
   | 'maxExamplesPerUpdate'
   | 'maxAbsDeltaValue'
+  | 'earlierAccepted'
 >;
 
 /**

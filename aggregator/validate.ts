@@ -27,6 +27,11 @@ export interface RoundContext {
   selectedVehicles: ReadonlySet<string>;
   /** Update ids accepted in the open round. */
   seenUpdateIds: ReadonlySet<string>;
+  /**
+   * Recently accepted update ids of earlier rounds, with their round, so
+   * that a late copy is answered as a duplicate rather than as late.
+   */
+  earlierAccepted: ReadonlyMap<string, number>;
   /** Vehicles whose update was accepted in the open round. */
   acceptedVehicles: ReadonlySet<string>;
   /** Sum of numExamples over the updates accepted in the open round. */
@@ -124,6 +129,14 @@ function checkRound(
   const current =
     `current round is ${context.openRound ?? 'none (between rounds)'}, ` +
     `model version ${context.modelVersion}`;
+  const acceptedIn = context.earlierAccepted.get(update.updateId);
+  if (acceptedIn !== undefined && acceptedIn !== context.openRound) {
+    return reject(
+      ErrorCode.DuplicateUpdate,
+      `update ${update.updateId} was already accepted in round ` +
+        `${acceptedIn}; ${current}`,
+    );
+  }
   if (context.openRound !== update.round) {
     // A round this aggregator opened and closed: the update is a straggler.
     const isClosed = update.round >= 1 && update.round <= context.lastRound;

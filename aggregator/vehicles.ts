@@ -16,6 +16,8 @@ const MAX_LOGGED_ID_CHARS = 130;
  */
 export class VehicleRegistry {
   readonly #online = new Map<string, VehicleStatus>();
+  /** Highest connection id seen per vehicle. */
+  readonly #connectionIds = new Map<string, number>();
   readonly #listeners = new Set<() => void>();
 
   /**
@@ -65,6 +67,13 @@ export class VehicleRegistry {
       return;
     }
 
+    if (status !== undefined && this.#isStale(vehicleId, status)) {
+      log.debug(
+        { vehicleId, state: status.state, connectionId: status.connectionId },
+        'stale vehicle status ignored',
+      );
+      return;
+    }
     if (this.update(vehicleId, status)) {
       const online = this.onlineCount;
       log.debug(
@@ -72,6 +81,18 @@ export class VehicleRegistry {
         'vehicle status changed',
       );
     }
+  }
+
+  /**
+   * Tells whether `status` comes from an older connection than one seen
+   * before. A broker may deliver the retained last will of a closed
+   * connection after the first status of the next one.
+   */
+  #isStale(vehicleId: string, status: VehicleStatus): boolean {
+    const latest = this.#connectionIds.get(vehicleId) ?? 0;
+    if (status.connectionId < latest) return true;
+    this.#connectionIds.set(vehicleId, status.connectionId);
+    return false;
   }
 
   /** Ids of the online vehicles. */

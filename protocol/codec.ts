@@ -291,6 +291,7 @@ export function decodeVehicleStatus(bytes: Uint8Array): VehicleStatus {
   requireText('VehicleStatus', object, ['vehicleId']);
   object.numExamples = toSafeInteger('numExamples', object.numExamples);
   object.updatedAtMs = toSafeInteger('updatedAtMs', object.updatedAtMs);
+  object.connectionId = toSafeInteger('connectionId', object.connectionId);
   return object as unknown as VehicleStatus;
 }
 

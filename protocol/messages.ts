@@ -102,6 +102,11 @@ export interface VehicleStatus {
   numExamples: number;
   updatedAtMs: number;
   backend: string;
+  /**
+   * Start of the MQTT connection attempt this status belongs to, in epoch
+   * ms; 0 when unknown.
+   */
+  connectionId: number;
 }
 
 export interface ModelWeights {

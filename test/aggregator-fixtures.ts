@@ -191,6 +191,7 @@ export class TestVehicle {
         modelVersion: 0,
         numExamples: 100,
         updatedAtMs: Date.now(),
+        connectionId: 0,
         backend: 'test',
       });
       await client.publishAsync(topics.status(id), Buffer.from(status), {

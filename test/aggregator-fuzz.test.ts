@@ -24,6 +24,7 @@ const context: RoundContext = {
   modelVersion: 3,
   selectedVehicles: new Set(['veh-1']),
   seenUpdateIds: new Set(),
+  earlierAccepted: new Map(),
   acceptedVehicles: new Set(),
   acceptedExamples: 0,
   trainableShapes: SHAPES,

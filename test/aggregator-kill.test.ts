@@ -75,6 +75,7 @@ async function publishIdleStatus(
         modelVersion: 0,
         numExamples: 100,
         updatedAtMs: Date.now(),
+        connectionId: 0,
         backend: 'none',
       }),
     ),

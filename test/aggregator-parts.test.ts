@@ -29,6 +29,7 @@ function status(vehicleId: string, state: number): VehicleStatus {
     modelVersion: 0,
     numExamples: 1,
     updatedAtMs: 1,
+    connectionId: 0,
     backend: 'cpu',
   };
 }
@@ -88,6 +89,26 @@ describe('VehicleRegistry', () => {
     assert.deepEqual(registry.onlineIds(), ['a']);
 
     registry.applyStatusMessage('a', new Uint8Array(0), log);
+    assert.deepEqual(registry.onlineIds(), []);
+  });
+
+  test('older connection status ignored', () => {
+    const registry = new VehicleRegistry();
+    const training = {
+      ...status('a', VehicleState.Training),
+      connectionId: 20,
+    };
+    const staleWill = {
+      ...status('a', VehicleState.Offline),
+      connectionId: 10,
+    };
+    const will = { ...status('a', VehicleState.Offline), connectionId: 20 };
+
+    registry.applyStatusMessage('a', encodeVehicleStatus(training), log);
+    registry.applyStatusMessage('a', encodeVehicleStatus(staleWill), log);
+    assert.deepEqual(registry.onlineIds(), ['a']);
+
+    registry.applyStatusMessage('a', encodeVehicleStatus(will), log);
     assert.deepEqual(registry.onlineIds(), []);
   });
 

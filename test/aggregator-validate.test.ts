@@ -24,6 +24,7 @@ function context(overrides: Partial<RoundContext> = {}): RoundContext {
     modelVersion: 3,
     selectedVehicles: new Set(['veh-1', 'veh-2']),
     seenUpdateIds: new Set(),
+    earlierAccepted: new Map(),
     acceptedVehicles: new Set(),
     acceptedExamples: 0,
     trainableShapes: SHAPES,
@@ -167,6 +168,26 @@ describe('validateUpdate', () => {
       codeOf(bytes, context({ acceptedVehicles: new Set(['veh-1']) })),
       ErrorCode.DuplicateUpdate,
     );
+  });
+
+  test('late copy of counted update', () => {
+    const bytes = encodeModelUpdate(update({ round: 4 }));
+    const decision = validateUpdate(
+      'veh-1',
+      bytes,
+      context({ earlierAccepted: new Map([['u-1', 4]]) }),
+    );
+
+    assert.equal(decision.accepted, false);
+    assert.equal(
+      !decision.accepted && decision.code,
+      ErrorCode.DuplicateUpdate,
+    );
+    assert.match(
+      !decision.accepted ? decision.reason : '',
+      /update u-1 was already accepted in round 4; current round is 5/,
+    );
+    assert.equal(codeOf(bytes), ErrorCode.RoundClosed);
   });
 
   test('zero examples rejected', () => {

@@ -52,6 +52,7 @@ function roundContext(): RoundContext {
     modelVersion: 3,
     selectedVehicles: new Set(['veh-001', 'veh-002']),
     seenUpdateIds: new Set(),
+    earlierAccepted: new Map(),
     acceptedVehicles: new Set(),
     acceptedExamples: 0,
     trainableShapes: new Map(SPECS.map((spec) => [spec.name, spec.shape])),

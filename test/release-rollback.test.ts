@@ -106,6 +106,7 @@ async function publishIdleStatus(
     modelVersion: 0,
     numExamples: 100,
     updatedAtMs: Date.now(),
+    connectionId: 0,
     backend: 'none',
   });
   await publishRetained(client, topics.status(IDLE_VEHICLE), status);

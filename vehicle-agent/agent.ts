@@ -3,7 +3,8 @@
  * publishes updates over MQTT.
  */
 import { EventEmitter } from 'node:events';
-import type { MqttClient } from 'mqtt';
+import path from 'node:path';
+import type { ISubscriptionMap, MqttClient } from 'mqtt';
 import {
   selectTrainingBackend,
   type TrainingBackend,
@@ -26,7 +27,8 @@ import {
   type UpdateAck,
 } from '../protocol/index.ts';
 import { recordAck } from './acks.ts';
-import { createBrokerClient, endClient, settleWithin } from './connection.ts';
+import { createBrokerClient } from './connection.ts';
+import { endClient, settleWithin } from '../protocol/mqtt-end.ts';
 import { ModelDeployment } from './deployment.ts';
 import {
   createCounters,
@@ -34,6 +36,7 @@ import {
   type AgentEvents,
 } from './events.ts';
 import { FeatureCache } from './feature-cache.ts';
+import { FinishedRounds } from './finished-rounds.ts';
 import {
   resolveAgentOptions,
   type ResolvedAgentOptions,
@@ -51,6 +54,8 @@ import { RoundRunner } from './round-runner.ts';
 
 /** Time `stop()` waits for the OFFLINE status to be acknowledged. */
 const OFFLINE_PUBLISH_TIMEOUT_MS = 2000;
+/** File in the state directory listing rounds with a stored update. */
+const FINISHED_ROUNDS_FILE = 'finished-rounds.json';
 /** Time `stop()` waits for a graceful MQTT disconnect. */
 const DISCONNECT_TIMEOUT_MS = 2000;
 /** Time `stop()` waits for an aborted training run to end. */
@@ -76,10 +81,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private frames: LabelledImages | undefined;
   private trainingBackend: TrainingBackend | undefined;
   private client: MqttClient | undefined;
+  /** Id of the current MQTT connection, carried in every status. */
+  private connectionId = Date.now();
   private rounds: RoundRunner | undefined;
   private state: 'idle' | 'starting' | 'running' | 'stopped' = 'idle';
   private starting: Promise<void> | undefined;
-  private subscribed = false;
   private readonly releases: ReleaseHandler;
   private readonly outbox: Outbox;
 
@@ -238,6 +244,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     this.client.on('message', (topic, payload) =>
       this.onMessage(topic, payload),
     );
+    this.client.on('close', () => this.renewConnectionId());
 
     this.log.info(
       {
@@ -320,9 +327,10 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   }
 
   /**
-   * Subscribes on the first successful connection (mqtt.js subscribes
-   * again by itself after reconnects), publishes the ONLINE status and
-   * then publishes every outbox entry again.
+   * Subscribes on every connection, publishes the ONLINE status and then
+   * publishes every outbox entry again. Subscribing again is harmless with
+   * a persistent session, and it repairs subscriptions that an earlier
+   * connection lost before the broker confirmed them.
    */
   private async onConnect(): Promise<void> {
     const client = this.client;
@@ -330,22 +338,18 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     // Before the release topic delivers a notice, so that only a download
     // from an earlier connection requests its chunks again.
     this.releases.onConnected();
-    if (!this.subscribed) {
-      try {
-        await client.subscribeAsync(
-          [
-            this.topics.release(),
-            this.topics.roundTask(),
-            this.topics.ack(this.vehicleId),
-          ],
-          { qos: 1 },
-        );
-        this.subscribed = true;
-      } catch (err) {
-        // The next connection tries again.
-        this.log.warn({ err }, 'subscription failed');
-        return;
-      }
+    try {
+      await client.subscribeAsync(
+        subscriptionsOf([
+          this.topics.release(),
+          this.topics.roundTask(),
+          this.topics.ack(this.vehicleId),
+        ]),
+      );
+    } catch (err) {
+      // The next connection tries again.
+      this.log.warn({ err }, 'subscription failed');
+      return;
     }
     await this.publishStatus();
     if (this.state !== 'running') return;
@@ -433,6 +437,10 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       baseSeed: this.options.seed,
       maxMessageBytes: this.options.maxMessageBytes,
       log: this.log,
+      finishedRounds: new FinishedRounds(
+        path.join(this.options.stateDir, FINISHED_ROUNDS_FILE),
+        this.log,
+      ),
       waitForModel: (task, signal) => this.releases.waitForModel(task, signal),
       beforeTraining: () => this.releases.flush(),
       afterTraining: () => this.releases.afterTraining(),
@@ -547,7 +555,10 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   /**
    * Subscribes again to the round and release topics, so that the broker
    * sends their retained messages and the agent catches up with the
-   * aggregator's current round and model.
+   * aggregator's current round and model. A repeated SUBSCRIBE replaces
+   * the subscription and resends the retained messages, so there is no
+   * moment without a subscription. When it fails, the next connection
+   * subscribes again.
    */
   private async resynchronise(
     currentRound: number,
@@ -565,10 +576,23 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     );
     const filters = [this.topics.release(), this.topics.roundTask()];
     try {
-      await client.unsubscribeAsync(filters);
-      await client.subscribeAsync(filters, { qos: 1 });
+      await client.subscribeAsync(subscriptionsOf(filters));
     } catch (err) {
       this.log.warn({ err }, 'resynchronisation failed');
+    }
+  }
+
+  /**
+   * Gives the next connection a new, higher id, and puts it in the last
+   * will that mqtt.js sends with the next CONNECT. A retained OFFLINE
+   * status of the closed connection then reads as older than the statuses
+   * of the next one.
+   */
+  private renewConnectionId(): void {
+    this.connectionId = Math.max(Date.now(), this.connectionId + 1);
+    const will = this.client?.options.will;
+    if (will !== undefined) {
+      will.payload = Buffer.from(this.statusBytes(VehicleState.Offline));
     }
   }
 
@@ -582,6 +606,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       numExamples: this.frames?.count ?? 0,
       updatedAtMs: Date.now(),
       backend: this.trainingBackend ?? '',
+      connectionId: this.connectionId,
     });
   }
 
@@ -600,4 +625,18 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       this.log.warn({ err, state }, 'status not published');
     }
   }
+}
+
+/**
+ * Builds a QoS 1 subscription of `filters` that mqtt.js sends even when
+ * it has them already. Without `resubscribe`, mqtt.js skips a filter it
+ * has subscribed at that QoS, and the broker would not resend retained
+ * messages.
+ */
+function subscriptionsOf(filters: string[]): ISubscriptionMap {
+  const map = Object.fromEntries(
+    filters.map((filter) => [filter, { qos: 1 as const }]),
+  );
+  // The mqtt.js type cannot express the flag beside the index signature.
+  return Object.assign(map, { resubscribe: true }) as ISubscriptionMap;
 }

@@ -16,6 +16,7 @@ import {
 import type { DeployedModel } from './deployment.ts';
 import type { AgentEvents } from './events.ts';
 import type { FeatureCache } from './feature-cache.ts';
+import type { FinishedRounds } from './finished-rounds.ts';
 import { checkTrainingConfig, trainForRound } from './trainer.ts';
 
 /** Rounds remembered as handled, and sent updates awaiting an ack. */
@@ -51,6 +52,8 @@ export interface RoundRunnerOptions {
   publishStatus: () => Promise<void>;
   /** Emitter of the agent's events. */
   events: EventEmitter<AgentEvents>;
+  /** Rounds with a stored update, kept across restarts. */
+  finishedRounds: FinishedRounds;
 }
 
 /** A published update awaiting its ack. */
@@ -132,7 +135,8 @@ export class RoundRunner {
       log.debug(fields, 'vehicle not selected for round');
       return;
     }
-    if (this.handledRounds.has(roundKey(task))) {
+    const key = roundKey(task);
+    if (this.handledRounds.has(key) || this.options.finishedRounds.has(key)) {
       log.debug(fields, 'round already handled');
       return;
     }
@@ -200,7 +204,9 @@ export class RoundRunner {
     const fields = { round: task.round, modelVersion: model.version };
     this.training = true;
     events.emit('training-started', fields);
-    await this.options.publishStatus();
+    // Not awaited: offline, the status waits for the next connection, and
+    // training must not.
+    void this.options.publishStatus();
     const started = Date.now();
     let succeeded = false;
     try {
@@ -220,7 +226,7 @@ export class RoundRunner {
       // 'training-finished' still comes before 'release-deployed'.
       this.options.afterTraining();
       events.emit('training-finished', { ...fields, durationMs, succeeded });
-      await this.options.publishStatus();
+      void this.options.publishStatus();
     }
   }
 
@@ -252,6 +258,14 @@ export class RoundRunner {
     if (this.stopped) return false;
 
     const { update, payload, result } = output;
+    // Recorded before the outbox write, so a restart does not train this
+    // round again. NOTE: if the outbox write then fails, the round's
+    // update is lost, and the error is logged by the caller.
+    await this.options.finishedRounds
+      .add(roundKey(task))
+      .catch((err: unknown) =>
+        log.warn({ err, round: task.round }, 'finished round not recorded'),
+      );
     // Recorded first, because the ack can arrive before the PUBACK.
     remember(this.sentUpdates, update.updateId, {
       round: update.round,
