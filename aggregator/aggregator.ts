@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
 import { FleetTopics, createLogger, type Logger } from '../protocol/index.ts';
-import { endClient } from '../protocol/mqtt-end.ts';
+import { endClient, settleWithin } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
 import type { AggregatorEvents } from './events.ts';
@@ -22,7 +22,9 @@ import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
 
 /** Time `stop()` waits for a graceful MQTT disconnect. */
-const DISCONNECT_TIMEOUT_MS = 5000;
+const DISCONNECT_TIMEOUT_MS = 2000;
+/** Time `stop()` waits for the round loop to end. */
+const LOOP_STOP_TIMEOUT_MS = 2000;
 
 /**
  * Accepted update ids remembered across rounds, so that a late copy is
@@ -239,9 +241,18 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     this.#phase = 'stopping';
     this.#rounds.runner?.abandonOpenRound();
     this.#stopping.abort();
-    await this.#loop;
-    // Bounded, because a graceful end waits for every QoS 1 message in
-    // flight, which never completes once the connection is gone.
+    // Bounded, because the loop may wait on a QoS 1 publish that completes
+    // only over a live connection.
+    const loopEnded = await settleWithin(
+      this.#loop ?? Promise.resolve(),
+      LOOP_STOP_TIMEOUT_MS,
+    );
+    if (!loopEnded) {
+      this.#log.warn(
+        { round: this.currentRound, timeoutMs: LOOP_STOP_TIMEOUT_MS },
+        'round loop still waiting at stop, disconnecting anyway',
+      );
+    }
     if (this.#client !== undefined) {
       await endClient(this.#client, DISCONNECT_TIMEOUT_MS);
     }

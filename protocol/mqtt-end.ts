@@ -4,21 +4,24 @@ import type { MqttClient } from 'mqtt';
 /**
  * Ends `client` within about `timeoutMs`: gracefully while connected, so
  * that QoS 1 messages in flight complete, and by force when not connected.
- * When the graceful end takes longer, the socket is destroyed, which drops
- * the messages still in flight.
+ * When either takes longer, the socket is destroyed, which drops the
+ * messages still in flight.
  */
 export async function endClient(
   client: MqttClient,
   timeoutMs: number,
 ): Promise<void> {
-  if (!client.connected) {
-    await client.endAsync(true);
+  if (!client.connected && client.stream.destroyed) {
+    // A forced end would wait for a 'close' event that this socket has
+    // already emitted, so the client is ended without waiting.
+    client.end(true);
     return;
   }
-  const ended = await settleWithin(client.endAsync(), timeoutMs);
-  // A second end() is a no-op in mqtt.js 5, so only destroying the
-  // socket stops a graceful end that waits for a missing PUBACK.
-  if (!ended) client.stream.destroy();
+  const ending = client.connected ? client.endAsync() : client.endAsync(true);
+  if (await settleWithin(ending, timeoutMs)) return;
+  // A graceful end waits for every missing PUBACK. A second end() is a
+  // no-op in mqtt.js 5, so only destroying the socket stops the wait.
+  client.stream.destroy();
 }
 
 /**

@@ -8,7 +8,7 @@ import type { Logger } from '../../protocol/index.ts';
 import { settleWithin } from './timing.ts';
 
 /** Time the crashed instance gets to stop before the new one starts anyway. */
-const CRASH_STOP_TIMEOUT_MS = 2000;
+const CRASH_STOP_TIMEOUT_MS = 5000;
 
 /** Outcome of one aggregator restart. */
 export interface AggregatorRestart {
