@@ -22,16 +22,33 @@ export interface BrokerConnectionOptions {
   onConnect: () => void;
 }
 
-/** Delay between connection attempts, in milliseconds. */
-const RECONNECT_PERIOD_MS = 2000;
+/** Delay before the first reconnection attempt, in milliseconds. */
+const RECONNECT_BASE_MS = 1000;
+/** Upper bound of the delay between attempts, in milliseconds. */
+const RECONNECT_MAX_MS = 30_000;
+
+/**
+ * Returns the delay before reconnection attempt `attempt + 1`: exponential
+ * from RECONNECT_BASE_MS, capped at RECONNECT_MAX_MS, and drawn between
+ * half and all of that, so that a fleet that lost the broker together
+ * does not come back in step.
+ */
+export function reconnectDelayMs(
+  attempt: number,
+  random: () => number = Math.random,
+): number {
+  const ceiling = Math.min(RECONNECT_MAX_MS, RECONNECT_BASE_MS * 2 ** attempt);
+  return Math.round(ceiling * (0.5 + 0.5 * random()));
+}
 /** Minimum time between two retry warnings, in milliseconds. */
 const RECONNECT_LOG_INTERVAL_MS = 30_000;
 
 /**
  * Creates an MQTT 3.1.1 client (aedes rejects MQTT 5) with a persistent
  * session (`clean: false`) under `clientId`, that connects in the
- * background and retries every 2 s for as long as the broker is
- * unreachable or refuses the connection. The first failed attempt and
+ * background and retries with jittered exponential backoff (about 1 s,
+ * doubling up to 30 s) for as long as the broker is unreachable or refuses the
+ * connection. The first failed attempt and
  * then at most one attempt per 30 s are logged at warn, with the broker
  * URL, the attempt count and the last error.
  */
@@ -46,7 +63,7 @@ export function createBrokerClient(
     // A persistent session: the broker keeps the subscriptions and queues
     // QoS 1 acks while the vehicle is away. The client id must be stable.
     clean: false,
-    reconnectPeriod: RECONNECT_PERIOD_MS,
+    reconnectPeriod: reconnectDelayMs(0),
     connectTimeout: 10_000,
     will: {
       topic: options.will.topic,
@@ -68,11 +85,15 @@ export function createBrokerClient(
   });
   client.on('reconnect', () => {
     attempts += 1;
+    // mqtt.js reads the period when it schedules the next attempt, after
+    // this one fails.
+    const retryMs = reconnectDelayMs(attempts);
+    client.options.reconnectPeriod = retryMs;
     const now = Date.now();
     if (now - loggedAtMs < RECONNECT_LOG_INTERVAL_MS) return;
     loggedAtMs = now;
     log.warn(
-      { attempts, brokerUrl, err: lastError, retryMs: RECONNECT_PERIOD_MS },
+      { attempts, brokerUrl, err: lastError, retryMs },
       'broker unreachable, retrying',
     );
   });
@@ -85,6 +106,7 @@ export function createBrokerClient(
     }
     connectedOnce = true;
     attempts = 0;
+    client.options.reconnectPeriod = reconnectDelayMs(0);
     loggedAtMs = -Infinity;
     lastError = undefined;
     options.onConnect();
