@@ -48,6 +48,26 @@ export const ErrorCode = {
   InvalidModel: 'INVALID_MODEL',
   /** Round abandoned because the fleet rolled back to an older model. */
   RolledBack: 'ROLLED_BACK',
+  /** Release or update without a signature where one is required. */
+  NotSigned: 'NOT_SIGNED',
+  /** Signature made with a key the receiver does not trust or know. */
+  UnknownKey: 'UNKNOWN_KEY',
+  /** Signature that does not verify over the signed bytes. */
+  InvalidSignature: 'INVALID_SIGNATURE',
+  /**
+   * Update signed with the key of another vehicle than the one it names,
+   * or than the one whose topic it arrived on.
+   */
+  SignerMismatch: 'SIGNER_MISMATCH',
+  /**
+   * Signed release whose sequence number is below the highest one the
+   * vehicle accepted: an older notice replayed.
+   */
+  ReleaseReplayed: 'RELEASE_REPLAYED',
+  /** Too few updates for a robust rule, such as Krum's n > 2f + 2. */
+  RobustRuleUnsatisfied: 'ROBUST_RULE_UNSATISFIED',
+  /** Update whose L2 norm is above the round's norm bound. */
+  UpdateNormTooLarge: 'UPDATE_NORM_TOO_LARGE',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
