@@ -241,6 +241,12 @@ function attachLogging(aedes: Aedes, log: Logger): void {
   // AccessControl logs its own denials with the identity and topic.
   aedes.on('clientError', (client: Client, err: Error) => {
     if (err instanceof AccessDeniedError) return;
+    // A vehicle that drops off the network is routine, not a fault.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') {
+      log.info({ clientId: client.id, code }, 'client connection dropped');
+      return;
+    }
     log.warn({ clientId: client.id, err }, 'client error');
   });
   aedes.on('connectionError', (client: Client, err: Error) => {

@@ -16,7 +16,12 @@ import {
   type TLSSocket,
   type Server as TlsServer,
 } from 'node:tls';
-import { ErrorCode, FleetError, type Logger } from '../protocol/index.ts';
+import {
+  ErrorCode,
+  FleetError,
+  assertPrivateKeyFile,
+  type Logger,
+} from '../protocol/index.ts';
 import { parseRevocationList, type RevocationList } from './crl.ts';
 import { RepeatedLogLimiter } from './log-limiter.ts';
 
@@ -115,6 +120,8 @@ function loadTlsContext(
   tls: BrokerTlsOptions,
   log: Logger,
 ): { context: SecureContextOptions; crl: RevocationList | undefined } {
+  // The same rule as for the agent and aggregator keys: mode 0600.
+  assertPrivateKeyFile(tls.keyPath);
   const context: SecureContextOptions = {
     cert: readTlsFile('certificate', tls.certPath),
     key: readTlsFile('private key', tls.keyPath),

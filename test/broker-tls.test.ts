@@ -216,6 +216,20 @@ describe('broker listener settings', () => {
     await broker.close();
   });
 
+  test('broker rejects key mode 0644', async () => {
+    const keyPath = path.join(pki.dir, 'exposed-broker.key.pem');
+    copyFileSync(pki.broker.privateKeyPath, keyPath);
+    chmodSync(keyPath, 0o644);
+
+    await assert.rejects(
+      startBroker({ port: 0, log: silent, tls: brokerTlsOf(pki, { keyPath }) }),
+      (err: unknown) =>
+        err instanceof FleetError &&
+        err.code === ErrorCode.InvalidConfig &&
+        err.message.includes(keyPath),
+    );
+  });
+
   test('crl without ca rejected', async () => {
     const tls = brokerTlsOf(pki, {
       caPath: undefined,
