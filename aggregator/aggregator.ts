@@ -12,8 +12,12 @@ import {
   type AggregatorOptions,
   type ResolvedOptions,
 } from './options.ts';
-import { checkReleaseFits } from './release-messages.ts';
+import {
+  SIGNED_NOTICE_OVERHEAD_BYTES,
+  checkReleaseFits,
+} from './release-messages.ts';
 import { ReleasePublisher } from './release-publisher.ts';
+import { ReleaseSigner } from './release-signer.ts';
 import type { FleetContext } from './round.ts';
 import type { RoundHost } from './round-runner.ts';
 import { RoundLoop } from './round-loop.ts';
@@ -59,6 +63,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   readonly #fleetContext: Omit<FleetContext, 'lastRound' | 'earlierAccepted'>;
   readonly #stopping = new AbortController();
   readonly #roundListeners = new Set<() => void>();
+  /** The last round task published, for a broker that lost it. */
+  #lastRoundTask: { bytes: Uint8Array; round: number } | undefined;
   /** Recently accepted update ids and their round, oldest first. */
   readonly #acceptedUpdates = new Map<string, number>();
   #phase: Phase = 'new';
@@ -92,11 +98,16 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       stopping: this.#stopping.signal,
       hostFor: (signal, maxRounds) => this.#roundHost(signal, maxRounds),
     });
+    const signingKey = this.options.releaseSigningKey;
     this.#publisher = new ReleasePublisher({
       stateDir: this.options.stateDir,
       topics: this.#topics,
       maxMessageBytes: this.options.maxMessageBytes,
       log: this.#log,
+      signer:
+        signingKey === undefined
+          ? undefined
+          : new ReleaseSigner(signingKey, this.options.stateDir, this.#log),
     });
     const trainable = TENSOR_SPECS.filter((spec) =>
       this.options.trainableTensors.includes(spec.name),
@@ -107,6 +118,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       maxMessageBytes: this.options.maxMessageBytes,
       maxExamplesPerUpdate: this.options.maxExamplesPerUpdate,
       maxAbsDeltaValue: this.options.maxAbsDeltaValue,
+      vehicleKeys: this.options.vehicleKeys,
     };
   }
 
@@ -162,6 +174,9 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       served.manifest,
       served.onnx,
       this.options.maxMessageBytes,
+      this.options.releaseSigningKey === undefined
+        ? 0
+        : SIGNED_NOTICE_OVERHEAD_BYTES,
     );
     this.#rounds.begin(served, state.round);
 
@@ -179,6 +194,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         brokerUrl: this.options.brokerUrl,
         seed: this.options.seed,
         trainableTensors: this.options.trainableTensors,
+        releaseKeyId: this.options.releaseSigningKey?.keyId,
+        vehicleKeys: this.options.vehicleKeys?.size,
       },
       'aggregator started',
     );
@@ -328,6 +345,32 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     const pending = this.#pendingAcks;
     this.#pendingAcks = [];
     for (const { vehicleId, ack } of pending) this.#publishAck(vehicleId, ack);
+    this.#client.on('connect', (connack) => {
+      if (!connack.sessionPresent) this.#republishRetained();
+    });
+  }
+
+  /**
+   * Publishes the current release and the open round's task again. A
+   * broker that lost the session, for example after a restart without
+   * persistence, has lost the retained messages too.
+   */
+  #republishRetained(): void {
+    const runner = this.#rounds.runner;
+    if (runner === undefined || this.#phase !== 'running') return;
+    const model = runner.model;
+    this.#log.warn(
+      { modelVersion: model.manifest.version, round: runner.lastRound },
+      'broker session lost, publishing release and round task again',
+    );
+    this.#publishRelease(model).catch((err: unknown) => {
+      const modelVersion = model.manifest.version;
+      this.#log.error({ err, modelVersion }, 'release publish failed');
+    });
+    const task = this.#lastRoundTask;
+    if (task !== undefined && runner.openRound?.isOpen === true) {
+      this.#publishRoundTask(task.bytes, task.round);
+    }
   }
 
   #onMessage(topic: string, payload: Buffer): void {
@@ -390,6 +433,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   }
 
   #publishRoundTask(bytes: Uint8Array, round: number): void {
+    this.#lastRoundTask = { bytes, round };
     const topic = this.#topics.roundTask();
     const options = { qos: 1, retain: true } as const;
     this.#client!.publishAsync(topic, Buffer.from(bytes), options).catch(
@@ -424,6 +468,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         bytes: published.noticeBytes,
         chunkCount: published.chunkCount,
         chunkBytes: published.chunkBytes,
+        releaseSequence: published.releaseSequence,
+        keyId: published.keyId,
       },
       'model release published',
     );

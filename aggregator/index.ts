@@ -13,6 +13,8 @@ export type { ModelManifest, StoredModel } from './model-store.ts';
 export { resolveOptions } from './options.ts';
 export type { AggregatorOptions, ResolvedOptions, TestSet } from './options.ts';
 export type { RoundStats } from './round.ts';
+export { ReleaseSigner } from './release-signer.ts';
+export type { SignedNotice } from './release-signer.ts';
 export { selectVehicles } from './selection.ts';
 export { loadState, saveState } from './state.ts';
 export type { AggregatorState } from './state.ts';

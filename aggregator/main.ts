@@ -11,6 +11,7 @@ import {
   isFleetError,
   loadClientTls,
   readClientConfig,
+  readSigningConfig,
   type BrokerClientSecurity,
   type Logger,
 } from '../protocol/index.ts';
@@ -134,7 +135,7 @@ const program = new Command('aggregator')
     '--export-tolerance-abs <number>',
     'max ONNX-vs-TF.js probability difference',
     parseNumberAtLeast(0),
-    1e-4,
+    1e-3,
   )
   .option(
     '--test-data <dir>',
@@ -170,6 +171,17 @@ const program = new Command('aggregator')
   .option(
     '--username <name>',
     'MQTT username; the password comes from $FLEETLEARN_BROKER_PASSWORD',
+  )
+  .option(
+    '--release-signing-key <file>',
+    'Ed25519 private key (PEM, mode 0600) that signs every release ' +
+      'notice; default releaseSigningKeyPath of --config, else unsigned',
+  )
+  .option(
+    '--vehicle-keys <path>',
+    "JSON file or directory of the vehicles' public update keys; with it " +
+      'only updates signed by their vehicle count; default ' +
+      'vehicleKeysPath of --config',
   )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
@@ -208,6 +220,8 @@ interface Flags {
   tlsCert?: string;
   tlsKey?: string;
   username?: string;
+  releaseSigningKey?: string;
+  vehicleKeys?: string;
   logLevel: string;
 }
 
@@ -254,6 +268,19 @@ function connectionOf(
   };
 }
 
+/** Key files from the flags, else from the --config file. */
+function signingOf(
+  flags: Flags,
+): Pick<AggregatorOptions, 'releaseSigningKeyPath' | 'vehicleKeysPath'> {
+  const config =
+    flags.config === undefined ? {} : readSigningConfig(flags.config);
+  return {
+    releaseSigningKeyPath:
+      flags.releaseSigningKey ?? config.releaseSigningKeyPath,
+    vehicleKeysPath: flags.vehicleKeys ?? config.vehicleKeysPath,
+  };
+}
+
 /** Loads the test split and takes the probe batch evenly spaced from it. */
 async function loadTestData(
   flags: Flags,
@@ -284,6 +311,7 @@ async function loadTestData(
 function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
   return {
     ...connectionOf(flags),
+    ...signingOf(flags),
     stateDir: flags.stateDir,
     baseWeightsPath: flags.baseWeights,
     trainableLayers: flags.trainableLayers

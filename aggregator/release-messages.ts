@@ -79,6 +79,7 @@ function noticeOf(
     chunkSizeBytes,
     chunkCount: chunkSha256.length,
     chunkSha256,
+    releaseSequence: 0,
   };
 }
 
@@ -123,11 +124,24 @@ export function encodeRelease(
   return { release, notice, chunks };
 }
 
-/** Size of the notice of a `sizeBytes` file at `maxMessageBytes`. */
+/**
+ * Maximum bytes that signing adds to a notice. The SignedRelease fields
+ * around the manifest take two-byte tags for fields 16-18, a length of
+ * up to 5 bytes, and the 64-byte signature and 16-digit key id with
+ * their one-byte lengths. The release sequence in the manifest takes a
+ * tag and a varint of at most 8 bytes below 2^53.
+ */
+export const SIGNED_NOTICE_OVERHEAD_BYTES = 2 + 5 + 2 + 1 + 64 + 2 + 1 + 16 + 9;
+
+/**
+ * Size of the notice of a `sizeBytes` file at `maxMessageBytes`, plus
+ * `extraBytes` (the signature's share when notices are signed).
+ */
 function noticeBytesAt(
   info: ReleaseInfo,
   sizeBytes: number,
   maxMessageBytes: number,
+  extraBytes: number,
 ): number {
   const chunkSizeBytes =
     maxMessageBytes - releaseChunkOverheadBytes(info.modelName);
@@ -140,18 +154,23 @@ function noticeBytesAt(
     new Array<string>(count).fill('0'.repeat(64)),
   );
   release.sizeBytes = sizeBytes;
-  return encodeModelRelease(release, Number.MAX_SAFE_INTEGER).byteLength;
+  const bytes = encodeModelRelease(release, Number.MAX_SAFE_INTEGER);
+  return bytes.byteLength + extraBytes;
 }
 
 /** Smallest maxMessageBytes whose release of a `sizeBytes` file fits. */
-function minimumMessageBytes(info: ReleaseInfo, sizeBytes: number): number {
+function minimumMessageBytes(
+  info: ReleaseInfo,
+  sizeBytes: number,
+  extraBytes: number,
+): number {
   const overhead = releaseChunkOverheadBytes(info.modelName);
-  const fits = (max: number): boolean =>
-    noticeBytesAt(info, sizeBytes, max) <= max;
+  const noticeBytes = (max: number): number =>
+    noticeBytesAt(info, sizeBytes, max, extraBytes);
+  const fits = (max: number): boolean => noticeBytes(max) <= max;
   // At `high` the file is one chunk and its notice fits, so `high` works.
   let low = overhead + 1;
-  let high =
-    sizeBytes + overhead + noticeBytesAt(info, sizeBytes, sizeBytes + overhead);
+  let high = sizeBytes + overhead + noticeBytes(sizeBytes + overhead);
   while (low < high) {
     const middle = Math.floor((low + high) / 2);
     if (fits(middle)) high = middle;
@@ -163,7 +182,9 @@ function minimumMessageBytes(info: ReleaseInfo, sizeBytes: number): number {
 /**
  * Checks that `maxMessageBytes` can carry the release of `onnx`. The
  * aggregator calls it at start, because every version of one
- * architecture has about the same file size.
+ * architecture has about the same file size. Pass
+ * SIGNED_NOTICE_OVERHEAD_BYTES as `extraNoticeBytes` when notices are
+ * signed.
  *
  * @throws {FleetError} INVALID_CONFIG naming maxMessageBytes, the chunk
  *   count, the notice size and the smallest value that works.
@@ -172,17 +193,23 @@ export function checkReleaseFits(
   info: ReleaseInfo,
   onnx: Uint8Array,
   maxMessageBytes: number,
+  extraNoticeBytes = 0,
 ): void {
   const chunkSizeBytes = chunkSizeFor(maxMessageBytes, info.modelName);
-  const noticeBytes = noticeBytesAt(info, onnx.byteLength, maxMessageBytes);
+  const noticeBytes = noticeBytesAt(
+    info,
+    onnx.byteLength,
+    maxMessageBytes,
+    extraNoticeBytes,
+  );
   if (noticeBytes <= maxMessageBytes) return;
   const count = Math.ceil(onnx.byteLength / chunkSizeBytes);
+  const minimum = minimumMessageBytes(info, onnx.byteLength, extraNoticeBytes);
   throw new FleetError(
     ErrorCode.InvalidConfig,
     `maxMessageBytes ${maxMessageBytes} is too small for releases of ` +
       `model ${info.modelName}: its ${onnx.byteLength}-byte file needs ` +
       `${count} chunks of ${chunkSizeBytes} bytes, and the notice listing ` +
-      `their digests takes ${noticeBytes} bytes; use at least ` +
-      `${minimumMessageBytes(info, onnx.byteLength)}`,
+      `their digests takes ${noticeBytes} bytes; use at least ${minimum}`,
   );
 }

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import type { FleetTopics, Logger } from '../protocol/index.ts';
 import type { StoredModel } from './model-store.ts';
 import { encodeRelease } from './release-messages.ts';
+import type { ReleaseSigner } from './release-signer.ts';
 import { writeFileAtomic } from './state.ts';
 
 /** Publishes one retained QoS 1 message; an empty payload clears it. */
@@ -23,6 +24,8 @@ export interface ReleasePublisherOptions {
   /** Maximum size of one notice or chunk message. */
   maxMessageBytes: number;
   log: Logger;
+  /** Signs every notice; without it notices go out unsigned. */
+  signer?: ReleaseSigner;
 }
 
 /** Sizes of one published release. */
@@ -31,6 +34,9 @@ export interface PublishedRelease {
   chunkCount: number;
   /** Bytes of every encoded chunk message together. */
   chunkBytes: number;
+  /** Sequence and key of a signed notice; undefined when unsigned. */
+  releaseSequence?: number;
+  keyId?: string;
 }
 
 /** A version whose chunk topics 0..chunkCount-1 may be retained. */
@@ -57,10 +63,11 @@ export class ReleasePublisher {
   }
 
   /**
-   * Publishes the chunks of `model`, then its notice, then clears the
-   * chunks of every version except this one and the previous one. The
-   * previous one is the latest version published before this one with a
-   * lower number, so after a rollback the withdrawn versions are cleared.
+   * Publishes the chunks of `model`, then its notice (signed when the
+   * options have a signer), then clears the chunks of every version
+   * except this one and the previous one. The previous one is the latest
+   * version published before this one with a lower number, so after a
+   * rollback the withdrawn versions are cleared.
    *
    * @throws {FleetError} PAYLOAD_TOO_LARGE when the notice does not fit.
    * @throws {Error} from the MQTT client when a publish fails.
@@ -94,10 +101,18 @@ export class ReleasePublisher {
       );
       this.#writeRecord([...others, { version, chunkCount }]);
     }
-    await publish(topics.release(), encoded.notice);
+    const signed = this.#options.signer?.sign(encoded.release, maxMessageBytes);
+    const notice = signed?.notice ?? encoded.notice;
+    await publish(topics.release(), notice);
 
     await this.#clearStale([...others, { version, chunkCount }], publish);
-    return { noticeBytes: encoded.notice.byteLength, chunkCount, chunkBytes };
+    return {
+      noticeBytes: notice.byteLength,
+      chunkCount,
+      chunkBytes,
+      releaseSequence: signed?.releaseSequence,
+      keyId: signed?.keyId,
+    };
   }
 
   /** Clears every version in `record` except the last and its predecessor. */

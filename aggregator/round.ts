@@ -36,6 +36,7 @@ export type FleetContext = Pick<
   | 'maxExamplesPerUpdate'
   | 'maxAbsDeltaValue'
   | 'earlierAccepted'
+  | 'vehicleKeys'
 >;
 
 /**

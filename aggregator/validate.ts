@@ -11,9 +11,11 @@ import {
   decodeTensorValues,
   isFleetError,
   type ModelUpdate,
+  type PublicKeySet,
   type WireTensor,
 } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
+import { checkSigner, openUpdatePayload } from './update-signature.ts';
 
 /** Round state that an update is validated against. */
 export interface RoundContext {
@@ -43,6 +45,11 @@ export interface RoundContext {
   /** Shape of each tensor an update must carry, by name. */
   trainableShapes: ReadonlyMap<string, readonly number[]>;
   maxMessageBytes: number;
+  /**
+   * Public update-signing keys of the vehicles. When set, every update
+   * must be signed with the key of the vehicle it names.
+   */
+  vehicleKeys?: PublicKeySet;
 }
 
 /** An update that passed every check. */
@@ -74,8 +81,10 @@ function reject(
 /**
  * Decides whether the update `payload`, received on the update topic of
  * `topicVehicleId`, counts in the open round. Checks run in a fixed order
- * (size, decoding, sender, round, selection, model, duplicates, example
- * count, tensors) and the first failure decides the reason code.
+ * (size, envelope, signature when vehicle keys are set, decoding, signer,
+ * sender, round, selection, model, duplicates, example count, tensors) and
+ * the first failure decides the reason code. The signature comes before
+ * decoding, so the aggregator parses no unauthenticated update.
  */
 export function validateUpdate(
   topicVehicleId: string,
@@ -89,15 +98,22 @@ export function validateUpdate(
         `${context.maxMessageBytes} bytes`,
     );
   }
+  const opened = openUpdatePayload(
+    topicVehicleId,
+    payload,
+    context.vehicleKeys,
+  );
+  if ('accepted' in opened) return opened;
   let update: ModelUpdate;
   try {
-    update = decodeModelUpdate(payload);
+    update = decodeModelUpdate(opened.updateBytes);
   } catch (err) {
     if (!isFleetError(err)) throw err;
     return reject(err.code, err.message);
   }
 
   const problem =
+    checkSigner(opened, update) ??
     checkSender(topicVehicleId, update) ??
     checkRound(update, context) ??
     checkModel(update, context) ??

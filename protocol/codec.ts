@@ -6,6 +6,7 @@ import type {
   ModelWeights,
   ReleaseChunk,
   RoundTask,
+  SignedEnvelope,
   UpdateAck,
   VehicleStatus,
 } from './messages.ts';
@@ -234,6 +235,10 @@ export function decodeModelRelease(bytes: Uint8Array): ModelRelease {
   object.sizeBytes = toSafeInteger('sizeBytes', object.sizeBytes);
   object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
   object.numExamples = toSafeInteger('numExamples', object.numExamples);
+  object.releaseSequence = toSafeInteger(
+    'releaseSequence',
+    object.releaseSequence,
+  );
   const release = object as unknown as ModelRelease;
   checkChunkPlan(release);
   return release;
@@ -305,4 +310,109 @@ export function decodeModelWeights(bytes: Uint8Array): ModelWeights {
   const object = decodeWith(schema.ModelWeights, bytes);
   requireText('ModelWeights', object, ['modelName']);
   return object as unknown as ModelWeights;
+}
+
+/** Length of an Ed25519 signature in bytes. */
+export const ED25519_SIGNATURE_BYTES = 64;
+
+function encodeEnvelope(
+  type: protobuf.Type,
+  field: 'manifest' | 'update',
+  envelope: SignedEnvelope,
+  maxBytes: number,
+): Uint8Array {
+  const message = {
+    [field]: envelope.signedBytes,
+    signature: envelope.signature,
+    keyId: envelope.keyId,
+  };
+  return encodeWith(type, message, maxBytes);
+}
+
+/**
+ * Decodes an envelope, or returns undefined when the payload carries none
+ * of its fields, as a bare inner message does: the envelope's field
+ * numbers are reserved in the inner message.
+ */
+function decodeEnvelope(
+  type: protobuf.Type,
+  field: 'manifest' | 'update',
+  bytes: Uint8Array,
+): SignedEnvelope | undefined {
+  const object = decodeWith(type, bytes);
+  const signedBytes = object[field] as Uint8Array;
+  const signature = object.signature as Uint8Array;
+  const keyId = object.keyId as string;
+  const isEmpty =
+    signedBytes.length === 0 && signature.length === 0 && keyId === '';
+  if (isEmpty) return undefined;
+  if (
+    signedBytes.length === 0 ||
+    keyId.length === 0 ||
+    signature.length !== ED25519_SIGNATURE_BYTES
+  ) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `${type.name} has a ${signedBytes.length}-byte ${field}, a ` +
+        `${signature.length}-byte signature and key id "${keyId}"; ` +
+        `expected a non-empty ${field}, a ${ED25519_SIGNATURE_BYTES}-byte ` +
+        'signature and a key id',
+    );
+  }
+  return { signedBytes, signature, keyId };
+}
+
+/** Encodes a SignedRelease; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
+export function encodeSignedRelease(
+  envelope: SignedEnvelope,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeEnvelope(schema.SignedRelease, 'manifest', envelope, maxBytes);
+}
+
+/**
+ * Decodes the SignedRelease on the release topic. Returns undefined for a
+ * bare ModelRelease, which carries none of the envelope's fields. The
+ * signature is not checked here.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes or an envelope with
+ *   a field missing.
+ */
+export function decodeSignedRelease(
+  bytes: Uint8Array,
+): SignedEnvelope | undefined {
+  return decodeEnvelope(schema.SignedRelease, 'manifest', bytes);
+}
+
+/** Encodes a SignedUpdate; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
+export function encodeSignedUpdate(
+  envelope: SignedEnvelope,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeEnvelope(schema.SignedUpdate, 'update', envelope, maxBytes);
+}
+
+/**
+ * Decodes the SignedUpdate on an update topic. Returns undefined for a
+ * bare ModelUpdate. The signature is not checked here.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes or an envelope with
+ *   a field missing.
+ */
+export function decodeSignedUpdate(
+  bytes: Uint8Array,
+): SignedEnvelope | undefined {
+  return decodeEnvelope(schema.SignedUpdate, 'update', bytes);
+}
+
+/**
+ * Decodes the ModelUpdate of an update payload, bare or signed, without
+ * checking a signature: for the vehicle's own outbox and for tools that
+ * inspect traffic.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes.
+ */
+export function decodeUpdatePayload(bytes: Uint8Array): ModelUpdate {
+  const envelope = decodeSignedUpdate(bytes);
+  return decodeModelUpdate(envelope?.signedBytes ?? bytes);
 }

@@ -83,6 +83,24 @@ export interface ModelRelease {
   chunkCount: number;
   /** Hex SHA-256 of each chunk's data, by chunk index. */
   chunkSha256: string[];
+  /**
+   * Publication counter of signed notices, growing with every publication
+   * (rollbacks too); 0 or absent in unsigned notices. Decoded notices
+   * always carry it.
+   */
+  releaseSequence?: number;
+}
+
+/**
+ * A signed message as it travels: the encoded inner message (a
+ * ModelRelease or a ModelUpdate), its Ed25519 signature and the id of the
+ * key that made it.
+ */
+export interface SignedEnvelope {
+  /** The encoded inner message, exactly as signed. */
+  signedBytes: Uint8Array;
+  signature: Uint8Array;
+  keyId: string;
 }
 
 /** One part of a released ONNX file. */

@@ -20,6 +20,8 @@ export const schema = {
   ModelUpdate: lookup('ModelUpdate'),
   UpdateAck: lookup('UpdateAck'),
   ModelRelease: lookup('ModelRelease'),
+  SignedRelease: lookup('SignedRelease'),
+  SignedUpdate: lookup('SignedUpdate'),
   ReleaseChunk: lookup('ReleaseChunk'),
   VehicleStatus: lookup('VehicleStatus'),
   ModelWeights: lookup('ModelWeights'),

@@ -1,8 +1,10 @@
 /**
  * Fleet provisioning: `npm run provision -- <command>`. Creates the fleet
  * CA, issues broker, aggregator and vehicle certificates with their client
- * configurations, revokes certificates, and adds development password
- * users. Run `npm run provision -- --help` for the commands.
+ * configurations, creates and rotates the Ed25519 release-signing keys
+ * and the vehicles' update-signing keys, revokes certificates, and adds
+ * development password users. Run `npm run provision -- --help` for the
+ * commands.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -12,7 +14,15 @@ import { isFleetError, type FleetIdentity } from '../protocol/index.ts';
 import { parseIntegerAtLeast } from '../protocol/cli-arguments.ts';
 import {
   REVOCATION_REASONS,
+  activateReleaseKey,
   authorityPaths,
+  initReleaseSigning,
+  readReleaseKeyList,
+  releaseKeyPath,
+  removeVehicleKey,
+  retireReleaseKey,
+  rotateReleaseKey,
+  signingPaths,
   initAuthority,
   issueAggregator,
   issueBroker,
@@ -33,6 +43,12 @@ function printIssued(what: string, files: IssuedFiles): void {
   console.log(`  certificate  ${files.certificatePath}`);
   console.log(`  private key  ${files.privateKeyPath} (mode 0600)`);
   console.log(`  CA copy      ${files.caPath}`);
+  if (files.updateSigningKeyPath !== undefined) {
+    console.log(
+      `  update key   ${files.updateSigningKeyPath} (mode 0600, key id ` +
+        `${files.updateKeyId})`,
+    );
+  }
   if (files.configPath !== undefined) {
     console.log(`  config       ${files.configPath}`);
   }
@@ -55,6 +71,12 @@ function fleetIdOfFolder(dir: string): string | undefined {
   if (!existsSync(file)) return undefined;
   return (JSON.parse(readFileSync(file, 'utf8')) as { fleetId: string })
     .fleetId;
+}
+
+function printReleaseKey(what: string, dir: string, keyId: string): void {
+  console.log(`${what} ${keyId}`);
+  console.log(`  private key  ${releaseKeyPath(dir, keyId)} (mode 0600)`);
+  console.log(`  trusted list ${signingPaths(dir).releaseKeyList}`);
 }
 
 const program = new Command('provision')
@@ -95,6 +117,68 @@ program
     console.log(`  certificate  ${paths.certificate}`);
     console.log(`  private key  ${paths.privateKey} (mode 0600)`);
     console.log(`  CRL          ${paths.crl}`);
+    printReleaseKey(
+      'created release-signing key',
+      dir,
+      initReleaseSigning(dir),
+    );
+  });
+
+program
+  .command('init-signing')
+  .description(
+    'Create the fleet release-signing key (Ed25519, mode 0600) in a ' +
+      'folder whose CA was made before signing existed.',
+  )
+  .action((_flags, command: Command) => {
+    const dir = dirOf(command);
+    printReleaseKey(
+      'created release-signing key',
+      dir,
+      initReleaseSigning(dir),
+    );
+  });
+
+program
+  .command('rotate-release-key')
+  .description(
+    'Step 1 of a key rotation: add a new release key to the trusted list ' +
+      'and to every vehicle folder. The aggregator keeps the old key.',
+  )
+  .action((_flags, command: Command) => {
+    const dir = dirOf(command);
+    printReleaseKey('added release-signing key', dir, rotateReleaseKey(dir));
+    console.log(
+      'next: copy trusted-release-keys.json to every vehicle and restart ' +
+        'its agent, then run activate-release-key',
+    );
+  });
+
+program
+  .command('activate-release-key')
+  .description(
+    'Step 2: make the aggregator sign with this key (rewrites ' +
+      'aggregator.json); restart the aggregator afterwards.',
+  )
+  .requiredOption('--key-id <id>', 'key id from rotate-release-key or list')
+  .action((flags, command: Command) => {
+    activateReleaseKey(dirOf(command), flags.keyId);
+    console.log(`release key ${flags.keyId} is active; restart the aggregator`);
+  });
+
+program
+  .command('retire-release-key')
+  .description(
+    'Step 3: remove an old release key from the trusted list and every ' +
+      'vehicle folder, and delete its private key.',
+  )
+  .requiredOption('--key-id <id>', 'key id of the old key')
+  .action((flags, command: Command) => {
+    retireReleaseKey(dirOf(command), flags.keyId);
+    console.log(
+      `release key ${flags.keyId} retired; copy trusted-release-keys.json ` +
+        'to every vehicle again',
+    );
   });
 
 program
@@ -185,6 +269,12 @@ program
       );
     }
     console.log(`wrote ${authorityPaths(authority.dir).crl}`);
+    if (flags.id !== undefined && removeVehicleKey(authority.dir, flags.id)) {
+      console.log(
+        `removed the update key of vehicle ${flags.id}; restart the ` +
+          'aggregator to stop taking its updates',
+      );
+    }
   });
 
 program
@@ -205,6 +295,11 @@ program
   .action(async (_flags, command: Command) => {
     const authority = await loadAuthority(dirOf(command));
     console.log(`fleet ${authority.state.fleetId}`);
+    const keys = readReleaseKeyList(authority.dir);
+    for (const entry of keys?.keys ?? []) {
+      const active = entry.keyId === keys?.activeKeyId ? ' (active)' : '';
+      console.log(`release key ${entry.keyId}${active}`);
+    }
     for (const entry of authority.state.certificates) {
       const status = entry.revokedAt === undefined ? 'valid until' : 'revoked';
       const when = entry.revokedAt ?? entry.notAfter;

@@ -149,6 +149,11 @@ const program = new Command('simulate')
     'JSON list of track ids kept from the vehicles (default: models/base/depot-tracks.json)',
   )
   .option('--no-centralized', 'skip the centralized baseline')
+  .option(
+    '--secure',
+    'provision a temporary PKI and run with mutual TLS, the broker ACL, ' +
+      'signed releases and signed updates (not with --faults)',
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level of the processes')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -184,6 +189,7 @@ const options: SimulationOptions = {
   centralized: flags.centralized,
   faults,
   faultRate: flags.faultRate,
+  secure: flags.secure === true,
   baseWeightsPath: flags.baseWeights,
   depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 
 import { validateUpdate, type RoundContext } from '../aggregator/validate.ts';
 import { MODEL_NAME } from '../models/architecture.ts';
@@ -8,7 +8,14 @@ import {
   ErrorCode,
   encodeFloat32Tensor,
   encodeModelUpdate,
+  encodeSignedUpdate,
+  readPublicKeys,
 } from '../protocol/index.ts';
+import {
+  createKeyFolder,
+  type KeyFolder,
+  type TestKey,
+} from './signing-fixtures.ts';
 
 const SHAPES = new Map<string, number[]>([
   ['dense2/kernel', [128, 43]],
@@ -34,12 +41,16 @@ const context: RoundContext = {
 };
 
 function validPayload(): Uint8Array {
+  return encodeModelUpdate(validUpdate());
+}
+
+function validUpdate() {
   const deltas = [...SHAPES].map(([name, shape]) => {
     const values = new Float32Array(shape.reduce((a, b) => a * b, 1));
     values.fill(0.25);
     return encodeFloat32Tensor(name, shape, values);
   });
-  return encodeModelUpdate({
+  return {
     updateId: 'u-1',
     vehicleId: 'veh-1',
     modelName: MODEL_NAME,
@@ -54,7 +65,7 @@ function validPayload(): Uint8Array {
       backend: 'cpu',
     },
     createdAtMs: 1,
-  });
+  };
 }
 
 /**
@@ -123,6 +134,76 @@ describe('ingress fuzzing', () => {
           KNOWN_CODES.has(decision.code),
           `unknown code ${decision.code}`,
         );
+        rejected += 1;
+      }
+    }
+
+    assert.ok(rejected > PAYLOADS_PER_KIND / 2, `only ${rejected} rejected`);
+  });
+});
+
+describe('ingress fuzzing with signing', () => {
+  let keys: KeyFolder;
+  let vehicleKey: TestKey;
+  let signedContext: RoundContext;
+
+  before(() => {
+    keys = createKeyFolder();
+    vehicleKey = keys.createKey('veh-1');
+    keys.writePublicKeys('veh-1.json', [vehicleKey], 'veh-1');
+    signedContext = { ...context, vehicleKeys: readPublicKeys(keys.dir) };
+  });
+
+  after(() => keys.remove());
+
+  test('mutated signed payloads all rejected', () => {
+    const random = createRandom(13);
+    const signed = encodeSignedUpdate(
+      vehicleKey.signer.envelope('update', validPayload()),
+    );
+    const codes = new Map<string, number>();
+
+    for (let i = 0; i < PAYLOADS_PER_KIND; i++) {
+      const mutated = mutate(signed, random);
+      const decision = validateUpdate('veh-1', mutated, signedContext);
+
+      // Every byte of the envelope is signed, framing or the key id, so no
+      // edit may pass. An edit that leaves the payload unchanged is skipped.
+      if (Buffer.compare(mutated, signed) === 0) continue;
+      assert.equal(decision.accepted, false, `mutated payload ${i} accepted`);
+      if (!decision.accepted) {
+        assert.ok(KNOWN_CODES.has(decision.code), `code ${decision.code}`);
+        codes.set(decision.code, (codes.get(decision.code) ?? 0) + 1);
+      }
+    }
+
+    assert.ok((codes.get(ErrorCode.InvalidSignature) ?? 0) > 0);
+    assert.ok((codes.get(ErrorCode.MalformedPayload) ?? 0) > 0);
+  });
+
+  test('mutated updates signed genuinely checked', () => {
+    const random = createRandom(14);
+    const valid = validPayload();
+    let rejected = 0;
+
+    for (let i = 0; i < PAYLOADS_PER_KIND; i++) {
+      // The vehicle's own key signs malformed content: the checks behind
+      // the signature must still hold.
+      const payload = encodeSignedUpdate(
+        vehicleKey.signer.envelope('update', mutate(valid, random)),
+      );
+      const decision = validateUpdate('veh-1', payload, signedContext);
+
+      if (decision.accepted) {
+        for (const values of decision.deltas.values()) {
+          for (const value of values) {
+            assert.ok(Number.isFinite(value), `payload ${i} value ${value}`);
+            assert.ok(Math.abs(value) <= 10, `payload ${i} value ${value}`);
+          }
+        }
+      } else {
+        assert.ok(KNOWN_CODES.has(decision.code), `code ${decision.code}`);
+        assert.notEqual(decision.code, ErrorCode.InvalidSignature);
         rejected += 1;
       }
     }

@@ -138,6 +138,25 @@ describe('simulate bad input', () => {
     assert.match(result.stderr, /--min-updates 3/);
   });
 
+  it('unwritable report path rejected first', () => {
+    const report = path.join(workDir, 'no-such-dir', 'r.json');
+
+    const result = runSimulate(['--data', DATA_DIR, '--report', report]);
+
+    assert.equal(result.status, 1);
+    assert.match(result.stderr, /--report .*no-such-dir.* does not exist/);
+    assert.doesNotMatch(result.stderr, /training the centralized/);
+  });
+
+  it('state dir that is a file rejected', () => {
+    const file = path.join(REPO_ROOT, 'README.md');
+
+    const result = runSimulate(['--data', DATA_DIR, '--state-dir', file]);
+
+    assert.equal(result.status, 1);
+    assert.match(result.stderr, /--state-dir .*README\.md is a file/);
+  });
+
   it('non-numeric vehicle count is rejected', () => {
     const result = runSimulate(['--vehicles', 'many']);
 

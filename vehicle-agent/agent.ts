@@ -16,7 +16,6 @@ import {
   FleetTopics,
   VehicleState,
   createLogger,
-  decodeModelRelease,
   decodeRoundTask,
   decodeUpdateAck,
   encodeVehicleStatus,
@@ -43,6 +42,7 @@ import {
   type VehicleAgentOptions,
 } from './options.ts';
 import { ReleaseHandler } from './release-handler.ts';
+import { ReleaseVerifier, claimedVersionOf } from './release-verifier.ts';
 import {
   ReleaseDownloader,
   createDownloadCounters,
@@ -87,6 +87,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private state: 'idle' | 'starting' | 'running' | 'stopped' = 'idle';
   private starting: Promise<void> | undefined;
   private readonly releases: ReleaseHandler;
+  private readonly releaseVerifier: ReleaseVerifier;
   private readonly outbox: Outbox;
 
   /**
@@ -106,6 +107,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     });
     this.deployment = new ModelDeployment(this.options.stateDir, this.log);
     this.outbox = new Outbox(this.options.stateDir, this.log);
+    this.releaseVerifier = new ReleaseVerifier({
+      stateDir: this.options.stateDir,
+      trustedKeys: this.options.trustedReleaseKeys,
+      log: this.log,
+    });
     this.releases = new ReleaseHandler({
       deployment: this.deployment,
       downloads: new ReleaseDownloader({
@@ -149,6 +155,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       ...this.stats,
       outboxPending: this.outbox.pendingCount,
       acksRejected: { ...this.stats.acksRejected },
+      releasesRejectedByCode: { ...this.stats.releasesRejectedByCode },
       featureCacheHits: this.featureCache.hits,
       featureCacheMisses: this.featureCache.misses,
     };
@@ -253,6 +260,9 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         backend: this.trainingBackend,
         modelVersion: this.deployedVersion,
         outboxPending: this.outbox.pendingCount,
+        signsUpdates: this.options.updateSigningKey !== undefined,
+        updateKeyId: this.options.updateSigningKey?.keyId,
+        trustedReleaseKeys: this.options.trustedReleaseKeys?.size ?? 0,
         durationMs: Date.now() - started,
       },
       'agent started',
@@ -436,6 +446,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       featureCache: this.featureCache,
       baseSeed: this.options.seed,
       maxMessageBytes: this.options.maxMessageBytes,
+      signingKey: this.options.updateSigningKey,
       log: this.log,
       finishedRounds: new FinishedRounds(
         path.join(this.options.stateDir, FINISHED_ROUNDS_FILE),
@@ -493,15 +504,20 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     );
   }
 
+  /**
+   * Checks the notice (signature, key and sequence when release keys are
+   * trusted) and offers it. A rejected notice is counted and logged, and
+   * the model in service stays.
+   */
   private handleRelease(payload: Buffer): void {
     let release: ModelRelease;
     try {
-      release = decodeModelRelease(payload);
+      release = this.releaseVerifier.open(payload);
     } catch (err) {
       if (isFleetError(err, ErrorCode.MalformedPayload)) {
         this.stats.malformedMessages += 1;
       }
-      this.releases.reject(err, -1);
+      this.releases.reject(err, claimedVersionOf(payload));
       return;
     }
     this.releases.offer(release);

@@ -82,6 +82,11 @@ export interface AgentCounters {
   acksRejected: Record<string, number>;
   releasesDeployed: number;
   releasesRejected: number;
+  /**
+   * Rejected releases by reason code, for example INVALID_SIGNATURE or
+   * RELEASE_REPLAYED for rejected notices, DIGEST_MISMATCH for bad files.
+   */
+  releasesRejectedByCode: Record<string, number>;
   /** Payloads that failed to decode, on any subscribed topic. */
   malformedMessages: number;
   /** Rounds whose features came from the cache. */
@@ -102,6 +107,7 @@ export function createCounters(): AgentCounters {
     acksRejected: {},
     releasesDeployed: 0,
     releasesRejected: 0,
+    releasesRejectedByCode: {},
     malformedMessages: 0,
     featureCacheHits: 0,
     featureCacheMisses: 0,

@@ -14,6 +14,12 @@ export { Outbox } from './outbox.ts';
 export type { OutboxEntry } from './outbox.ts';
 export { ModelDeployment, verifyRelease } from './deployment.ts';
 export type { DownloadCounters } from './release-download.ts';
+export {
+  RELEASE_SEQUENCE_FILE,
+  ReleaseVerifier,
+  claimedVersionOf,
+} from './release-verifier.ts';
+export type { ReleaseVerifierOptions } from './release-verifier.ts';
 export type { DeployedModel } from './deployment.ts';
 export { FeatureCache, hashFrozenPrefix } from './feature-cache.ts';
 export { readDeployedModel } from './model-files.ts';

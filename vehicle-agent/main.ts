@@ -12,6 +12,7 @@ import {
   createLogger,
   isFleetError,
   readClientConfig,
+  readSigningConfig,
   type ClientTlsFiles,
 } from '../protocol/index.ts';
 import { VehicleAgent } from './agent.ts';
@@ -56,6 +57,8 @@ interface RunFlags {
   tlsCert?: string;
   tlsKey?: string;
   username?: string;
+  updateSigningKey?: string;
+  trustedReleaseKeys?: string;
   data?: string;
   dataLimit?: number;
   stateDir?: string;
@@ -106,6 +109,20 @@ function resolveConnectionFlags(flags: RunFlags): ConnectionFlags {
   };
 }
 
+/** Key files from the flags, else from the --config file. */
+function resolveSigningFlags(flags: RunFlags): {
+  updateSigningKeyPath?: string;
+  trustedReleaseKeysPath?: string;
+} {
+  const config =
+    flags.config === undefined ? {} : readSigningConfig(flags.config);
+  return {
+    updateSigningKeyPath: flags.updateSigningKey ?? config.updateSigningKeyPath,
+    trustedReleaseKeysPath:
+      flags.trustedReleaseKeys ?? config.trustedReleaseKeysPath,
+  };
+}
+
 async function runAgent(flags: RunFlags): Promise<void> {
   const log = createLogger({ level: flags.logLevel, name: 'vehicle-agent' });
   let agent: VehicleAgent;
@@ -116,6 +133,7 @@ async function runAgent(flags: RunFlags): Promise<void> {
       fleetId: connection.fleetId,
       brokerUrl: connection.brokerUrl,
       tls: connection.tls,
+      ...resolveSigningFlags(flags),
       username: flags.username,
       password:
         flags.username === undefined ? undefined : process.env[PASSWORD_ENV],
@@ -243,6 +261,16 @@ program
   .option(
     '--username <name>',
     `MQTT username; the password comes from $${PASSWORD_ENV}`,
+  )
+  .option(
+    '--update-signing-key <file>',
+    "this vehicle's Ed25519 private key (PEM, mode 0600) that signs its " +
+      'updates; default updateSigningKeyPath of --config, else unsigned',
+  )
+  .option(
+    '--trusted-release-keys <file>',
+    "JSON file of the fleet's release keys; with it only signed releases " +
+      'are deployed; default trustedReleaseKeysPath of --config',
   )
   .option(
     '--data <dir>',

@@ -1,13 +1,19 @@
 import type { LabelledImages } from '../models/index.ts';
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
+  ErrorCode,
+  FleetError,
   assertCertificateIdentity,
   assertTopicLevel,
   isTlsBrokerUrl,
   loadClientTls,
+  loadSigningKey,
+  readPublicKeys,
   type BrokerClientSecurity,
   type ClientTlsFiles,
   type Logger,
+  type PublicKeySet,
+  type SigningKey,
 } from '../protocol/index.ts';
 
 /** Options of a VehicleAgent. Give exactly one of `dataDir` and `frames`. */
@@ -42,6 +48,19 @@ export interface VehicleAgentOptions {
   username?: string;
   /** MQTT password that goes with `username`; never logged. */
   password?: string;
+  /**
+   * This vehicle's Ed25519 private key (PKCS#8 PEM, mode 0600 or
+   * stricter); every update is sent signed with it. Without it updates go
+   * out unsigned. Read when the agent is constructed.
+   */
+  updateSigningKeyPath?: string;
+  /**
+   * JSON file of the fleet's trusted release keys. With it the agent
+   * deploys only releases signed with one of them. Without it (a
+   * development fleet) it also accepts unsigned releases and checks no
+   * signature. Read when the agent is constructed.
+   */
+  trustedReleaseKeysPath?: string;
   /** Parent logger; the agent takes a child with component "agent". */
   log?: Logger;
 }
@@ -60,6 +79,10 @@ export interface ResolvedAgentOptions {
   seed: number;
   /** Credentials of the broker connection; undefined for none. */
   security: BrokerClientSecurity | undefined;
+  /** Key that signs updates; undefined sends them unsigned. */
+  updateSigningKey: SigningKey | undefined;
+  /** Trusted release keys; undefined accepts unsigned releases. */
+  trustedReleaseKeys: PublicKeySet | undefined;
 }
 
 const BROKER_PROTOCOLS = ['mqtt:', 'mqtts:', 'tcp:', 'tls:', 'ws:', 'wss:'];
@@ -169,16 +192,32 @@ function resolveSecurity(
   return { tls: material, username, password };
 }
 
+/** Reads the trusted release keys; the file must list at least one. */
+function readTrustedReleaseKeys(keysPath: string): PublicKeySet {
+  const keys = readPublicKeys(
+    requireString('trustedReleaseKeysPath', keysPath),
+  );
+  if (keys.size === 0) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `option trustedReleaseKeysPath names ${keysPath}, which lists no ` +
+        'key; every release would be rejected',
+    );
+  }
+  return keys;
+}
+
 /**
  * Checks the options of a VehicleAgent, applies defaults and reads the TLS
- * files.
+ * and signing key files.
  *
  * @throws {TypeError} for a missing or wrongly typed option.
  * @throws {RangeError} for an id that is not one topic level, a value out
  *   of range, or TLS files with a broker URL that is not TLS.
- * @throws {FleetError} INVALID_CONFIG for a TLS file that cannot be read,
- *   a private key file that its group or others can read, or a
- *   certificate issued for another vehicle or fleet.
+ * @throws {FleetError} INVALID_CONFIG for a TLS or key file that cannot
+ *   be read, a private key file that its group or others can read, a
+ *   certificate issued for another vehicle or fleet, a key that is not
+ *   Ed25519, or a trusted release key file that lists no key.
  */
 export function resolveAgentOptions(
   options: VehicleAgentOptions,
@@ -224,5 +263,15 @@ export function resolveAgentOptions(
     )!,
     seed,
     security: resolveSecurity(options, brokerUrl),
+    updateSigningKey:
+      options.updateSigningKeyPath === undefined
+        ? undefined
+        : loadSigningKey(
+            requireString('updateSigningKeyPath', options.updateSigningKeyPath),
+          ),
+    trustedReleaseKeys:
+      options.trustedReleaseKeysPath === undefined
+        ? undefined
+        : readTrustedReleaseKeys(options.trustedReleaseKeysPath),
   };
 }

@@ -13,7 +13,7 @@ import {
   stat,
 } from 'node:fs/promises';
 import path from 'node:path';
-import { decodeModelUpdate, type Logger } from '../protocol/index.ts';
+import { decodeUpdatePayload, type Logger } from '../protocol/index.ts';
 
 /** File name suffix of an outbox entry. */
 const ENTRY_SUFFIX = '.pb';
@@ -145,7 +145,7 @@ export class Outbox {
       throw err;
     }
     try {
-      const update = decodeModelUpdate(payload);
+      const update = decodeUpdatePayload(payload);
       if (update.updateId !== updateId) {
         throw new Error(
           `entry file is named for update ${updateId} but contains update ${update.updateId}`,

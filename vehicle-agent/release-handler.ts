@@ -118,7 +118,10 @@ export class ReleaseHandler {
   /** Counts, logs and reports a release that was not deployed. */
   reject(err: unknown, version: number): void {
     const code = isFleetError(err) ? err.code : 'UNKNOWN';
-    this.options.stats.releasesRejected += 1;
+    const { stats } = this.options;
+    stats.releasesRejected += 1;
+    stats.releasesRejectedByCode[code] =
+      (stats.releasesRejectedByCode[code] ?? 0) + 1;
     this.options.log.warn(
       { err, modelVersion: version, code },
       'release rejected',

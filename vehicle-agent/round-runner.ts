@@ -12,6 +12,7 @@ import {
   isFleetError,
   type Logger,
   type RoundTask,
+  type SigningKey,
 } from '../protocol/index.ts';
 import type { DeployedModel } from './deployment.ts';
 import type { AgentEvents } from './events.ts';
@@ -31,6 +32,8 @@ export interface RoundRunnerOptions {
   featureCache: FeatureCache;
   baseSeed: number;
   maxMessageBytes: number;
+  /** Signs every update; undefined sends them unsigned. */
+  signingKey?: SigningKey;
   log: Logger;
   /**
    * Resolves with the task's model once deployed, or undefined when it
@@ -253,6 +256,7 @@ export class RoundRunner {
       baseSeed: this.options.baseSeed,
       backend: this.options.backend,
       maxMessageBytes: this.options.maxMessageBytes,
+      signingKey: this.options.signingKey,
       signal: this.stopAbort.signal,
     });
     if (this.stopped) return false;

@@ -17,8 +17,10 @@ import {
   FleetError,
   encodeFloat32Tensor,
   encodeModelUpdate,
+  encodeSignedUpdate,
   type ModelUpdate,
   type RoundTask,
+  type SigningKey,
   type TrainingConfig,
 } from '../protocol/index.ts';
 import type { DeployedModel } from './deployment.ts';
@@ -94,6 +96,8 @@ export interface RoundTrainingInput {
   baseSeed: number;
   backend: TrainingBackend;
   maxMessageBytes: number;
+  /** Signs the update; undefined sends it unsigned. */
+  signingKey?: SigningKey;
   /** Aborts training after the current step; the call then rejects. */
   signal?: AbortSignal;
 }
@@ -156,8 +160,30 @@ export async function trainForRound(
   });
 
   const update = buildModelUpdate(input, result);
-  const payload = encodeModelUpdate(update, input.maxMessageBytes);
+  const payload = encodeUpdatePayload(
+    update,
+    input.maxMessageBytes,
+    input.signingKey,
+  );
   return { update, payload, result, fromLayer };
+}
+
+/**
+ * Encodes `update` for the update topic: inside a SignedUpdate when
+ * `signingKey` is given, else bare.
+ *
+ * @throws {FleetError} PAYLOAD_TOO_LARGE when the payload exceeds
+ *   `maxMessageBytes`.
+ */
+export function encodeUpdatePayload(
+  update: ModelUpdate,
+  maxMessageBytes: number,
+  signingKey?: SigningKey,
+): Uint8Array {
+  const bytes = encodeModelUpdate(update, maxMessageBytes);
+  if (signingKey === undefined) return bytes;
+  const envelope = signingKey.envelope('update', bytes);
+  return encodeSignedUpdate(envelope, maxMessageBytes);
 }
 
 /**

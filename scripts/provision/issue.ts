@@ -22,6 +22,7 @@ import {
   writePrivateKey,
   writePublicFile,
 } from './files.ts';
+import { aggregatorSigningFields, provisionVehicleSigning } from './signing.ts';
 import { SIGNING_ALGORITHM, x509 } from './x509.ts';
 
 /** Files written for one certificate. */
@@ -34,6 +35,10 @@ export interface IssuedFiles {
   /** Client configuration; not written for the broker. */
   configPath?: string;
   serial: string;
+  /** A vehicle's update-signing key (mode 0600); vehicles only. */
+  updateSigningKeyPath?: string;
+  /** Key id of `updateSigningKeyPath`. */
+  updateKeyId?: string;
 }
 
 interface LeafRequest {
@@ -145,11 +150,17 @@ function relativeConfig(
   return `${JSON.stringify(config, null, 2)}\n`;
 }
 
+/**
+ * Issues a client certificate and writes its configuration. `signing`
+ * creates the signing files in the new folder and returns their
+ * configuration fields, relative to the folder.
+ */
 async function issueClient(
   authority: FleetAuthority,
   identity: FleetIdentity,
   options: { brokerUrl: string; validityDays?: number },
   layout: { folder: string; fileStem: string; configName: string },
+  signing: (files: IssuedFiles) => Record<string, string>,
 ): Promise<IssuedFiles> {
   const files = await issueLeaf(authority, {
     role: identity.role,
@@ -166,6 +177,7 @@ async function issueClient(
     fleetId: identity.fleetId,
   };
   if (identity.vehicleId !== undefined) fields.vehicleId = identity.vehicleId;
+  Object.assign(fields, signing(files));
   files.configPath = path.join(layout.folder, layout.configName);
   writePublicFile(files.configPath, relativeConfig(files, fields));
   return files;
@@ -174,7 +186,9 @@ async function issueClient(
 /**
  * Issues the aggregator's client certificate
  * (`urn:fleetlearn:<fleet>:aggregator`) and its configuration
- * `aggregator.json` into `dir/aggregator`.
+ * `aggregator.json` into `dir/aggregator`. The configuration names the
+ * vehicle key folder and, when the folder has release keys, the active
+ * release key.
  */
 export async function issueAggregator(
   authority: FleetAuthority,
@@ -184,17 +198,26 @@ export async function issueAggregator(
     role: 'aggregator',
     fleetId: authority.state.fleetId,
   };
-  return issueClient(authority, identity, options, {
-    folder: path.join(authority.dir, 'aggregator'),
-    fileStem: 'aggregator',
-    configName: 'aggregator.json',
-  });
+  return issueClient(
+    authority,
+    identity,
+    options,
+    {
+      folder: path.join(authority.dir, 'aggregator'),
+      fileStem: 'aggregator',
+      configName: 'aggregator.json',
+    },
+    (files) => aggregatorSigningFields(authority.dir, files.folder),
+  );
 }
 
 /**
  * Issues a vehicle's client certificate
- * (`urn:fleetlearn:<fleet>:vehicle:<id>`) and the agent configuration
- * `agent.json` into `dir/vehicles/<id>`, a folder to copy to the vehicle.
+ * (`urn:fleetlearn:<fleet>:vehicle:<id>`), its update-signing key, and the
+ * agent configuration `agent.json` into `dir/vehicles/<id>`, a folder to
+ * copy to the vehicle. The key's public half is registered where the
+ * aggregator reads vehicle keys, replacing an earlier one, and the folder
+ * gets the fleet's trusted release keys when there are any.
  *
  * @throws {RangeError} for a vehicle id that is not one topic level, or
  *   is "." or "..".
@@ -214,9 +237,27 @@ export async function issueVehicle(
     fleetId: authority.state.fleetId,
     vehicleId: options.vehicleId,
   };
-  return issueClient(authority, identity, options, {
-    folder: path.join(authority.dir, 'vehicles', options.vehicleId),
-    fileStem: 'vehicle',
-    configName: 'agent.json',
-  });
+  return issueClient(
+    authority,
+    identity,
+    options,
+    {
+      folder: path.join(authority.dir, 'vehicles', options.vehicleId),
+      fileStem: 'vehicle',
+      configName: 'agent.json',
+    },
+    (files) => {
+      const signing = provisionVehicleSigning(
+        authority.dir,
+        options.vehicleId,
+        files.folder,
+      );
+      files.updateSigningKeyPath = path.join(
+        files.folder,
+        signing.fields.updateSigningKeyPath,
+      );
+      files.updateKeyId = signing.keyId;
+      return signing.fields;
+    },
+  );
 }

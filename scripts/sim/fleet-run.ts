@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { AggregatorOptions } from '../../aggregator/index.ts';
 import { startBroker } from '../../broker/index.ts';
-import { decodeModelUpdate, FleetTopics } from '../../protocol/index.ts';
+import { decodeUpdatePayload, FleetTopics } from '../../protocol/index.ts';
 import { VehicleAgent } from '../../vehicle-agent/index.ts';
 import { AgentPool } from './agent-pool.ts';
 import { AggregatorHost } from './aggregator-host.ts';
@@ -19,6 +19,7 @@ import { DeliveryLedger, type DeliverySummary } from './ledger.ts';
 import type { RoundProgress } from './progress.ts';
 import type { RoundRow } from './report.ts';
 import { RoundRecorder } from './round-rows.ts';
+import { provisionSecureFleet, type SecureFleet } from './secure-fleet.ts';
 import { waitUntil } from './timing.ts';
 
 const FLEET_ID = 'sim';
@@ -44,19 +45,46 @@ export interface FleetRunResult {
   faults: FaultRecord | undefined;
   /** Version of the global model at the end. */
   modelVersion: number;
+  /** True when the run used mutual TLS, the broker ACL and signing. */
+  secure: boolean;
 }
 
 /**
  * Runs the requested rounds, then waits up to 30 s for every vehicle's
- * outbox to empty, stops everything and checks the ledger.
+ * outbox to empty, stops everything and checks the ledger. With
+ * `options.secure` it first provisions a temporary PKI, and deletes it
+ * at the end.
  */
 export async function runFleet(input: FleetRunInput): Promise<FleetRunResult> {
+  const { options } = input;
+  const log = options.log.child({ component: 'sim' });
+  const stateDirs = vehicleStateDirs(input);
+  const secure = options.secure
+    ? await provisionSecureFleet(FLEET_ID, [...stateDirs.keys()], log)
+    : undefined;
+  try {
+    return await runSecuredFleet(input, stateDirs, secure);
+  } finally {
+    secure?.remove();
+  }
+}
+
+async function runSecuredFleet(
+  input: FleetRunInput,
+  stateDirs: Map<string, string>,
+  secure: SecureFleet | undefined,
+): Promise<FleetRunResult> {
   const { options, progress } = input;
   const root = options.log;
   const log = root.child({ component: 'sim' });
-  const broker = await startBroker({ port: 0, host: '127.0.0.1', log: root });
-  const brokerUrl = `mqtt://127.0.0.1:${broker.port}`;
-  const stateDirs = vehicleStateDirs(input);
+  const broker = await startBroker({
+    port: 0,
+    host: '127.0.0.1',
+    log: root,
+    tls: secure?.brokerTls,
+  });
+  const scheme = secure === undefined ? 'mqtt' : 'mqtts';
+  const brokerUrl = `${scheme}://127.0.0.1:${broker.port}`;
   const vehicleIds = [...stateDirs.keys()];
   const ledger = new DeliveryLedger();
   const injector =
@@ -71,7 +99,7 @@ export async function runFleet(input: FleetRunInput): Promise<FleetRunResult> {
     log,
   });
   const host = new AggregatorHost({
-    options: aggregatorOptions(input),
+    options: { ...aggregatorOptions(input), ...secure?.aggregator },
     rounds: options.rounds,
     onInstance: (aggregator) => {
       recorder.attachAggregator(aggregator);
@@ -97,6 +125,7 @@ export async function runFleet(input: FleetRunInput): Promise<FleetRunResult> {
           frames: input.data.shares[vehicleIds.indexOf(vehicleId)],
           seed: options.seed,
           log: root,
+          ...secure?.vehicle(vehicleId),
         }),
       onAgent: (agent) => {
         recorder.attachAgent(agent);
@@ -131,6 +160,7 @@ export async function runFleet(input: FleetRunInput): Promise<FleetRunResult> {
     delivery: ledger.summarize(pendingIds),
     faults: injector?.record(),
     modelVersion: host.current.currentModelVersion,
+    secure: secure !== undefined,
   };
 }
 
@@ -252,7 +282,7 @@ async function noteOutboxLeftovers(
   const files = (await pool?.listOutboxFiles()) ?? new Map<string, string>();
   for (const [updateId, file] of files) {
     try {
-      const update = decodeModelUpdate(await readFile(file));
+      const update = decodeUpdatePayload(await readFile(file));
       ledger.noteFinished(updateId, update.vehicleId, update.round, 'outbox');
     } catch {
       // The agent moves such a file aside on its next start.

@@ -4,7 +4,16 @@
  * baseline and the report. Every agent is a real MQTT client on loopback;
  * they share the CPU, so vehicles train one after another in practice.
  */
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import {
+  accessSync,
+  constants,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -69,6 +78,11 @@ export interface SimulationOptions {
   faults: FaultKind[];
   /** Share of the selected vehicles each fault kind hits per round. */
   faultRate: number;
+  /**
+   * Mutual TLS with the broker's ACL, signed releases and signed updates,
+   * over a temporary PKI. Cannot be combined with faults.
+   */
+  secure: boolean;
   progress: boolean;
   log: Logger;
 }
@@ -80,6 +94,13 @@ export async function runSimulation(
   const log = options.log.child({ component: 'sim' });
   const started = Date.now();
   const trainableTensors = tensorNamesOfLayers(options.trainLayers);
+  if (options.secure && options.faults.length > 0) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      '--secure cannot be combined with --faults: the fault proxies ' +
+        'speak plain MQTT',
+    );
+  }
   const minUpdates = options.minUpdates ?? Math.ceil(options.vehicles / 2);
   if (minUpdates > options.vehicles) {
     throw new FleetError(
@@ -95,6 +116,7 @@ export async function runSimulation(
       'runs',
       `simulate-${new Date().toISOString().replace(/[:.]/g, '-')}`,
     );
+  checkOutputPaths(stateDir, options.reportPath);
   log.info({ ...summarize(options), stateDir }, 'simulation started');
 
   const backend = await selectTrainingBackend(log);
@@ -174,6 +196,7 @@ export async function runSimulation(
     rows: fleet.rows,
     delivery: fleet.delivery,
     faults: fleet.faults,
+    secure: fleet.secure,
     federatedMs,
     totalMs: Date.now() - started,
   });
@@ -252,4 +275,33 @@ function writeJsonAtomic(file: string, value: unknown): void {
   const temp = `${file}.${process.pid}.tmp`;
   writeFileSync(temp, JSON.stringify(value, null, 2) + '\n');
   renameSync(temp, file);
+}
+
+/**
+ * Checks before the run that the state directory can be created and the
+ * report written, so that a typo does not cost a whole simulation.
+ *
+ * @throws {FleetError} INVALID_CONFIG naming the path and the problem.
+ */
+function checkOutputPaths(
+  stateDir: string,
+  reportPath: string | undefined,
+): void {
+  if (existsSync(stateDir) && !statSync(stateDir).isDirectory()) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `--state-dir ${stateDir} is a file, expected a directory`,
+    );
+  }
+  if (reportPath === undefined) return;
+  const reportDir = path.dirname(path.resolve(reportPath));
+  try {
+    accessSync(reportDir, constants.W_OK);
+  } catch {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `--report ${reportPath}: directory ${reportDir} does not exist or ` +
+        'is not writable; create it first',
+    );
+  }
 }

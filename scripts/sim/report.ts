@@ -60,6 +60,11 @@ export interface SimulationReport {
   delivery: DeliverySummary;
   /** Faults injected and aggregator restarts; null in a run without faults. */
   faults: FaultRecord | null;
+  /**
+   * True when the run used mutual TLS with the broker's ACL, signed
+   * releases and signed updates (`--secure`).
+   */
+  secure: boolean;
   federatedMs: number;
   totalMs: number;
 }
@@ -75,6 +80,7 @@ export function buildReport(input: {
   rows: RoundRow[];
   delivery: DeliverySummary;
   faults: FaultRecord | undefined;
+  secure: boolean;
   federatedMs: number;
   totalMs: number;
 }): SimulationReport {
@@ -91,6 +97,7 @@ export function buildReport(input: {
     rounds: input.rows,
     delivery: input.delivery,
     faults: input.faults ?? null,
+    secure: input.secure,
     federatedMs: input.federatedMs,
     totalMs: input.totalMs,
   };

@@ -6,7 +6,7 @@
 import type { IPublishPacket, Packet } from 'mqtt-packet';
 import {
   VehicleState,
-  decodeModelUpdate,
+  decodeUpdatePayload,
   decodeUpdateAck,
   decodeVehicleStatus,
   type FleetTopics,
@@ -96,7 +96,7 @@ export class VehicleLinkFaults {
 
     let update: { updateId: string; round: number };
     try {
-      update = decodeModelUpdate(packet.payload as Buffer);
+      update = decodeUpdatePayload(packet.payload as Buffer);
     } catch {
       return 'forward';
     }
