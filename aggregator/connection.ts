@@ -66,13 +66,29 @@ export async function connectToBroker(
     clientId,
     clean: false,
     reconnectPeriod: 1000,
+    // Keep retrying after a refusal, which is logged as an error below.
+    reconnectOnConnackError: true,
   });
   client.on('message', options.onMessage);
   // Socket errors such as `write EPIPE` are expected while the client
   // shuts down, so they are logged at debug once `signal` has aborted.
+  let refusalLoggedAtMs = -Infinity;
   client.on('error', (err) => {
-    if (signal.aborted) log.debug({ err, clientId }, 'mqtt client error');
-    else log.warn({ err, clientId }, 'mqtt client error');
+    const reasonCode = (err as { code?: unknown }).code;
+    const isRefusal = typeof reasonCode === 'number';
+    if (signal.aborted) {
+      log.debug({ err, clientId }, 'mqtt client error');
+    } else if (isRefusal && Date.now() - refusalLoggedAtMs < 30_000) {
+      log.debug({ err, clientId }, 'mqtt client error');
+    } else if (isRefusal) {
+      refusalLoggedAtMs = Date.now();
+      log.error(
+        { clientId, brokerUrl, reasonCode, reason: err.message },
+        'broker refused the connection, check credentials',
+      );
+    } else {
+      log.warn({ err, clientId }, 'mqtt client error');
+    }
   });
   client.on('offline', () => {
     if (signal.aborted) log.debug({ clientId }, 'mqtt client offline');

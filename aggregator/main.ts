@@ -6,8 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { Command, Option } from 'commander';
 import {
   createLogger,
+  defaultLogLevel,
   DEFAULT_MAX_MESSAGE_BYTES,
-  ErrorCode,
   isFleetError,
   loadClientTls,
   readClientConfig,
@@ -22,6 +22,7 @@ import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
   parsePositiveNumber,
+  reportStartError,
 } from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
@@ -186,7 +187,7 @@ const program = new Command('aggregator')
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
-      .default('info'),
+      .default(defaultLogLevel()),
   );
 
 interface Flags {
@@ -338,10 +339,6 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
   };
 }
 
-function codeOf(err: unknown): string | undefined {
-  return isFleetError(err) ? err.code : undefined;
-}
-
 async function main(): Promise<void> {
   program.parse();
   const flags = program.opts<Flags>();
@@ -352,7 +349,7 @@ async function main(): Promise<void> {
     const testData = await loadTestData(flags, log);
     aggregator = new Aggregator({ ...optionsOf(flags, log), ...testData });
   } catch (err) {
-    log.fatal({ err, code: codeOf(err) }, 'invalid configuration');
+    reportStartError('aggregator', err, log, 'invalid configuration');
     process.exit(2);
   }
 
@@ -375,9 +372,14 @@ async function main(): Promise<void> {
   } catch (err) {
     // A signal during start aborts it, and its handler exits with 0.
     if (stopping !== undefined) return;
-    log.fatal({ err, code: codeOf(err) }, 'aggregator failed to start');
+    const exitCode = reportStartError(
+      'aggregator',
+      err,
+      log,
+      'aggregator failed to start',
+    );
     await aggregator.stop();
-    process.exit(codeOf(err) === ErrorCode.InvalidConfig ? 2 : 1);
+    process.exit(exitCode);
   }
   await aggregator.whenFinished();
   await stop('finished');

@@ -215,7 +215,10 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
   try {
     assertTopicLevel('fleet id', options.fleetId);
   } catch (err) {
-    invalid('fleetId', JSON.stringify(options.fleetId), (err as Error).message);
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `aggregator option fleetId: ${(err as Error).message}`,
+    );
   }
 
   const resolved = {
@@ -353,7 +356,11 @@ function resolveTrainableTensors(layers: string[]): string[] {
   try {
     return tensorNamesOfLayers(layers);
   } catch (err) {
-    return invalid('trainableLayers', layers.join(','), (err as Error).message);
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `aggregator option trainableLayers ${layers.join(',')}: ` +
+        (err as Error).message,
+    );
   }
 }
 

@@ -7,7 +7,11 @@
  */
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { createLogger, type FleetRole } from '../protocol/index.ts';
+import {
+  createLogger,
+  defaultLogLevel,
+  type FleetRole,
+} from '../protocol/index.ts';
 import {
   parseIntegerAtLeast,
   parsePositiveNumber,
@@ -78,7 +82,7 @@ const program = new Command('broker')
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
-      .default('info'),
+      .default(defaultLogLevel()),
   );
 
 interface Flags {

@@ -1,8 +1,11 @@
 import { InvalidArgumentError } from 'commander';
+import { isFleetError } from './errors.ts';
+import type { Logger } from './logger.ts';
 
 /**
  * Parsers of numeric command-line values for commander. Each throws
  * InvalidArgumentError, which commander prints with the option name.
+ * `reportStartError` reports what stops a command at start.
  */
 
 function toNumber(text: string): number {
@@ -51,4 +54,29 @@ export function parseFraction(text: string): number {
     throw new InvalidArgumentError(`expected a number in (0, 1), got ${text}`);
   }
   return value;
+}
+
+/**
+ * Reports an error that stops a command at start, and returns the exit
+ * code. A FleetError or a bad argument (RangeError, TypeError) is a user
+ * error: one plain line on stderr, a fatal log line with its code and
+ * message, and exit code 2. Anything else is logged with its stack, and
+ * the exit code is 1.
+ */
+export function reportStartError(
+  command: string,
+  err: unknown,
+  log: Logger,
+  message: string,
+): number {
+  const isUserError =
+    isFleetError(err) || err instanceof RangeError || err instanceof TypeError;
+  if (!isUserError) {
+    log.fatal({ err }, message);
+    return 1;
+  }
+  const code = isFleetError(err) ? err.code : err.name;
+  log.fatal({ code, reason: err.message }, message);
+  console.error(`${command}: ${err.message}`);
+  return 2;
 }

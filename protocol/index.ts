@@ -44,7 +44,7 @@ export {
   encodeFloat32Tensor,
 } from './tensor.ts';
 export { FleetTopics, assertTopicLevel } from './topics.ts';
-export { createLogger } from './logger.ts';
+export { LOG_LEVEL_NAMES, createLogger, defaultLogLevel } from './logger.ts';
 export type { Logger } from './logger.ts';
 export {
   TLS_BROKER_PROTOCOLS,

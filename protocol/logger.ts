@@ -15,3 +15,30 @@ export function createLogger(
     level: options.level ?? process.env.FLEETLEARN_LOG_LEVEL ?? 'info',
   });
 }
+
+/** Log levels the command lines accept. */
+export const LOG_LEVEL_NAMES = [
+  'fatal',
+  'error',
+  'warn',
+  'info',
+  'debug',
+  'trace',
+  'silent',
+] as const;
+
+/**
+ * Returns FLEETLEARN_LOG_LEVEL when it names a level, else "info", as the
+ * default of the --log-level flags. An unknown value is reported on stderr
+ * once, because no logger exists yet.
+ */
+export function defaultLogLevel(): string {
+  const fromEnv = process.env.FLEETLEARN_LOG_LEVEL;
+  if (fromEnv === undefined || fromEnv === '') return 'info';
+  if ((LOG_LEVEL_NAMES as readonly string[]).includes(fromEnv)) return fromEnv;
+  console.error(
+    `FLEETLEARN_LOG_LEVEL=${fromEnv} is not a log level, expected one of ` +
+      `${LOG_LEVEL_NAMES.join(', ')}; using info`,
+  );
+  return 'info';
+}

@@ -18,7 +18,13 @@ import {
   topicRulesOf,
   type RunningBroker,
 } from '../broker/index.ts';
-import { FleetTopics, type FleetIdentity } from '../protocol/index.ts';
+import { loadLabelledImages, resolveDataDir } from '../models/index.ts';
+import {
+  FleetTopics,
+  createLogger,
+  type FleetIdentity,
+} from '../protocol/index.ts';
+import { VehicleAgent } from '../vehicle-agent/index.ts';
 import {
   brokerTlsOf,
   captureLog,
@@ -619,5 +625,55 @@ describe('password broker on tcp', () => {
     await good.client.endAsync();
     await broker.close();
     pki.remove();
+  });
+});
+
+const silent = createLogger({ level: 'silent' });
+
+describe('agent with refused credentials', () => {
+  test('agent logs refusal and keeps retrying', async () => {
+    const pki = await createTestPki(FLEET_ID, ['veh-001']);
+    const usersPath = path.join(pki.dir, 'users.json');
+    saveUser(
+      usersPath,
+      await createPasswordUser('dev-veh-001', PASSWORDS.devVehicle, {
+        role: 'vehicle',
+        vehicleId: 'veh-001',
+        fleetId: FLEET_ID,
+      }),
+    );
+    const broker = await startBroker({ port: 0, log: silent, usersPath });
+    const agentLog = captureLog();
+    const frames = await loadLabelledImages(resolveDataDir(), {
+      split: 'train',
+      limit: 10,
+    });
+    const agent = new VehicleAgent({
+      vehicleId: 'veh-001',
+      fleetId: FLEET_ID,
+      brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
+      username: 'dev-veh-001',
+      password: 'not the password',
+      stateDir: path.join(pki.dir, 'veh-001-state'),
+      frames,
+      seed: 1,
+      log: agentLog.log,
+    });
+    try {
+      await agent.start();
+
+      const line = await agentLog.waitFor(
+        'broker refused the connection, check credentials',
+      );
+      assert.equal(line.reasonCode, 4);
+      assert.ok(!JSON.stringify(agentLog.lines).includes('not the password'));
+      // It retries rather than giving up, so it stays up for a fixed key.
+      await agentLog.waitFor('broker unreachable, retrying', () => true, 5000);
+      assert.equal(agent.connected, false);
+    } finally {
+      await agent.stop();
+      await broker.close();
+      pki.remove();
+    }
   });
 });

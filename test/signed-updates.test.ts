@@ -298,7 +298,7 @@ describe('signed updates at the aggregator', () => {
         path.join(workDir, 'cli-aggregator'),
       ]);
 
-      assert.equal(agentRun.status, 1, agentRun.stderr);
+      assert.equal(agentRun.status, 2, agentRun.stderr);
       assert.match(agentRun.stdout, /invalid agent options/);
       assert.match(agentRun.stdout, /chmod 600/);
       assert.equal(aggregatorRun.status, 2, aggregatorRun.stderr);

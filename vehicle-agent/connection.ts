@@ -65,6 +65,8 @@ export function createBrokerClient(
     clean: false,
     reconnectPeriod: reconnectDelayMs(0),
     connectTimeout: 10_000,
+    // Keep retrying after a refusal: an operator may fix the credentials.
+    reconnectOnConnackError: true,
     will: {
       topic: options.will.topic,
       payload: Buffer.from(options.will.payload),
@@ -77,11 +79,28 @@ export function createBrokerClient(
   let loggedAtMs = -Infinity;
   let lastError: Error | undefined;
   let connectedOnce = false;
+  let refusalLoggedAtMs = -Infinity;
   client.on('error', (err) => {
     // mqtt.js emits socket errors such as ECONNREFUSED here and then
     // retries, so the error is reported with the retry below.
     lastError = err;
     log.debug({ err, brokerUrl }, 'mqtt client error');
+    const reasonCode = (err as { code?: unknown }).code;
+    // A CONNACK refusal (bad credentials, not authorized, revoked) does
+    // not fix itself, so it is an error, logged at most every 30 s.
+    if (typeof reasonCode !== 'number') return;
+    const now = Date.now();
+    if (now - refusalLoggedAtMs < RECONNECT_LOG_INTERVAL_MS) return;
+    refusalLoggedAtMs = now;
+    log.error(
+      {
+        brokerUrl,
+        clientId: options.clientId,
+        reasonCode,
+        reason: err.message,
+      },
+      'broker refused the connection, check credentials',
+    );
   });
   client.on('reconnect', () => {
     attempts += 1;

@@ -10,11 +10,13 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolveDataDir } from '../models/index.ts';
 import {
   createLogger,
+  defaultLogLevel,
   isFleetError,
   readClientConfig,
   readSigningConfig,
   type ClientTlsFiles,
 } from '../protocol/index.ts';
+import { reportStartError } from '../protocol/cli-arguments.ts';
 import { VehicleAgent } from './agent.ts';
 import { classifyImageFile, type ImageClassification } from './classify.ts';
 
@@ -147,8 +149,12 @@ async function runAgent(flags: RunFlags): Promise<void> {
       log,
     });
   } catch (err) {
-    log.fatal({ err }, 'invalid agent options');
-    process.exitCode = 1;
+    process.exitCode = reportStartError(
+      'agent',
+      err,
+      log,
+      'invalid agent options',
+    );
     return;
   }
 
@@ -171,8 +177,7 @@ async function runAgent(flags: RunFlags): Promise<void> {
   try {
     await agent.start();
   } catch (err) {
-    log.fatal({ err }, 'agent failed to start');
-    process.exit(1);
+    process.exit(reportStartError('agent', err, log, 'agent failed to start'));
   }
 }
 
@@ -302,7 +307,7 @@ program
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(LOG_LEVELS)
-      .default('info'),
+      .default(defaultLogLevel()),
   )
   .action(runAgent);
 
