@@ -146,9 +146,13 @@ export class AccessControl {
    * retries.
    */
   #warn(fields: Record<string, unknown>, message: string): void {
-    const key = [message, fields.clientId, fields.identity, fields.topic].join(
-      '\u0000',
-    );
+    const key = [
+      message,
+      fields.clientId,
+      fields.identity,
+      fields.username,
+      fields.topic,
+    ].join('\u0000');
     const skipped = this.#limiter.admit(key);
     if (skipped === undefined) return;
     this.#log.warn(skipped > 0 ? { ...fields, skipped } : fields, message);
