@@ -10,8 +10,13 @@ export type {
 export { FedAvgAccumulator, applyDeltas } from './fedavg.ts';
 export { ModelStore } from './model-store.ts';
 export type { ModelManifest, StoredModel } from './model-store.ts';
-export { resolveOptions } from './options.ts';
-export type { AggregatorOptions, ResolvedOptions, TestSet } from './options.ts';
+export { AGGREGATION_RULES, resolveOptions } from './options.ts';
+export type {
+  AggregationRule,
+  AggregatorOptions,
+  ResolvedOptions,
+  TestSet,
+} from './options.ts';
 export type { RoundStats } from './round.ts';
 export { ReleaseSigner } from './release-signer.ts';
 export type { SignedNotice } from './release-signer.ts';

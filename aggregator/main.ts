@@ -17,7 +17,11 @@ import {
 } from '../protocol/index.ts';
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
 import { Aggregator } from './aggregator.ts';
-import type { AggregatorOptions } from './options.ts';
+import {
+  AGGREGATION_RULES,
+  type AggregationRule,
+  type AggregatorOptions,
+} from './options.ts';
 import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
@@ -132,6 +136,32 @@ const program = new Command('aggregator')
     parseNumberAtLeast(0),
     1000,
   )
+  .addOption(
+    new Option(
+      '--aggregation <rule>',
+      'how a round becomes one delta; the robust rules are unweighted',
+    )
+      .choices([...AGGREGATION_RULES])
+      .default('fedavg'),
+  )
+  .option(
+    '--byzantine-count <count>',
+    'Byzantine updates the median and Krum rules tolerate (f)',
+    parseIntegerAtLeast(0),
+    0,
+  )
+  .option(
+    '--trim-fraction <number>',
+    'share of values trimmed-mean drops from each end, below 0.5',
+    parseNumberAtLeast(0),
+    0.2,
+  )
+  .option(
+    '--multi-krum-select <count>',
+    'updates Multi-Krum averages (m); 0 means n - f',
+    parseIntegerAtLeast(0),
+    0,
+  )
   .option(
     '--export-tolerance-abs <number>',
     'max ONNX-vs-TF.js probability difference',
@@ -211,6 +241,10 @@ interface Flags {
   maxMessageBytes: number;
   maxExamplesPerUpdate: number;
   maxAbsDeltaValue: number;
+  aggregation: AggregationRule;
+  byzantineCount: number;
+  trimFraction: number;
+  multiKrumSelect: number;
   exportToleranceAbs: number;
   testData?: string;
   testLimit?: number;
@@ -333,6 +367,10 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     maxMessageBytes: flags.maxMessageBytes,
     maxExamplesPerUpdate: flags.maxExamplesPerUpdate,
     maxAbsDeltaValue: flags.maxAbsDeltaValue,
+    aggregation: flags.aggregation,
+    byzantineCount: flags.byzantineCount,
+    trimFraction: flags.trimFraction,
+    multiKrumSelect: flags.multiKrumSelect,
     exportToleranceAbs: flags.exportToleranceAbs,
     rollbackToVersion: flags.rollbackTo,
     log,

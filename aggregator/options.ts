@@ -36,6 +36,18 @@ export interface TestSet {
   labels: Int32Array;
 }
 
+/** Rules that turn a round's accepted updates into one mean delta. */
+export const AGGREGATION_RULES = [
+  'fedavg',
+  'median',
+  'trimmed-mean',
+  'krum',
+  'multi-krum',
+] as const;
+
+/** One of AGGREGATION_RULES. */
+export type AggregationRule = (typeof AGGREGATION_RULES)[number];
+
 /** Options of the Aggregator. Only the four paths and ids are required. */
 export interface AggregatorOptions {
   /** Fleet id; one MQTT topic level. */
@@ -91,6 +103,20 @@ export interface AggregatorOptions {
   maxExamplesPerUpdate?: number;
   /** Maximum |value| of a delta element. Default 1000. */
   maxAbsDeltaValue?: number;
+  /**
+   * How a round's accepted updates become its mean delta. 'fedavg'
+   * (default) streams a weighted mean. The robust rules in
+   * aggregator/strategies/ are unweighted and keep every accepted update
+   * of the round in memory. A round with too few updates for the rule's
+   * requirement fails with ROBUST_RULE_UNSATISFIED.
+   */
+  aggregation?: AggregationRule;
+  /** Byzantine updates the median and Krum rules tolerate, f. Default 0. */
+  byzantineCount?: number;
+  /** Share trimmed from each end by 'trimmed-mean', in [0, 0.5). Default 0.2. */
+  trimFraction?: number;
+  /** Updates Multi-Krum averages, m; 0 (default) means n - f. */
+  multiKrumSelect?: number;
   /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
    * TF.js. Default: 8 seeded random images.
@@ -242,6 +268,10 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     maxMessageBytes: options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
     maxExamplesPerUpdate: options.maxExamplesPerUpdate ?? 1_000_000,
     maxAbsDeltaValue: options.maxAbsDeltaValue ?? 1000,
+    aggregation: options.aggregation ?? 'fedavg',
+    byzantineCount: options.byzantineCount ?? 0,
+    trimFraction: options.trimFraction ?? 0.2,
+    multiKrumSelect: options.multiKrumSelect ?? 0,
     exportToleranceAbs: options.exportToleranceAbs ?? 1e-3,
     testSet: options.testSet,
     security: options.security,
@@ -307,6 +337,7 @@ function checkNumbers(
     invalid('maxAbsDeltaValue', options.maxAbsDeltaValue, 'a positive number');
   }
   checkAccumulatorBounds(options);
+  checkAggregation(options);
   if (!(options.exportToleranceAbs > 0)) {
     invalid(
       'exportToleranceAbs',
@@ -347,6 +378,27 @@ function checkAccumulatorBounds(
       `at most ${MAX_UPDATES}`,
     );
   }
+}
+
+function checkAggregation(
+  options: Pick<
+    ResolvedOptions,
+    'aggregation' | 'byzantineCount' | 'trimFraction' | 'multiKrumSelect'
+  >,
+): void {
+  if (!AGGREGATION_RULES.includes(options.aggregation)) {
+    invalid(
+      'aggregation',
+      options.aggregation,
+      `one of ${AGGREGATION_RULES.join(', ')}`,
+    );
+  }
+  requireInteger('byzantineCount', options.byzantineCount, 0);
+  const fraction = options.trimFraction;
+  if (!(fraction >= 0 && fraction < 0.5)) {
+    invalid('trimFraction', fraction, 'a number in [0, 0.5)');
+  }
+  requireInteger('multiKrumSelect', options.multiKrumSelect, 0);
 }
 
 function resolveTrainableTensors(layers: string[]): string[] {

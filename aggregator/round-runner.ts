@@ -143,6 +143,7 @@ export class RoundRunner {
       selected,
       tensorSizes: this.#tensorSizes,
       timeoutMs: options.roundTimeoutMs,
+      keepUpdates: options.aggregation !== 'fedavg',
     });
     this.#lastRound = roundNumber;
     this.#openRound = round;
@@ -239,9 +240,12 @@ export class RoundRunner {
       accepted: stats.accepted,
       rejected: stats.rejected,
     };
-    // Too few updates is the fleet's fault, so it is a warning. Any other
-    // failure is the aggregator's own.
-    if (reasonCode === ErrorCode.QuorumNotMet) {
+    // Too few updates (for the quorum or for a robust rule) is the fleet's
+    // fault, so it is a warning. Any other failure is the aggregator's own.
+    if (
+      reasonCode === ErrorCode.QuorumNotMet ||
+      reasonCode === ErrorCode.RobustRuleUnsatisfied
+    ) {
       this.#host.log.warn(fields, 'round failed');
     } else {
       this.#host.log.error({ ...fields, err }, 'round failed');

@@ -1,4 +1,5 @@
 import { FedAvgAccumulator } from './fedavg.ts';
+import type { VehicleUpdate } from './strategies/index.ts';
 import type { RoundContext, UpdateDecision } from './validate.ts';
 
 /**
@@ -59,6 +60,7 @@ export class OpenRound {
   readonly #seenUpdateIds = new Set<string>();
   readonly #acceptedVehicles = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
+  readonly #keptUpdates: VehicleUpdate[] | undefined;
   #accepted = 0;
   #rejected = 0;
   #uplinkBytes = 0;
@@ -73,6 +75,12 @@ export class OpenRound {
     tensorSizes: ReadonlyMap<string, number>;
     timeoutMs: number;
     nowMs?: number;
+    /**
+     * Also keep every accepted update's deltas, for the robust rules
+     * that need the whole round at once. It costs n x the trainable
+     * tensors' size in memory, which streaming FedAvg does not need.
+     */
+    keepUpdates?: boolean;
   }) {
     this.round = options.round;
     this.baseModelVersion = options.baseModelVersion;
@@ -80,6 +88,7 @@ export class OpenRound {
     this.openedAtMs = options.nowMs ?? Date.now();
     this.deadlineMs = this.openedAtMs + options.timeoutMs;
     this.accumulator = new FedAvgAccumulator(options.tensorSizes);
+    this.#keptUpdates = options.keepUpdates === true ? [] : undefined;
     this.closed = new Promise((resolve) => {
       this.#resolveClosed = resolve;
     });
@@ -96,6 +105,14 @@ export class OpenRound {
 
   get acceptedCount(): number {
     return this.#accepted;
+  }
+
+  /**
+   * Accepted updates in arrival order, or undefined when the round was
+   * opened without `keepUpdates`.
+   */
+  get keptUpdates(): readonly VehicleUpdate[] | undefined {
+    return this.#keptUpdates;
   }
 
   /** Validation context for an update arriving now. */
@@ -126,7 +143,13 @@ export class OpenRound {
       return;
     }
 
-    this.accumulator.add(decision.deltas, decision.update.numExamples);
+    const { vehicleId, numExamples } = decision.update;
+    this.accumulator.add(decision.deltas, numExamples);
+    this.#keptUpdates?.push({
+      vehicleId,
+      numExamples,
+      deltas: decision.deltas,
+    });
     this.#accepted += 1;
     this.#acceptedVehicles.add(decision.update.vehicleId);
     this.#seenUpdateIds.add(decision.update.updateId);

@@ -10,6 +10,12 @@ import { applyDeltas } from '../models/index.ts';
 import { checkWeights, exportAndCheck } from './model-check.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
+import {
+  aggregateKrum,
+  aggregateMedian,
+  aggregateMultiKrum,
+  aggregateTrimmedMean,
+} from './strategies/index.ts';
 import { encodeRelease } from './release-messages.ts';
 import type { OpenRound, RoundStats } from './round.ts';
 import { loadState, saveState, type AggregatorState } from './state.ts';
@@ -164,6 +170,50 @@ export function checkFinite(weights: WeightMap, version: number): void {
   }
 }
 
+/**
+ * Returns the round's mean delta under `options.aggregation`: the
+ * streamed FedAvg mean, or a robust rule over the round's kept updates.
+ *
+ * @throws {FleetError} ROBUST_RULE_UNSATISFIED when the number of updates
+ *   breaks the rule's requirement (for example Krum needs n > 2f + 2).
+ * @throws {Error} for a robust rule on a round that kept no updates.
+ */
+export function computeMeanDelta(
+  round: OpenRound,
+  options: Pick<
+    ResolvedOptions,
+    'aggregation' | 'byzantineCount' | 'trimFraction' | 'multiKrumSelect'
+  >,
+): WeightMap {
+  const { aggregation, byzantineCount } = options;
+  if (aggregation === 'fedavg') return round.accumulator.result();
+  const updates = round.keptUpdates;
+  if (updates === undefined) {
+    throw new Error(
+      `round ${round.round} kept no updates, which aggregation ` +
+        `${aggregation} needs; open it with keepUpdates`,
+    );
+  }
+  switch (aggregation) {
+    case 'median':
+      return aggregateMedian(updates, { byzantineCount });
+    case 'trimmed-mean':
+      return aggregateTrimmedMean(updates, {
+        trimFraction: options.trimFraction,
+      }).deltas;
+    case 'krum':
+      return aggregateKrum(updates, { byzantineCount }).deltas;
+    case 'multi-krum': {
+      const selectCount =
+        options.multiKrumSelect > 0
+          ? options.multiKrumSelect
+          : Math.max(1, updates.length - byzantineCount);
+      return aggregateMultiKrum(updates, { byzantineCount, selectCount })
+        .deltas;
+    }
+  }
+}
+
 /** A new version, stored and recorded in state.json, not yet published. */
 export interface CommittedVersion {
   model: StoredModel;
@@ -174,12 +224,13 @@ export interface CommittedVersion {
 
 /**
  * Turns a closed round into the next model version: checks the quorum,
- * adds the FedAvg mean delta, exports and checks the ONNX model, stores
+ * adds the mean delta of `options.aggregation` (see computeMeanDelta), exports and checks the ONNX model, stores
  * it, then updates state.json. Nothing is written when a step fails. The
  * version number follows the highest one stored, so after a rollback the
  * numbers of withdrawn versions are not reused.
  *
- * @throws {FleetError} QUORUM_NOT_MET, NON_FINITE_VALUE (merged weights),
+ * @throws {FleetError} QUORUM_NOT_MET, ROBUST_RULE_UNSATISFIED,
+ *   NON_FINITE_VALUE (merged weights),
  *   EXPORT_MISMATCH, or PAYLOAD_TOO_LARGE when the release notice exceeds
  *   maxMessageBytes.
  */
@@ -198,7 +249,7 @@ export async function commitRound(
     );
   }
 
-  const mean = round.accumulator.result();
+  const mean = computeMeanDelta(round, options);
   const version =
     Math.max(store.highestVersion(), current.manifest.version) + 1;
   const { model, maxAbsDiff } = await buildNextVersion(

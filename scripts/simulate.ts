@@ -16,6 +16,8 @@ import {
   type FaultKind,
 } from './sim/faults.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
+import { DEFAULT_ATTACK_SCALE, SIM_ATTACK_KINDS } from './sim/attackers.ts';
+import { AGGREGATION_RULES } from '../aggregator/index.ts';
 
 /** Round deadline without faults: long enough for slow training backends. */
 const ROUND_TIMEOUT_MS = 600_000;
@@ -150,6 +152,51 @@ const program = new Command('simulate')
   )
   .option('--no-centralized', 'skip the centralized baseline')
   .option(
+    '--attackers <count>',
+    'the first N vehicles by id attack (see --attack)',
+    parseIntegerAtLeast(0),
+    0,
+  )
+  .addOption(
+    new Option(
+      '--attack <kind>',
+      'boost: deltas x scale; sign-flip: deltas x -scale; noise: Gaussian ' +
+        "noise of std scale x the update's RMS; label-flip: labels " +
+        '42 - label, honest training',
+    )
+      .choices([...SIM_ATTACK_KINDS])
+      .default('boost'),
+  )
+  .option(
+    '--attack-scale <number>',
+    'factor of boost and sign-flip, noise std in update RMS units',
+    parsePositiveNumber,
+    DEFAULT_ATTACK_SCALE,
+  )
+  .addOption(
+    new Option('--aggregation <rule>', 'aggregation rule of the aggregator')
+      .choices([...AGGREGATION_RULES])
+      .default('fedavg'),
+  )
+  .option(
+    '--byzantine-count <count>',
+    'Byzantine updates the median and Krum rules tolerate (f)',
+    parseIntegerAtLeast(0),
+    0,
+  )
+  .option(
+    '--trim-fraction <number>',
+    'share trimmed-mean drops from each end, below 0.5',
+    parseNumberAtLeast(0),
+    0.2,
+  )
+  .option(
+    '--multi-krum-select <count>',
+    'updates Multi-Krum averages (m); 0 means n - f',
+    parseIntegerAtLeast(0),
+    0,
+  )
+  .option(
     '--secure',
     'provision a temporary PKI and run with mutual TLS, the broker ACL, ' +
       'signed releases and signed updates (not with --faults)',
@@ -190,6 +237,13 @@ const options: SimulationOptions = {
   faults,
   faultRate: flags.faultRate,
   secure: flags.secure === true,
+  attackers: flags.attackers,
+  attack: flags.attack,
+  attackScale: flags.attackScale,
+  aggregation: flags.aggregation,
+  byzantineCount: flags.byzantineCount,
+  trimFraction: flags.trimFraction,
+  multiKrumSelect: flags.multiKrumSelect,
   baseWeightsPath: flags.baseWeights,
   depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,

@@ -447,6 +447,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       baseSeed: this.options.seed,
       maxMessageBytes: this.options.maxMessageBytes,
       signingKey: this.options.updateSigningKey,
+      attack: this.options.attack,
       log: this.log,
       finishedRounds: new FinishedRounds(
         path.join(this.options.stateDir, FINISHED_ROUNDS_FILE),

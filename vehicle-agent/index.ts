@@ -25,4 +25,10 @@ export { FeatureCache, hashFrozenPrefix } from './feature-cache.ts';
 export { readDeployedModel } from './model-files.ts';
 export { classifyImageFile, topClasses } from './classify.ts';
 export type { ClassScore, ImageClassification } from './classify.ts';
-export { deriveTrainingSeed } from './trainer.ts';
+export {
+  ATTACK_KINDS,
+  ATTACK_MAX_ABS,
+  applyAttack,
+  deriveTrainingSeed,
+} from './trainer.ts';
+export type { UpdateAttack } from './trainer.ts';

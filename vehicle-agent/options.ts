@@ -15,6 +15,7 @@ import {
   type PublicKeySet,
   type SigningKey,
 } from '../protocol/index.ts';
+import { checkAttack, type UpdateAttack } from './trainer.ts';
 
 /** Options of a VehicleAgent. Give exactly one of `dataDir` and `frames`. */
 export interface VehicleAgentOptions {
@@ -61,6 +62,12 @@ export interface VehicleAgentOptions {
    * signature. Read when the agent is constructed.
    */
   trustedReleaseKeysPath?: string;
+  /**
+   * For simulation and testing only: poisons every update this agent
+   * sends (see UpdateAttack), so that a test fleet can measure the
+   * robust aggregation rules. Never set it on a real vehicle.
+   */
+  attack?: UpdateAttack;
   /** Parent logger; the agent takes a child with component "agent". */
   log?: Logger;
 }
@@ -83,6 +90,8 @@ export interface ResolvedAgentOptions {
   updateSigningKey: SigningKey | undefined;
   /** Trusted release keys; undefined accepts unsigned releases. */
   trustedReleaseKeys: PublicKeySet | undefined;
+  /** Simulation and testing only; undefined sends honest updates. */
+  attack: UpdateAttack | undefined;
 }
 
 const BROKER_PROTOCOLS = ['mqtt:', 'mqtts:', 'tcp:', 'tls:', 'ws:', 'wss:'];
@@ -247,6 +256,7 @@ export function resolveAgentOptions(
   }
 
   const brokerUrl = checkBrokerUrl(options.brokerUrl);
+  if (options.attack !== undefined) checkAttack(options.attack);
   return {
     vehicleId,
     fleetId,
@@ -273,5 +283,6 @@ export function resolveAgentOptions(
       options.trustedReleaseKeysPath === undefined
         ? undefined
         : readTrustedReleaseKeys(options.trustedReleaseKeysPath),
+    attack: options.attack === undefined ? undefined : { ...options.attack },
   };
 }

@@ -18,7 +18,11 @@ import type { DeployedModel } from './deployment.ts';
 import type { AgentEvents } from './events.ts';
 import type { FeatureCache } from './feature-cache.ts';
 import type { FinishedRounds } from './finished-rounds.ts';
-import { checkTrainingConfig, trainForRound } from './trainer.ts';
+import {
+  checkTrainingConfig,
+  trainForRound,
+  type UpdateAttack,
+} from './trainer.ts';
 
 /** Rounds remembered as handled, and sent updates awaiting an ack. */
 const MEMORY_SIZE = 64;
@@ -34,6 +38,8 @@ export interface RoundRunnerOptions {
   maxMessageBytes: number;
   /** Signs every update; undefined sends them unsigned. */
   signingKey?: SigningKey;
+  /** Poisons every update; simulation and testing only. */
+  attack?: UpdateAttack;
   log: Logger;
   /**
    * Resolves with the task's model once deployed, or undefined when it
@@ -257,6 +263,7 @@ export class RoundRunner {
       backend: this.options.backend,
       maxMessageBytes: this.options.maxMessageBytes,
       signingKey: this.options.signingKey,
+      attack: this.options.attack,
       signal: this.stopAbort.signal,
     });
     if (this.stopped) return false;

@@ -4,9 +4,14 @@
  * resulting ModelUpdate.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { LAYER_NAMES, TENSOR_SPECS } from '../models/architecture.ts';
+import {
+  LAYER_NAMES,
+  TENSOR_SPECS,
+  type WeightMap,
+} from '../models/architecture.ts';
 import type { TrainingBackend } from '../models/backend.ts';
 import type { LabelledImages } from '../models/index.ts';
+import { createRandom, sampleNormal } from '../models/random.ts';
 import {
   firstTrainableLayer,
   trainLocal,
@@ -27,6 +32,87 @@ import type { DeployedModel } from './deployment.ts';
 import type { FeatureCache } from './feature-cache.ts';
 
 const SHAPES = new Map(TENSOR_SPECS.map((spec) => [spec.name, spec.shape]));
+
+/** Kinds of UpdateAttack. */
+export const ATTACK_KINDS = ['boost', 'sign-flip', 'noise'] as const;
+
+/**
+ * A poisoned update, for simulation and testing only: it lets a test
+ * fleet measure what the robust aggregation rules withstand. 'boost'
+ * multiplies the deltas by `scale`, 'sign-flip' by -scale, and 'noise'
+ * replaces them with seeded Gaussian noise of standard deviation
+ * scale x the honest update's root mean square.
+ */
+export interface UpdateAttack {
+  kind: (typeof ATTACK_KINDS)[number];
+  /** Positive factor; see `kind`. */
+  scale: number;
+}
+
+/**
+ * Attacked values are clamped to this, the aggregator's default
+ * maxAbsDeltaValue, so that the aggregator accepts them.
+ */
+export const ATTACK_MAX_ABS = 1000;
+
+/**
+ * Returns new deltas with `attack` applied to `deltas`; see UpdateAttack.
+ * Values are clamped to +-ATTACK_MAX_ABS. The noise is seeded by `seed`.
+ *
+ * @throws {RangeError} for an unknown kind or a scale that is not a
+ *   positive finite number.
+ */
+export function applyAttack(
+  deltas: ReadonlyMap<string, Float32Array>,
+  attack: UpdateAttack,
+  seed: number,
+): WeightMap {
+  checkAttack(attack);
+  const { kind, scale } = attack;
+  let factor = kind === 'sign-flip' ? -scale : scale;
+  let random: (() => number) | undefined;
+  if (kind === 'noise') {
+    factor = scale * rootMeanSquare(deltas);
+    random = createRandom(seed);
+  }
+  const clamp = (value: number) =>
+    Math.max(-ATTACK_MAX_ABS, Math.min(ATTACK_MAX_ABS, value));
+  const attacked: WeightMap = new Map();
+  for (const [name, values] of deltas) {
+    const out = new Float32Array(values.length);
+    for (let i = 0; i < values.length; i++) {
+      const base = random === undefined ? values[i] : sampleNormal(random);
+      out[i] = clamp(base * factor);
+    }
+    attacked.set(name, out);
+  }
+  return attacked;
+}
+
+/** Throws RangeError unless `attack` is a known kind with a usable scale. */
+export function checkAttack(attack: UpdateAttack): void {
+  if (!ATTACK_KINDS.includes(attack.kind)) {
+    throw new RangeError(
+      `attack kind ${String(attack.kind)} is unknown, expected one of ` +
+        ATTACK_KINDS.join(', '),
+    );
+  }
+  if (!(attack.scale > 0) || !Number.isFinite(attack.scale)) {
+    throw new RangeError(
+      `attack scale ${attack.scale} must be a positive finite number`,
+    );
+  }
+}
+
+function rootMeanSquare(deltas: ReadonlyMap<string, Float32Array>): number {
+  let sum = 0;
+  let count = 0;
+  for (const values of deltas.values()) {
+    for (const value of values) sum += value * value;
+    count += values.length;
+  }
+  return count === 0 ? 0 : Math.sqrt(sum / count);
+}
 
 /**
  * Checks a round's training config before any work starts.
@@ -98,6 +184,8 @@ export interface RoundTrainingInput {
   maxMessageBytes: number;
   /** Signs the update; undefined sends it unsigned. */
   signingKey?: SigningKey;
+  /** Poisons the update before encoding; simulation and testing only. */
+  attack?: UpdateAttack;
   /** Aborts training after the current step; the call then rejects. */
   signal?: AbortSignal;
 }
@@ -145,6 +233,7 @@ export async function trainForRound(
   signal?.throwIfAborted();
   const inputs = await trainingInputs(input, fromLayer);
   signal?.throwIfAborted();
+  const seed = deriveTrainingSeed(input.baseSeed, input.vehicleId, task.round);
   const result = await trainLocal(model.weights, inputs, frames.labels, {
     trainableTensors: config.trainableTensors,
     epochs: config.localEpochs,
@@ -152,14 +241,18 @@ export async function trainForRound(
     learningRate: config.learningRate,
     proximalMu: config.proximalMu,
     restrictToLocalClasses: config.restrictToLocalClasses,
-    seed: deriveTrainingSeed(input.baseSeed, input.vehicleId, task.round),
+    seed,
     fromLayer: fromLayer === LAYER_NAMES[0] ? undefined : fromLayer,
     // trainLocal calls this after every step and passes the throw on.
     onProgress:
       signal === undefined ? undefined : () => signal.throwIfAborted(),
   });
 
-  const update = buildModelUpdate(input, result);
+  const sent =
+    input.attack === undefined
+      ? result
+      : { ...result, deltas: applyAttack(result.deltas, input.attack, seed) };
+  const update = buildModelUpdate(input, sent);
   const payload = encodeUpdatePayload(
     update,
     input.maxMessageBytes,

@@ -22,6 +22,8 @@ import { RoundRecorder } from './round-rows.ts';
 import { provisionSecureFleet, type SecureFleet } from './secure-fleet.ts';
 import { waitUntil } from './timing.ts';
 
+import { selectAttackers, vehicleAttack } from './attackers.ts';
+
 const FLEET_ID = 'sim';
 const PROBE_IMAGES = 64;
 /** Time the end of a run waits for every outbox to empty. */
@@ -47,6 +49,8 @@ export interface FleetRunResult {
   modelVersion: number;
   /** True when the run used mutual TLS, the broker ACL and signing. */
   secure: boolean;
+  /** Vehicles that attacked, sorted. */
+  attackerIds: string[];
 }
 
 /**
@@ -86,6 +90,7 @@ async function runSecuredFleet(
   const scheme = secure === undefined ? 'mqtt' : 'mqtts';
   const brokerUrl = `${scheme}://127.0.0.1:${broker.port}`;
   const vehicleIds = [...stateDirs.keys()];
+  const attackers = new Set(selectAttackers(vehicleIds, options.attackers));
   const ledger = new DeliveryLedger();
   const injector =
     options.faults.length === 0
@@ -122,7 +127,11 @@ async function runSecuredFleet(
           fleetId: FLEET_ID,
           brokerUrl: injector?.vehicleUrl(vehicleId) ?? brokerUrl,
           stateDir: stateDirs.get(vehicleId)!,
-          frames: input.data.shares[vehicleIds.indexOf(vehicleId)],
+          ...vehicleAttack(
+            options,
+            attackers.has(vehicleId),
+            input.data.shares[vehicleIds.indexOf(vehicleId)],
+          ),
           seed: options.seed,
           log: root,
           ...secure?.vehicle(vehicleId),
@@ -161,6 +170,7 @@ async function runSecuredFleet(
     faults: injector?.record(),
     modelVersion: host.current.currentModelVersion,
     secure: secure !== undefined,
+    attackerIds: [...attackers].sort(),
   };
 }
 
@@ -227,6 +237,10 @@ function aggregatorOptions(
     minUpdates: input.minUpdates,
     roundTimeoutMs: options.roundTimeoutMs,
     seed: options.seed,
+    aggregation: options.aggregation,
+    byzantineCount: options.byzantineCount,
+    trimFraction: options.trimFraction,
+    multiKrumSelect: options.multiKrumSelect,
     probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
     probeCount: Math.min(PROBE_IMAGES, data.test.count),
     testSet: { images: data.test.images, labels: data.test.labels },

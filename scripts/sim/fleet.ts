@@ -28,6 +28,8 @@ import {
   tensorNamesOfLayers,
 } from '../../models/index.ts';
 import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
+import type { AggregationRule } from '../../aggregator/index.ts';
+import type { SimAttackKind } from './attackers.ts';
 import { trainCentralized } from './centralized.ts';
 import { prepareFleetData, unionOf } from './data.ts';
 import type { FaultKind } from './faults.ts';
@@ -83,6 +85,17 @@ export interface SimulationOptions {
    * over a temporary PKI. Cannot be combined with faults.
    */
   secure: boolean;
+  /** Attacker vehicles: the first `attackers` by id; 0 for none. */
+  attackers: number;
+  attack: SimAttackKind;
+  /** Factor of boost and sign-flip; noise std in update RMS units. */
+  attackScale: number;
+  /** Aggregation rule and its settings, passed to the aggregator. */
+  aggregation: AggregationRule;
+  byzantineCount: number;
+  trimFraction: number;
+  /** 0 means n - f. */
+  multiKrumSelect: number;
   progress: boolean;
   log: Logger;
 }
@@ -99,6 +112,12 @@ export async function runSimulation(
       ErrorCode.InvalidConfig,
       '--secure cannot be combined with --faults: the fault proxies ' +
         'speak plain MQTT',
+    );
+  }
+  if (options.attackers > options.vehicles) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `--attackers ${options.attackers} is above --vehicles ${options.vehicles}`,
     );
   }
   const minUpdates = options.minUpdates ?? Math.ceil(options.vehicles / 2);
@@ -194,6 +213,7 @@ export async function runSimulation(
     modelPath,
     modelVersion: fleet.modelVersion,
     rows: fleet.rows,
+    attackerIds: fleet.attackerIds,
     delivery: fleet.delivery,
     faults: fleet.faults,
     secure: fleet.secure,

@@ -56,6 +56,19 @@ export interface SimulationReport {
   /** Share of test images where ONNX and TF.js agree on the top-1 class. */
   top1Agreement: number;
   rounds: RoundRow[];
+  /**
+   * Attack and aggregation settings; attackerIds are the vehicles that
+   * sent poisoned updates or trained on flipped labels.
+   */
+  robustness: {
+    aggregation: unknown;
+    byzantineCount: unknown;
+    trimFraction: unknown;
+    multiKrumSelect: unknown;
+    attack: unknown;
+    attackScale: unknown;
+    attackerIds: string[];
+  };
   /** Whether every finished update was decided once, and how. */
   delivery: DeliverySummary;
   /** Faults injected and aggregator restarts; null in a run without faults. */
@@ -78,6 +91,7 @@ export function buildReport(input: {
   modelVersion: number;
   top1Agreement: number;
   rows: RoundRow[];
+  attackerIds: string[];
   delivery: DeliverySummary;
   faults: FaultRecord | undefined;
   secure: boolean;
@@ -85,6 +99,7 @@ export function buildReport(input: {
   totalMs: number;
 }): SimulationReport {
   const withAccuracy = input.rows.filter((row) => row.accuracy !== null);
+  const { options } = input;
   return {
     options: input.options,
     backend: input.backend,
@@ -95,6 +110,15 @@ export function buildReport(input: {
     modelVersion: input.modelVersion,
     top1Agreement: input.top1Agreement,
     rounds: input.rows,
+    robustness: {
+      aggregation: options.aggregation ?? 'fedavg',
+      byzantineCount: options.byzantineCount ?? 0,
+      trimFraction: options.trimFraction ?? 0.2,
+      multiKrumSelect: options.multiKrumSelect ?? 0,
+      attack: input.attackerIds.length === 0 ? null : options.attack,
+      attackScale: input.attackerIds.length === 0 ? null : options.attackScale,
+      attackerIds: input.attackerIds,
+    },
     delivery: input.delivery,
     faults: input.faults ?? null,
     secure: input.secure,
