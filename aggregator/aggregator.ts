@@ -293,7 +293,9 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       const check = (): void => {
         const completed = this.roundsCompleted;
         const hasEnded =
-          this.#phase === 'stopped' || this.#rounds.isRoundLimitReached;
+          this.#phase === 'stopped' ||
+          this.#rounds.isRoundLimitReached ||
+          this.isPrivacyBudgetSpent;
         if (completed >= count) {
           this.#roundListeners.delete(check);
           resolve();
@@ -308,7 +310,15 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     });
   }
 
-  /** Resolves when the round loop ends (maxRounds reached or stopped). */
+  /** True once rounds stopped because the DP privacy budget is spent. */
+  get isPrivacyBudgetSpent(): boolean {
+    return this.#rounds.runner?.isBudgetSpent === true;
+  }
+
+  /**
+   * Resolves when the round loop ends (maxRounds reached, privacy budget
+   * spent, or stopped).
+   */
   async whenFinished(): Promise<void> {
     await this.#loop;
   }

@@ -20,6 +20,22 @@ export interface RoundClosedEvent extends RoundStats {
   releaseBytes: number;
   /** Maximum ONNX-vs-TF.js probability difference on the probe batch. */
   exportMaxAbsDiff: number;
+  /** Epsilon spent after this round at the DP delta; undefined without DP. */
+  epsilon: number | undefined;
+  /** DP-FedAvg details of the round; undefined without DP. */
+  privacy: RoundPrivacy | undefined;
+}
+
+/** DP-FedAvg details of a closed round. */
+export interface RoundPrivacy {
+  /** Epsilon spent after this round, at the configured delta. */
+  epsilon: number;
+  /** q = selected / online vehicles when the round opened. */
+  samplingRate: number;
+  /** Accepted updates whose norm was above clipNorm. */
+  clippedUpdates: number;
+  /** Median L2 norm of the accepted updates before clipping. */
+  medianUpdateNorm: number;
 }
 
 /** Payload of 'round-failed': the model stays at `modelVersion`. */

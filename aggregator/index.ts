@@ -5,8 +5,20 @@ export type {
   RoundClosedEvent,
   RoundFailedEvent,
   RoundOpenedEvent,
+  RoundPrivacy,
   UpdateDecidedEvent,
 } from './events.ts';
+export {
+  ClippedSum,
+  PrivacyAccountant,
+  differentialPrivacyOfFlags,
+  samplingRateOf,
+} from './privacy-round.ts';
+export type {
+  DifferentialPrivacyOptions,
+  DpFlags,
+  ResolvedDifferentialPrivacy,
+} from './privacy-round.ts';
 export { FedAvgAccumulator, applyDeltas } from './fedavg.ts';
 export { ModelStore } from './model-store.ts';
 export type { ModelManifest, StoredModel } from './model-store.ts';

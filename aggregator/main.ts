@@ -17,6 +17,7 @@ import {
 } from '../protocol/index.ts';
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
 import { Aggregator } from './aggregator.ts';
+import { differentialPrivacyOfFlags, type DpFlags } from './privacy-round.ts';
 import {
   AGGREGATION_RULES,
   type AggregationRule,
@@ -163,6 +164,26 @@ const program = new Command('aggregator')
     0,
   )
   .option(
+    '--dp-clip-norm <number>',
+    'DP-FedAvg: clip each update to this L2 norm (all four --dp-* or none)',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-noise-multiplier <number>',
+    'DP-FedAvg: noise standard deviation over the clip norm (z)',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-target-epsilon <number>',
+    'DP-FedAvg: stop before epsilon would exceed this',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-delta <number>',
+    'DP-FedAvg: delta of the (epsilon, delta) guarantee',
+    parseNumberAtLeast(0),
+  )
+  .option(
     '--export-tolerance-abs <number>',
     'max ONNX-vs-TF.js probability difference',
     parseNumberAtLeast(0),
@@ -246,6 +267,10 @@ interface Flags {
   trimFraction: number;
   multiKrumSelect: number;
   exportToleranceAbs: number;
+  dpClipNorm?: number;
+  dpNoiseMultiplier?: number;
+  dpTargetEpsilon?: number;
+  dpDelta?: number;
   testData?: string;
   testLimit?: number;
   probeCount: number;
@@ -373,6 +398,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     multiKrumSelect: flags.multiKrumSelect,
     exportToleranceAbs: flags.exportToleranceAbs,
     rollbackToVersion: flags.rollbackTo,
+    differentialPrivacy: differentialPrivacyOfFlags(flags satisfies DpFlags),
     log,
   };
 }

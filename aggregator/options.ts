@@ -21,6 +21,11 @@ import {
 import { createRandom } from '../models/random.ts';
 import { chunkSizeFor } from './release-messages.ts';
 import {
+  resolveDifferentialPrivacy,
+  type DifferentialPrivacyOptions,
+  type ResolvedDifferentialPrivacy,
+} from './privacy-round.ts';
+import {
   MAX_ABS_WEIGHTED_DELTA,
   MAX_EXAMPLES_PER_ADD,
   MAX_UPDATES,
@@ -118,6 +123,11 @@ export interface AggregatorOptions {
   /** Updates Multi-Krum averages, m; 0 (default) means n - f. */
   multiKrumSelect?: number;
   /**
+   * DP-FedAvg (central DP, clipping on the aggregator); only with
+   * aggregation 'fedavg'. Off by default. See aggregator/privacy-round.ts.
+   */
+  differentialPrivacy?: DifferentialPrivacyOptions;
+  /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
    * TF.js. Default: 8 seeded random images.
    */
@@ -170,11 +180,13 @@ export type ResolvedOptions = Required<
     | 'security'
     | 'releaseSigningKeyPath'
     | 'vehicleKeysPath'
+    | 'differentialPrivacy'
   >
 > & {
   testSet?: TestSet;
   security?: BrokerClientSecurity;
   rollbackToVersion?: number;
+  differentialPrivacy?: ResolvedDifferentialPrivacy;
   trainableTensors: string[];
   /** Loaded from releaseSigningKeyPath. */
   releaseSigningKey?: SigningKey;
@@ -289,6 +301,14 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
   checkNumbers(resolved);
   return {
     ...resolved,
+    differentialPrivacy:
+      options.differentialPrivacy === undefined
+        ? undefined
+        : resolveDifferentialPrivacy(
+            options.differentialPrivacy,
+            resolved.aggregation,
+            resolved.seed,
+          ),
     trainableTensors: resolveTrainableTensors(resolved.trainableLayers),
   };
 }

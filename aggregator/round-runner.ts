@@ -13,10 +13,11 @@ import {
   type Logger,
 } from '../protocol/index.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
-import type { AggregatorEvents } from './events.ts';
+import type { AggregatorEvents, RoundPrivacy } from './events.ts';
 import { buildRoundTask } from './messages.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
+import { PrivacyAccountant, samplingRateOf } from './privacy-round.ts';
 import { OpenRound, type CloseTrigger, type RoundStats } from './round.ts';
 import { selectVehicles } from './selection.ts';
 import { saveState } from './state.ts';
@@ -59,12 +60,36 @@ export class RoundRunner {
   #lastRound: number;
   #openRound: OpenRound | undefined;
   #roundsCompleted = 0;
+  /** DP-FedAvg accountant; undefined without differentialPrivacy. */
+  readonly #accountant: PrivacyAccountant | undefined;
+  /** Sampling rate of the open round, for the accountant. */
+  #samplingRate = 1;
+  #isBudgetSpent = false;
 
+  /**
+   * @throws {FleetError} INVALID_CONFIG when stateDir/privacy.json exists
+   *   but is not a privacy budget.
+   */
   constructor(host: RoundHost, model: StoredModel, lastRound: number) {
     this.#host = host;
     this.#model = model;
     this.#lastRound = lastRound;
     this.#tensorSizes = tensorSizesOf(host.options.trainableTensors);
+    const dp = host.options.differentialPrivacy;
+    this.#accountant =
+      dp === undefined
+        ? undefined
+        : new PrivacyAccountant(host.options.stateDir, dp);
+  }
+
+  /** True once the loop stopped because the privacy budget is spent. */
+  get isBudgetSpent(): boolean {
+    return this.#isBudgetSpent;
+  }
+
+  /** Epsilon spent so far, or undefined without differentialPrivacy. */
+  get epsilon(): number | undefined {
+    return this.#accountant?.epsilon;
   }
 
   get model(): StoredModel {
@@ -107,6 +132,7 @@ export class RoundRunner {
         log,
       });
       if (online === undefined) break;
+      if (this.#checkBudgetSpent(online)) break;
       try {
         await this.#runRound(online);
       } catch (err) {
@@ -122,16 +148,47 @@ export class RoundRunner {
     this.#host.onRoundEnded();
   }
 
-  async #runRound(online: string[]): Promise<void> {
+  /**
+   * Returns true, after logging, when one more round at this round's
+   * sampling rate would take epsilon above the target.
+   */
+  #checkBudgetSpent(online: string[]): boolean {
+    const accountant = this.#accountant;
+    if (accountant === undefined) return false;
+    const selected = this.#select(online, this.#lastRound + 1);
+    const samplingRate = samplingRateOf(selected.length, online.length);
+    const { exceeds, epsilonAfter } = accountant.wouldExceed(samplingRate);
+    if (!exceeds) return false;
+    this.#isBudgetSpent = true;
+    this.#host.log.warn(
+      {
+        epsilon: accountant.epsilon,
+        epsilonAfter,
+        targetEpsilon: accountant.settings.targetEpsilon,
+        rounds: accountant.rounds,
+        samplingRate,
+      },
+      'privacy budget spent',
+    );
+    return true;
+  }
+
+  #select(online: string[], roundNumber: number): string[] {
     const { options } = this.#host;
-    const roundNumber = this.#lastRound + 1;
-    const baseModelVersion = this.#model.manifest.version;
-    const selected = selectVehicles(
+    return selectVehicles(
       online,
       options.vehiclesPerRound,
       options.seed,
       roundNumber,
     );
+  }
+
+  async #runRound(online: string[]): Promise<void> {
+    const { options } = this.#host;
+    const roundNumber = this.#lastRound + 1;
+    const baseModelVersion = this.#model.manifest.version;
+    const selected = this.#select(online, roundNumber);
+    this.#samplingRate = samplingRateOf(selected.length, online.length);
     // Record the round number first, so a restart never reuses it.
     saveState(options.stateDir, {
       round: roundNumber,
@@ -144,6 +201,7 @@ export class RoundRunner {
       tensorSizes: this.#tensorSizes,
       timeoutMs: options.roundTimeoutMs,
       keepUpdates: options.aggregation !== 'fedavg',
+      clipNorm: options.differentialPrivacy?.clipNorm,
     });
     this.#lastRound = roundNumber;
     this.#openRound = round;
@@ -195,6 +253,9 @@ export class RoundRunner {
     const { model, release, exportMaxAbsDiff } = committed;
     this.#model = model;
     this.#openRound = undefined;
+    // privacy.json is written before the release goes out, so the budget
+    // on disk never counts fewer rounds than were published.
+    const privacy = this.#recordPrivacy(round);
     await this.#host.publishRelease(model, release).catch((err: unknown) => {
       const modelVersion = model.manifest.version;
       log.error({ err, modelVersion }, 'release publish failed');
@@ -213,6 +274,7 @@ export class RoundRunner {
         numExamples: stats.numExamples,
         accuracy,
         durationMs: stats.durationMs,
+        ...privacy,
       },
       'round closed',
     );
@@ -221,10 +283,26 @@ export class RoundRunner {
       ...stats,
       modelVersion: model.manifest.version,
       accuracy,
+      epsilon: privacy?.epsilon,
+      privacy,
       releaseBytes: release.byteLength,
       exportMaxAbsDiff,
     });
     this.#host.onRoundEnded();
+  }
+
+  /** Steps the accountant for a released round; undefined without DP. */
+  #recordPrivacy(round: OpenRound): RoundPrivacy | undefined {
+    const accountant = this.#accountant;
+    const sum = round.clippedSum;
+    if (accountant === undefined || sum === undefined) return undefined;
+    const epsilon = accountant.step(this.#samplingRate);
+    return {
+      epsilon,
+      samplingRate: this.#samplingRate,
+      clippedUpdates: sum.clippedCount,
+      medianUpdateNorm: sum.medianNorm ?? 0,
+    };
   }
 
   #failRound(stats: RoundStats, trigger: CloseTrigger, err: unknown): void {

@@ -1,4 +1,5 @@
 import { FedAvgAccumulator } from './fedavg.ts';
+import { ClippedSum } from './privacy-round.ts';
 import type { VehicleUpdate } from './strategies/index.ts';
 import type { RoundContext, UpdateDecision } from './validate.ts';
 
@@ -61,6 +62,7 @@ export class OpenRound {
   readonly #acceptedVehicles = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
   readonly #keptUpdates: VehicleUpdate[] | undefined;
+  readonly #clippedSum: ClippedSum | undefined;
   #accepted = 0;
   #rejected = 0;
   #uplinkBytes = 0;
@@ -81,6 +83,11 @@ export class OpenRound {
      * tensors' size in memory, which streaming FedAvg does not need.
      */
     keepUpdates?: boolean;
+    /**
+     * DP-FedAvg: also clip every accepted update to this L2 norm and sum
+     * it with weight 1 (see `clippedSum`).
+     */
+    clipNorm?: number;
   }) {
     this.round = options.round;
     this.baseModelVersion = options.baseModelVersion;
@@ -89,6 +96,10 @@ export class OpenRound {
     this.deadlineMs = this.openedAtMs + options.timeoutMs;
     this.accumulator = new FedAvgAccumulator(options.tensorSizes);
     this.#keptUpdates = options.keepUpdates === true ? [] : undefined;
+    this.#clippedSum =
+      options.clipNorm === undefined
+        ? undefined
+        : new ClippedSum(options.tensorSizes, options.clipNorm);
     this.closed = new Promise((resolve) => {
       this.#resolveClosed = resolve;
     });
@@ -113,6 +124,11 @@ export class OpenRound {
    */
   get keptUpdates(): readonly VehicleUpdate[] | undefined {
     return this.#keptUpdates;
+  }
+
+  /** Clipped equal-weight sum, or undefined when opened without clipNorm. */
+  get clippedSum(): ClippedSum | undefined {
+    return this.#clippedSum;
   }
 
   /** Validation context for an update arriving now. */
@@ -145,6 +161,7 @@ export class OpenRound {
 
     const { vehicleId, numExamples } = decision.update;
     this.accumulator.add(decision.deltas, numExamples);
+    this.#clippedSum?.add(decision.deltas);
     this.#keptUpdates?.push({
       vehicleId,
       numExamples,

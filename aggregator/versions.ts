@@ -173,6 +173,9 @@ export function checkFinite(weights: WeightMap, version: number): void {
 /**
  * Returns the round's mean delta under `options.aggregation`: the
  * streamed FedAvg mean, or a robust rule over the round's kept updates.
+ * With `differentialPrivacy` it is the DP-FedAvg mean instead: the
+ * clipped equal-weight sum plus Gaussian noise, divided by the number of
+ * selected vehicles.
  *
  * @throws {FleetError} ROBUST_RULE_UNSATISFIED when the number of updates
  *   breaks the rule's requirement (for example Krum needs n > 2f + 2).
@@ -182,10 +185,24 @@ export function computeMeanDelta(
   round: OpenRound,
   options: Pick<
     ResolvedOptions,
-    'aggregation' | 'byzantineCount' | 'trimFraction' | 'multiKrumSelect'
+    | 'aggregation'
+    | 'byzantineCount'
+    | 'trimFraction'
+    | 'multiKrumSelect'
+    | 'differentialPrivacy'
   >,
 ): WeightMap {
-  const { aggregation, byzantineCount } = options;
+  const { aggregation, byzantineCount, differentialPrivacy } = options;
+  if (differentialPrivacy !== undefined) {
+    const sum = round.clippedSum;
+    if (sum === undefined) {
+      throw new Error(
+        `round ${round.round} has no clipped sum, which differential ` +
+          'privacy needs; open it with clipNorm',
+      );
+    }
+    return sum.noisyMean(round.selected.size, differentialPrivacy, round.round);
+  }
   if (aggregation === 'fedavg') return round.accumulator.result();
   const updates = round.keptUpdates;
   if (updates === undefined) {
@@ -224,8 +241,8 @@ export interface CommittedVersion {
 
 /**
  * Turns a closed round into the next model version: checks the quorum,
- * adds the mean delta of `options.aggregation` (see computeMeanDelta), exports and checks the ONNX model, stores
- * it, then updates state.json. Nothing is written when a step fails. The
+ * adds the mean delta of `options.aggregation` (see
+ * computeMeanDelta), exports and checks the ONNX model, stores it, then updates state.json. Nothing is written when a step fails. The
  * version number follows the highest one stored, so after a rollback the
  * numbers of withdrawn versions are not reused.
  *

@@ -17,7 +17,11 @@ import {
 } from './sim/faults.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
 import { DEFAULT_ATTACK_SCALE, SIM_ATTACK_KINDS } from './sim/attackers.ts';
-import { AGGREGATION_RULES } from '../aggregator/index.ts';
+import {
+  AGGREGATION_RULES,
+  differentialPrivacyOfFlags,
+  type DifferentialPrivacyOptions,
+} from '../aggregator/index.ts';
 
 /** Round deadline without faults: long enough for slow training backends. */
 const ROUND_TIMEOUT_MS = 600_000;
@@ -197,6 +201,26 @@ const program = new Command('simulate')
     0,
   )
   .option(
+    '--dp-clip-norm <number>',
+    'DP-FedAvg: clip each update to this L2 norm (all four --dp-* or none)',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-noise-multiplier <number>',
+    'DP-FedAvg: noise standard deviation over the clip norm (z)',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-target-epsilon <number>',
+    'DP-FedAvg: stop before epsilon would exceed this',
+    parseNumberAtLeast(0),
+  )
+  .option(
+    '--dp-delta <number>',
+    'DP-FedAvg: delta of the (epsilon, delta) guarantee',
+    parseNumberAtLeast(0),
+  )
+  .option(
     '--secure',
     'provision a temporary PKI and run with mutual TLS, the broker ACL, ' +
       'signed releases and signed updates (not with --faults)',
@@ -212,6 +236,13 @@ program.parse();
 const flags = program.opts();
 const log = createLogger({ level: flags.logLevel, name: 'fleetlearn' });
 const faults: FaultKind[] = flags.faults ?? [];
+let differentialPrivacy: DifferentialPrivacyOptions | undefined;
+try {
+  differentialPrivacy = differentialPrivacyOfFlags(flags);
+} catch (err) {
+  console.error(`simulate: ${(err as Error).message}`);
+  process.exit(1);
+}
 
 const options: SimulationOptions = {
   vehicles: flags.vehicles,
@@ -244,6 +275,7 @@ const options: SimulationOptions = {
   byzantineCount: flags.byzantineCount,
   trimFraction: flags.trimFraction,
   multiKrumSelect: flags.multiKrumSelect,
+  differentialPrivacy,
   baseWeightsPath: flags.baseWeights,
   depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,

@@ -51,6 +51,8 @@ export interface FleetRunResult {
   secure: boolean;
   /** Vehicles that attacked, sorted. */
   attackerIds: string[];
+  /** True when the aggregator stopped early on a spent privacy budget. */
+  privacyBudgetSpent: boolean;
 }
 
 /**
@@ -171,6 +173,7 @@ async function runSecuredFleet(
     modelVersion: host.current.currentModelVersion,
     secure: secure !== undefined,
     attackerIds: [...attackers].sort(),
+    privacyBudgetSpent: host.current.isPrivacyBudgetSpent,
   };
 }
 
@@ -241,6 +244,7 @@ function aggregatorOptions(
     byzantineCount: options.byzantineCount,
     trimFraction: options.trimFraction,
     multiKrumSelect: options.multiKrumSelect,
+    differentialPrivacy: options.differentialPrivacy,
     probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
     probeCount: Math.min(PROBE_IMAGES, data.test.count),
     testSet: { images: data.test.images, labels: data.test.labels },

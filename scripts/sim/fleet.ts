@@ -28,7 +28,10 @@ import {
   tensorNamesOfLayers,
 } from '../../models/index.ts';
 import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
-import type { AggregationRule } from '../../aggregator/index.ts';
+import type {
+  AggregationRule,
+  DifferentialPrivacyOptions,
+} from '../../aggregator/index.ts';
 import type { SimAttackKind } from './attackers.ts';
 import { trainCentralized } from './centralized.ts';
 import { prepareFleetData, unionOf } from './data.ts';
@@ -96,6 +99,8 @@ export interface SimulationOptions {
   trimFraction: number;
   /** 0 means n - f. */
   multiKrumSelect: number;
+  /** DP-FedAvg settings passed to the aggregator; undefined for none. */
+  differentialPrivacy?: DifferentialPrivacyOptions;
   progress: boolean;
   log: Logger;
 }
@@ -214,6 +219,7 @@ export async function runSimulation(
     modelVersion: fleet.modelVersion,
     rows: fleet.rows,
     attackerIds: fleet.attackerIds,
+    privacyBudgetSpent: fleet.privacyBudgetSpent,
     delivery: fleet.delivery,
     faults: fleet.faults,
     secure: fleet.secure,

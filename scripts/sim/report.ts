@@ -31,6 +31,13 @@ export interface RoundRow {
   downlinkBytes: number;
   numExamples: number;
   durationMs: number;
+  /**
+   * DP epsilon spent after this round, at the run's delta; null without
+   * differential privacy and for a round that released no model.
+   */
+  epsilon: number | null;
+  /** DP runs: median L2 norm of the round's updates before clipping. */
+  medianUpdateNorm?: number;
   /** Error code when the round failed. */
   failure?: string;
   /** Faults injected into this round, by kind; only in a faulty run. */
@@ -69,6 +76,19 @@ export interface SimulationReport {
     attackScale: unknown;
     attackerIds: string[];
   };
+  /** DP-FedAvg settings and outcome; null in a run without DP. */
+  privacy: {
+    clipNorm: number;
+    noiseMultiplier: number;
+    targetEpsilon: number;
+    delta: number;
+    /** Epsilon after the last released round. */
+    finalEpsilon: number | null;
+    /** Rounds that released a model under DP. */
+    roundsRun: number;
+    /** True when the budget ended training before the requested rounds. */
+    budgetStopped: boolean;
+  } | null;
   /** Whether every finished update was decided once, and how. */
   delivery: DeliverySummary;
   /** Faults injected and aggregator restarts; null in a run without faults. */
@@ -92,6 +112,7 @@ export function buildReport(input: {
   top1Agreement: number;
   rows: RoundRow[];
   attackerIds: string[];
+  privacyBudgetSpent: boolean;
   delivery: DeliverySummary;
   faults: FaultRecord | undefined;
   secure: boolean;
@@ -119,11 +140,38 @@ export function buildReport(input: {
       attackScale: input.attackerIds.length === 0 ? null : options.attackScale,
       attackerIds: input.attackerIds,
     },
+    privacy: privacyOf(options, input.rows, input.privacyBudgetSpent),
     delivery: input.delivery,
     faults: input.faults ?? null,
     secure: input.secure,
     federatedMs: input.federatedMs,
     totalMs: input.totalMs,
+  };
+}
+
+function privacyOf(
+  options: Record<string, unknown>,
+  rows: RoundRow[],
+  budgetStopped: boolean,
+): SimulationReport['privacy'] {
+  const dp = options.differentialPrivacy as
+    | {
+        clipNorm: number;
+        noiseMultiplier: number;
+        targetEpsilon: number;
+        delta: number;
+      }
+    | undefined;
+  if (dp === undefined) return null;
+  const released = rows.filter((row) => row.epsilon !== null);
+  return {
+    clipNorm: dp.clipNorm,
+    noiseMultiplier: dp.noiseMultiplier,
+    targetEpsilon: dp.targetEpsilon,
+    delta: dp.delta,
+    finalEpsilon: released.at(-1)?.epsilon ?? null,
+    roundsRun: released.length,
+    budgetStopped,
   };
 }
 
@@ -134,6 +182,7 @@ function kib(bytes: number): string {
 /** Prints one line per round to stdout. */
 export function printRoundTable(rows: RoundRow[]): void {
   const hasFaults = rows.some((row) => row.faultsInjected !== undefined);
+  const hasEpsilon = rows.some((row) => row.epsilon !== null);
   const table = new Table({
     style: { head: [], border: [] },
     head: [
@@ -147,6 +196,7 @@ export function printRoundTable(rows: RoundRow[]): void {
       'examples',
       'seconds',
       ...(hasFaults ? ['selected', 'faults'] : []),
+      ...(hasEpsilon ? ['epsilon', 'norm'] : []),
     ],
   });
   for (const row of rows) {
@@ -161,6 +211,7 @@ export function printRoundTable(rows: RoundRow[]): void {
       row.numExamples,
       (row.durationMs / 1000).toFixed(1),
       ...(hasFaults ? [row.selected, faultsCell(row)] : []),
+      ...(hasEpsilon ? epsilonCells(row) : []),
     ]);
   }
   console.log(table.toString());
@@ -170,6 +221,13 @@ function versionCell(row: RoundRow): string | number {
   if (row.interrupted === true) return `${row.modelVersion} (interrupted)`;
   if (row.failure !== undefined) return `${row.modelVersion} (${row.failure})`;
   return row.modelVersion;
+}
+
+function epsilonCells(row: RoundRow): string[] {
+  return [
+    row.epsilon === null ? '-' : row.epsilon.toFixed(3),
+    row.medianUpdateNorm === undefined ? '-' : row.medianUpdateNorm.toFixed(3),
+  ];
 }
 
 /** Total faults injected into the round. */

@@ -132,6 +132,7 @@ export class RoundRecorder {
       downlinkBytes: this.#downlinkSinceLastRow(),
       numExamples: 0,
       durationMs: Date.now() - openedAtMs,
+      epsilon: null,
       interrupted: true,
     });
   }
@@ -218,5 +219,9 @@ function rowOf(
     downlinkBytes,
     numExamples: event.numExamples,
     durationMs: event.durationMs,
+    epsilon: 'epsilon' in event ? (event.epsilon ?? null) : null,
+    ...('privacy' in event && event.privacy !== undefined
+      ? { medianUpdateNorm: event.privacy.medianUpdateNorm }
+      : {}),
   };
 }
