@@ -28,6 +28,7 @@ import {
   parseNumberAtLeast,
   parsePositiveNumber,
   reportStartError,
+  addDifferentialPrivacyOptions,
 } from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
@@ -162,26 +163,6 @@ const program = new Command('aggregator')
     'updates Multi-Krum averages (m); 0 means n - f',
     parseIntegerAtLeast(0),
     0,
-  )
-  .option(
-    '--dp-clip-norm <number>',
-    'DP-FedAvg: clip each update to this L2 norm (all four --dp-* or none)',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-noise-multiplier <number>',
-    'DP-FedAvg: noise standard deviation over the clip norm (z)',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-target-epsilon <number>',
-    'DP-FedAvg: stop before epsilon would exceed this',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-delta <number>',
-    'DP-FedAvg: delta of the (epsilon, delta) guarantee',
-    parseNumberAtLeast(0),
   )
   .option(
     '--export-tolerance-abs <number>',
@@ -404,6 +385,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
 }
 
 async function main(): Promise<void> {
+  addDifferentialPrivacyOptions(program);
   program.parse();
   const flags = program.opts<Flags>();
   const log = createLogger({ level: flags.logLevel });

@@ -1,4 +1,4 @@
-import { InvalidArgumentError } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { isFleetError } from './errors.ts';
 import type { Logger } from './logger.ts';
 
@@ -79,4 +79,32 @@ export function reportStartError(
   log.fatal({ code, reason: err.message }, message);
   console.error(`${command}: ${err.message}`);
   return 2;
+}
+
+/**
+ * Adds the four DP-FedAvg flags, shared by the aggregator and the
+ * simulator. Both read them with `differentialPrivacyOfFlags`.
+ */
+export function addDifferentialPrivacyOptions(command: Command): Command {
+  return command
+    .option(
+      '--dp-clip-norm <number>',
+      'DP-FedAvg: clip each update to this L2 norm (all four --dp-* or none)',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--dp-noise-multiplier <number>',
+      'DP-FedAvg: noise standard deviation over the clip norm (z)',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--dp-target-epsilon <number>',
+      'DP-FedAvg: stop before epsilon would exceed this',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--dp-delta <number>',
+      'DP-FedAvg: delta of the (epsilon, delta) guarantee',
+      parseNumberAtLeast(0),
+    );
 }

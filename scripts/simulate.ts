@@ -8,6 +8,7 @@ import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
   parsePositiveNumber,
+  addDifferentialPrivacyOptions,
 } from '../protocol/cli-arguments.ts';
 import {
   DEFAULT_FAULT_RATE,
@@ -201,26 +202,6 @@ const program = new Command('simulate')
     0,
   )
   .option(
-    '--dp-clip-norm <number>',
-    'DP-FedAvg: clip each update to this L2 norm (all four --dp-* or none)',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-noise-multiplier <number>',
-    'DP-FedAvg: noise standard deviation over the clip norm (z)',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-target-epsilon <number>',
-    'DP-FedAvg: stop before epsilon would exceed this',
-    parseNumberAtLeast(0),
-  )
-  .option(
-    '--dp-delta <number>',
-    'DP-FedAvg: delta of the (epsilon, delta) guarantee',
-    parseNumberAtLeast(0),
-  )
-  .option(
     '--secure',
     'provision a temporary PKI and run with mutual TLS, the broker ACL, ' +
       'signed releases and signed updates (not with --faults)',
@@ -232,6 +213,7 @@ const program = new Command('simulate')
   )
   .option('--no-progress', 'no progress bar (for logs and CI)');
 
+addDifferentialPrivacyOptions(program);
 program.parse();
 const flags = program.opts();
 const log = createLogger({ level: flags.logLevel, name: 'fleetlearn' });
