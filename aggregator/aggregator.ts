@@ -32,7 +32,7 @@ const LOOP_STOP_TIMEOUT_MS = 2000;
 
 /**
  * Accepted update ids remembered across rounds, so that a late copy is
- * answered DUPLICATE_UPDATE. About 100 bytes each.
+ * acked DUPLICATE_UPDATE. About 100 bytes each (an estimate).
  */
 const MAX_REMEMBERED_UPDATES = 10_000;
 

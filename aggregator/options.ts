@@ -109,8 +109,8 @@ export interface AggregatorOptions {
   /** Maximum |value| of a delta element. Default 1000. */
   maxAbsDeltaValue?: number;
   /**
-   * How a round's accepted updates become its mean delta. 'fedavg'
-   * (default) streams a weighted mean. The robust rules in
+   * Rule that turns a round's accepted updates into its mean delta.
+   * 'fedavg' (default) streams a weighted mean. The robust rules in
    * aggregator/strategies/ are unweighted and keep every accepted update
    * of the round in memory. A round with too few updates for the rule's
    * requirement fails with ROBUST_RULE_UNSATISFIED.

@@ -31,7 +31,7 @@ export interface RoundContext {
   seenUpdateIds: ReadonlySet<string>;
   /**
    * Recently accepted update ids of earlier rounds, with their round, so
-   * that a late copy is answered as a duplicate rather than as late.
+   * that a late copy is acked as a duplicate rather than as late.
    */
   earlierAccepted: ReadonlyMap<string, number>;
   /** Vehicles whose update was accepted in the open round. */
