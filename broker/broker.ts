@@ -1,4 +1,4 @@
-import type { Server } from 'node:net';
+import type { Server, Socket } from 'node:net';
 import { Aedes, type Client } from 'aedes';
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -123,11 +123,19 @@ export async function startBroker(
   });
 
   const aedes = await Aedes.createBroker(access.hooks());
+  // Connections the broker accepted and that are still open. aedes closes
+  // only the clients that finished CONNECT; close() destroys the rest, or
+  // server.close() would wait for them forever.
+  const sockets = new Set<Socket>();
   attachLogging(aedes, log);
   let listener;
   try {
     listener = createListener(
-      (socket) => aedes.handle(socket),
+      (socket) => {
+        sockets.add(socket);
+        socket.once('close', () => sockets.delete(socket));
+        aedes.handle(socket);
+      },
       options.tls,
       log,
     );
@@ -169,7 +177,9 @@ export async function startBroker(
   const close = (): Promise<void> => {
     closing ??= (async () => {
       await closeAedes(aedes);
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const socket of sockets) socket.destroy();
+      await closed;
       log.info({ host, port: boundPort }, 'broker stopped');
     })();
     return closing;

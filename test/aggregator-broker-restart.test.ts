@@ -15,6 +15,7 @@ import {
   testOptions,
   topics,
 } from './aggregator-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 /** Returns the retained round task a fresh subscriber gets, if any. */
 async function retainedRound(port: number): Promise<number | undefined> {
@@ -32,7 +33,7 @@ async function retainedRound(port: number): Promise<number | undefined> {
     await delay(500);
     return round;
   } finally {
-    await client.endAsync();
+    await endClient(client, 2000);
   }
 }
 

@@ -34,6 +34,7 @@ import {
   fetchChunkedRelease,
   type FetchedRelease,
 } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 export const FLEET_ID = 'test-fleet';
 export const topics = new FleetTopics(FLEET_ID);
@@ -228,7 +229,7 @@ export class TestVehicle {
   }
 
   async close(): Promise<void> {
-    await this.client.endAsync();
+    await endClient(this.client, 2000);
   }
 }
 

@@ -29,6 +29,7 @@ import {
   topics,
   type Workspace,
 } from './aggregator-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const IDLE_VEHICLE = 'veh-idle';
@@ -81,7 +82,7 @@ async function publishIdleStatus(
     ),
     { qos: 1, retain: true },
   );
-  await client.endAsync();
+  await endClient(client, 2000);
 }
 
 describe('aggregator killed mid-round', () => {

@@ -36,6 +36,7 @@ import {
   type CapturedLog,
   type TestPki,
 } from './tls-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const FLEET_ID = 'acl-fleet';
 const topics = new FleetTopics(FLEET_ID);
@@ -300,7 +301,7 @@ describe('broker acl over mutual tls', () => {
       () => aggregatorInbox.some((m) => m.topic === topics.update('veh-001')),
       'update at the aggregator',
     );
-    await vehicle.endAsync();
+    await endClient(vehicle, 2000);
   });
 
   test('publish to other vehicle denied', async () => {
@@ -346,7 +347,7 @@ describe('broker acl over mutual tls', () => {
     );
     assert.equal(line.clientId, 'vehicle-veh-001');
     assert.equal(vehicle.connected, true);
-    await vehicle.endAsync();
+    await endClient(vehicle, 2000);
   });
 
   test('vehicle receives rounds and releases', async () => {
@@ -366,7 +367,7 @@ describe('broker acl over mutual tls', () => {
       inbox.map((m) => m.topic),
       [topics.roundTask(), chunk],
     );
-    await vehicle.endAsync();
+    await endClient(vehicle, 2000);
   });
 
   test('aggregator cannot forge updates', async () => {
@@ -486,7 +487,7 @@ describe('broker acl over mutual tls', () => {
       line.holderIdentity,
       `urn:fleetlearn:${FLEET_ID}:vehicle:veh-001`,
     );
-    await holder.endAsync();
+    await endClient(holder, 2000);
   });
 
   test('same identity takes over client id', async () => {
@@ -498,7 +499,7 @@ describe('broker acl over mutual tls', () => {
 
     assert.equal(second.connected, true);
     await captured.waitFor('client id taken over by the same identity');
-    await second.endAsync();
+    await endClient(second, 2000);
   });
 
   test('oversize publish dropped', async () => {
@@ -562,7 +563,7 @@ describe('broker acl over mutual tls', () => {
       (entry) => entry.clientId === 'vehicle-veh-003',
     );
     assert.equal(line.method, 'password');
-    await outcome.client.endAsync();
+    await endClient(outcome.client, 2000);
   });
 
   test('wrong password rejected', async () => {
@@ -622,7 +623,7 @@ describe('password broker on tcp', () => {
       await directory.authenticate('nobody', Buffer.from('whatever pw')),
       undefined,
     );
-    await good.client.endAsync();
+    await endClient(good.client, 2000);
     await broker.close();
     pki.remove();
   });

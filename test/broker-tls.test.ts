@@ -32,6 +32,7 @@ import {
   type CapturedLog,
   type TestPki,
 } from './tls-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DATA_DIR =
@@ -107,7 +108,7 @@ describe('broker mutual tls', () => {
     assert.equal(line.identity, 'urn:fleetlearn:tls-fleet:vehicle:veh-001');
     assert.equal(line.method, 'certificate');
 
-    await outcome.client.endAsync();
+    await endClient(outcome.client, 2000);
   });
 
   test('client without certificate rejected', async () => {

@@ -6,6 +6,7 @@ import { describe, test } from 'node:test';
 import { connect, type MqttClient } from 'mqtt';
 import { startBroker } from '../broker/index.ts';
 import { createLogger } from '../protocol/index.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const log = createLogger({ level: 'silent' });
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -52,8 +53,8 @@ describe('startBroker', () => {
 
     assert.deepEqual(await received, { payload: 'v1', retain: true });
 
-    await publisher.endAsync();
-    await subscriber.endAsync();
+    await endClient(publisher, 2000);
+    await endClient(subscriber, 2000);
     await broker.close();
   });
 

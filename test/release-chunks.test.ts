@@ -43,6 +43,7 @@ import {
   publishChunkedRelease,
   publishRetained,
 } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BASE_WEIGHTS = path.join(
@@ -326,7 +327,7 @@ describe('chunked release delivery', () => {
 
   after(async () => {
     for (const agent of agents) await agent.stop();
-    for (const client of clients) await client.endAsync();
+    for (const client of clients) await endClient(client, 2000);
     await broker.close();
     rmSync(workDir, { recursive: true, force: true });
   });

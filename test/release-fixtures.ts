@@ -17,6 +17,7 @@ import {
   encodeRelease,
   type EncodedRelease,
 } from '../aggregator/release-messages.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 /** A release notice with the ONNX file its chunks carry. */
 export type FetchedRelease = ModelRelease & { onnx: Uint8Array };
@@ -117,7 +118,7 @@ export async function fetchChunkedRelease(
       clearTimeout(timer);
     }
   } finally {
-    await client.endAsync();
+    await endClient(client, 2000);
   }
 }
 
@@ -175,7 +176,7 @@ export async function listRetainedChunks(
     qos: 1,
   });
   await new Promise((resolve) => setTimeout(resolve, waitMs));
-  await client.endAsync();
+  await endClient(client, 2000);
   return [...found].sort();
 }
 

@@ -41,6 +41,7 @@ import {
 } from '../scripts/provision/index.ts';
 import { VehicleAgent, type AgentEvents } from '../vehicle-agent/index.ts';
 import { connectClient, publishRetained } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BASE_WEIGHTS = path.join(
@@ -239,7 +240,7 @@ describe('release key rotation', () => {
     const rejected = nextEvent(agent!, 'release-rejected');
     const client = await connectClient(broker.port);
     await publishRetained(client, topics.release(), notice);
-    await client.endAsync();
+    await endClient(client, 2000);
 
     assert.deepEqual(trustedKeyIds(trustedPath), [newKeyId]);
     assert.equal(existsSync(releaseKeyPath(pkiDir, oldKeyId)), false);

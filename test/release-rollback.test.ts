@@ -44,6 +44,7 @@ import {
   listRetainedChunks,
   publishRetained,
 } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BASE_WEIGHTS = path.join(
@@ -110,7 +111,7 @@ async function publishIdleStatus(
     backend: 'none',
   });
   await publishRetained(client, topics.status(IDLE_VEHICLE), status);
-  await client.endAsync();
+  await endClient(client, 2000);
 }
 
 describe('release rollback', () => {

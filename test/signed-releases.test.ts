@@ -44,6 +44,7 @@ import {
   type TestKey,
 } from './signing-fixtures.ts';
 import { captureLog, type CapturedLog } from './tls-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BASE_WEIGHTS = path.join(
@@ -245,7 +246,7 @@ describe('signed releases on the vehicle', () => {
 
   after(async () => {
     await agent?.stop();
-    await client?.endAsync();
+    if (client !== undefined) await endClient(client, 2000);
     await broker?.close();
     keys?.remove();
     rmSync(workDir, { recursive: true, force: true });

@@ -42,6 +42,7 @@ import {
 } from '../scripts/provision/index.ts';
 import { VehicleAgent } from '../vehicle-agent/index.ts';
 import { connectClient } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPOSITORY_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BASE_WEIGHTS = path.join(
@@ -197,7 +198,7 @@ describe('signed updates at the aggregator', () => {
     } finally {
       await aggregator.stop();
       await agent.stop();
-      await attacker.endAsync();
+      await endClient(attacker, 2000);
     }
 
     const round = await closed;

@@ -49,6 +49,7 @@ import {
   VehicleAgent,
   type AgentEvents,
 } from '../vehicle-agent/index.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DATA_DIR =
@@ -241,7 +242,7 @@ describe('outbox with aggregator', () => {
   after(async () => {
     for (const agent of agents) await agent.stop();
     await aggregator?.stop();
-    await idleVehicle?.endAsync();
+    if (idleVehicle !== undefined) await endClient(idleVehicle, 2000);
     await broker.close();
     rmSync(workDir, { recursive: true, force: true });
   });

@@ -20,6 +20,7 @@ import {
 } from '../protocol/index.ts';
 import { FaultyLink } from '../scripts/sim/faulty-link.ts';
 import { VehicleAgent } from '../vehicle-agent/index.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const log = createLogger({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
 const topics = new FleetTopics('resync');
@@ -100,7 +101,7 @@ test('resync cut by disconnect keeps subscriptions', async () => {
     assert.ok(agent.connected);
     assert.ok((await probeRoundTopic()) >= 5);
   } finally {
-    await operator.endAsync();
+    await endClient(operator, 2000);
     await agent.stop();
     await link.close();
     await broker.close();
@@ -165,7 +166,7 @@ test('last will carries connection id', async () => {
     assert.equal(ids[3], ids[2]);
     assert.ok(ids[4] > ids[3]);
   } finally {
-    await observer.endAsync();
+    await endClient(observer, 2000);
     await agent.stop();
     await link.close();
     await broker.close();

@@ -48,6 +48,7 @@ import {
   publishChunkedRelease,
   type FetchedRelease,
 } from './release-fixtures.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DATA_DIR =
@@ -247,7 +248,7 @@ describe('vehicle agent over mqtt', () => {
 
   after(async () => {
     await agent?.stop();
-    await fleet?.endAsync();
+    if (fleet !== undefined) await endClient(fleet, 2000);
     await broker?.close();
     if (stateDir !== undefined)
       rmSync(stateDir, { recursive: true, force: true });
@@ -291,7 +292,7 @@ describe('vehicle agent over mqtt', () => {
     await client.subscribeAsync(topics.status(VEHICLE_ID));
 
     const status = decodeVehicleStatus(await message);
-    await client.endAsync();
+    await endClient(client, 2000);
 
     assert.equal(status.state, VehicleState.Online);
     assert.equal(status.modelVersion, 0);
