@@ -54,6 +54,15 @@ import { RoundRunner } from './round-runner.ts';
 
 /** Time `stop()` waits for the OFFLINE status to be acknowledged. */
 const OFFLINE_PUBLISH_TIMEOUT_MS = 2000;
+/**
+ * Time a status publish is awaited. A PUBACK that never comes (the client
+ * ended, or the connection dropped) must not hold up what awaits the
+ * status, such as a deployment and with it `stop()`; the session still
+ * delivers the status on the next connection.
+ */
+const STATUS_PUBLISH_TIMEOUT_MS = 5000;
+/** Time `stop()` waits for a deployment in progress. */
+const RELEASES_STOP_TIMEOUT_MS = 10_000;
 /** File in the state directory listing rounds with a stored update. */
 const FINISHED_ROUNDS_FILE = 'finished-rounds.json';
 /** Time `stop()` waits for a graceful MQTT disconnect. */
@@ -297,7 +306,12 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         'training still running at stop, its update is dropped',
       );
     }
-    await releasesStopped;
+    if (!(await settleWithin(releasesStopped, RELEASES_STOP_TIMEOUT_MS))) {
+      this.log.warn(
+        { timeoutMs: RELEASES_STOP_TIMEOUT_MS },
+        'release deployment still running at stop',
+      );
+    }
     await this.deployment.close();
     this.log.info({ durationMs: Date.now() - started }, 'agent stopped');
   }
@@ -633,11 +647,17 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     if (client === undefined || this.state !== 'running') return;
     const state = this.isTraining ? VehicleState.Training : VehicleState.Online;
     try {
-      await client.publishAsync(
+      const published = client.publishAsync(
         this.topics.status(this.vehicleId),
         Buffer.from(this.statusBytes(state)),
         { qos: 1, retain: true },
       );
+      if (!(await settleWithin(published, STATUS_PUBLISH_TIMEOUT_MS))) {
+        this.log.debug(
+          { state, timeoutMs: STATUS_PUBLISH_TIMEOUT_MS },
+          'status not acknowledged in time',
+        );
+      }
     } catch (err) {
       this.log.warn({ err, state }, 'status not published');
     }
