@@ -1,11 +1,21 @@
 import { EventEmitter } from 'node:events';
 import type { MqttClient } from 'mqtt';
-import { FleetTopics, createLogger, type Logger } from '../protocol/index.ts';
+import {
+  ErrorCode,
+  FleetTopics,
+  createLogger,
+  decodeUpdatePayload,
+  encodeUpdateAck,
+  type Logger,
+  type ModelUpdate,
+} from '../protocol/index.ts';
 import { endClient, settleWithin } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
 import type { AggregatorEvents } from './events.ts';
 import { receiveUpdate } from './ingress.ts';
+import { buildAck } from './messages.ts';
+import type { SecureRoundSession } from './secure-round.ts';
 import { ModelStore, type StoredModel } from './model-store.ts';
 import {
   resolveOptions,
@@ -24,6 +34,11 @@ import { RoundLoop } from './round-loop.ts';
 import { rollbackSteps, selectStartModel } from './rollback.ts';
 import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
+import {
+  startLiveView,
+  type LiveView,
+  type LiveViewSource,
+} from './live-view/index.ts';
 
 /** Time `stop()` waits for a graceful MQTT disconnect. */
 const DISCONNECT_TIMEOUT_MS = 2000;
@@ -76,6 +91,10 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   #pendingAcks: Array<{ vehicleId: string; ack: Uint8Array }> = [];
   readonly #rounds: RoundLoop;
   #loop: Promise<void> | undefined;
+  /** The secure round taking messages, if one is running. */
+  #secureSession: SecureRoundSession | undefined;
+  /** Web page, JSON API and metrics, when the option liveViewPort is set. */
+  #liveView: LiveView | undefined;
 
   /**
    * Checks and stores the options. Nothing connects until `start()`.
@@ -142,6 +161,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     return this.#vehicles.onlineIds();
   }
 
+  /** URL of the live view once started; undefined when it is off. */
+  get liveViewUrl(): string | undefined {
+    return this.#liveView?.url;
+  }
+
   /**
    * Loads or creates the current model, rolls back when the option
    * `rollbackToVersion` is set, checks that the model's release fits
@@ -179,6 +203,13 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         : SIGNED_NOTICE_OVERHEAD_BYTES,
     );
     this.#rounds.begin(served, state.round);
+    if (this.options.liveViewPort !== undefined) {
+      this.#liveView = await startLiveView({
+        port: this.options.liveViewPort,
+        source: this.#liveViewSource(),
+        log: this.#log,
+      });
+    }
 
     await this.#connect();
     await this.#publishRelease(served);
@@ -256,6 +287,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     }
     const wasStarted = this.#phase !== 'new';
     this.#phase = 'stopping';
+    // First, so that a restarted aggregator can bind the same port.
+    await this.#liveView?.close();
     this.#rounds.runner?.abandonOpenRound();
     this.#stopping.abort();
     // Bounded, because the loop may wait on a QoS 1 publish that completes
@@ -323,6 +356,19 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     await this.#loop;
   }
 
+  /** What the live view may read: events and a few accessors. */
+  #liveViewSource(): LiveViewSource {
+    return {
+      events: this,
+      fleetId: this.options.fleetId,
+      quorum: this.options.minUpdates,
+      maxRounds: this.options.maxRounds,
+      currentRound: () => this.currentRound,
+      currentModelVersion: () => this.currentModelVersion,
+      onlineVehicles: () => this.#vehicles.onlineStatuses(),
+    };
+  }
+
   #notifyRoundListeners(): void {
     for (const listener of [...this.#roundListeners]) listener();
   }
@@ -337,6 +383,11 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       signal,
       publishRoundTask: (bytes, round) => this.#publishRoundTask(bytes, round),
       publishRelease: (model) => this.#publishRelease(model),
+      publishSecure: (vehicleId, bytes) =>
+        this.#publishSecure(vehicleId, bytes),
+      setSecureSession: (session) => {
+        this.#secureSession = session;
+      },
       emit: this.emit.bind(this),
       onRoundEnded: () => this.#notifyRoundListeners(),
     };
@@ -346,7 +397,13 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     this.#client = await connectToBroker({
       brokerUrl: this.options.brokerUrl,
       clientId: `aggregator-${this.options.fleetId}`,
-      subscriptions: [this.#topics.allStatus(), this.#topics.allUpdates()],
+      subscriptions: [
+        this.#topics.allStatus(),
+        this.#topics.allUpdates(),
+        ...(this.options.secureAggregation === undefined
+          ? []
+          : [this.#topics.allSecureFromVehicles()]),
+      ],
       onMessage: (topic, payload) => this.#onMessage(topic, payload),
       signal: this.#stopping.signal,
       log: this.#log,
@@ -391,6 +448,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         this.#onUpdate(vehicleId, payload);
       } else if (topic === this.#topics.status(vehicleId)) {
         this.#vehicles.applyStatusMessage(vehicleId, payload, this.#log);
+      } else if (topic === this.#topics.secureFromVehicle(vehicleId)) {
+        this.#onSecureMessage(vehicleId, payload);
       }
     } catch (err) {
       // Vehicle input must never stop the aggregator.
@@ -398,7 +457,80 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     }
   }
 
+  #onSecureMessage(vehicleId: string, payload: Buffer): void {
+    const session = this.#secureSession;
+    if (session === undefined) {
+      this.#log.info(
+        { vehicleId, bytes: payload.length },
+        'secure message outside a secure round dropped',
+      );
+      return;
+    }
+    session.receive(vehicleId, payload);
+  }
+
+  /**
+   * Rejects a plain update while rounds are secure: counting it would show
+   * the aggregator one vehicle's update, which secure aggregation is
+   * there to prevent. The ack lets the vehicle drop it from its outbox.
+   */
+  #rejectPlainUpdate(vehicleId: string, payload: Buffer): void {
+    const runner = this.#rounds.runner;
+    let update: ModelUpdate | undefined;
+    try {
+      update = decodeUpdatePayload(payload);
+    } catch {
+      update = undefined;
+    }
+    const reason =
+      `vehicle ${vehicleId} sent a plain update, but rounds use secure ` +
+      'aggregation; only masked inputs are accepted';
+    this.#log.warn(
+      { vehicleId, updateId: update?.updateId?.slice(0, 130) },
+      'plain update rejected in secure mode',
+    );
+    const ack = buildAck(
+      {
+        accepted: false,
+        code: ErrorCode.SecureAggregationRequired,
+        reason,
+        update,
+      },
+      {
+        round: runner?.lastRound ?? 0,
+        modelVersion: runner?.model.manifest.version ?? 0,
+      },
+    );
+    this.#publishAck(vehicleId, encodeUpdateAck(ack));
+    this.emit('update-decided', {
+      vehicleId,
+      round: update?.round,
+      updateId: update?.updateId,
+      accepted: false,
+      reasonCode: ErrorCode.SecureAggregationRequired,
+      bytes: payload.length,
+    });
+  }
+
+  #publishSecure(vehicleId: string, bytes: Uint8Array): void {
+    const client = this.#client;
+    const topic = this.#topics.secureToVehicle(vehicleId);
+    if (client === undefined) {
+      this.#log.warn({ vehicleId, topic }, 'secure message not sent, no client');
+      return;
+    }
+    client
+      .publishAsync(topic, Buffer.from(bytes), { qos: 1 })
+      .catch((err: unknown) => {
+        this.#log.warn({ err, vehicleId, topic }, 'secure message publish failed');
+      });
+  }
+
   #onUpdate(vehicleId: string, payload: Buffer): void {
+    if (this.options.secureAggregation !== undefined) {
+      this.#rejectPlainUpdate(vehicleId, payload);
+      return;
+    }
     const runner = this.#rounds.runner;
     if (runner === undefined) return;
     const { ack, event, decision } = receiveUpdate(
@@ -469,6 +601,15 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         await client.publishAsync(topic, payload, options);
       },
     );
+    if (published.signedNotice !== undefined) {
+      // Kept beside the version, so that the registry can show and export
+      // the signature of what the fleet received.
+      try {
+        this.#store.saveSignedRelease(version, published.signedNotice);
+      } catch (err) {
+        this.#log.warn({ err, modelVersion: version }, 'signed notice not saved');
+      }
+    }
 
     this.#log.info(
       {

@@ -24,6 +24,28 @@ export interface RoundClosedEvent extends RoundStats {
   epsilon: number | undefined;
   /** DP-FedAvg details of the round; undefined without DP. */
   privacy: RoundPrivacy | undefined;
+  /** What the norm bound did; undefined without the normBound option. */
+  normBound: RoundNormBound | undefined;
+}
+
+/**
+ * Outcome of the norm bound in a closed round. Its updates were acked as
+ * accepted on arrival, so `accepted` in the stats counts them too.
+ */
+export interface RoundNormBound {
+  action: 'clip' | 'reject';
+  /** Median L2 norm of the round's updates; undefined without updates. */
+  medianNorm: number | undefined;
+  /** L2 norm bound applied; undefined without updates. */
+  bound: number | undefined;
+  /** Updates left out of the aggregate for a norm above the bound. */
+  rejected: number;
+  /** Updates scaled down to the bound. */
+  clipped: number;
+  /** Vehicles whose update was left out, sorted. */
+  rejectedVehicleIds: string[];
+  /** Vehicles whose update was clipped, sorted. */
+  clippedVehicleIds: string[];
 }
 
 /** DP-FedAvg details of a closed round. */
@@ -32,10 +54,21 @@ export interface RoundPrivacy {
   epsilon: number;
   /** q = selected / online vehicles when the round opened. */
   samplingRate: number;
-  /** Accepted updates whose norm was above clipNorm. */
-  clippedUpdates: number;
-  /** Median L2 norm of the accepted updates before clipping. */
-  medianUpdateNorm: number;
+  /**
+   * Accepted updates whose norm was above clipNorm. Undefined in secure
+   * rounds, where vehicles clip and the aggregator sees no single norm.
+   */
+  clippedUpdates: number | undefined;
+  /** Median L2 norm of the accepted updates before clipping; likewise. */
+  medianUpdateNorm: number | undefined;
+}
+
+/** Payload of 'secure-phase': a phase of a secure round began. */
+export interface SecurePhaseEvent {
+  round: number;
+  phase: 'advertise' | 'share' | 'mask' | 'unmask';
+  /** Vehicles the phase waits for, sorted. */
+  expected: string[];
 }
 
 /** Payload of 'round-failed': the model stays at `modelVersion`. */
@@ -56,6 +89,10 @@ export interface UpdateDecidedEvent {
   /** ErrorCode of a rejection; undefined when accepted. */
   reasonCode: string | undefined;
   bytes: number;
+  /** numExamples the update claims; undefined when it did not decode. */
+  numExamples?: number;
+  /** The vehicle's training loss (LocalMetrics); set when accepted. */
+  trainLoss?: number;
 }
 
 /** Payload of 'release-published'. */
@@ -74,4 +111,5 @@ export interface AggregatorEvents {
   'round-failed': [RoundFailedEvent];
   'update-decided': [UpdateDecidedEvent];
   'release-published': [ReleasePublishedEvent];
+  'secure-phase': [SecurePhaseEvent];
 }

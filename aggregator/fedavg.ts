@@ -11,9 +11,12 @@
  * the integer part, then two 26-bit fractional parts. Integer sums below
  * 2^53 are exact in float64 whatever the order. The split drops the part
  * of each product below 2^-52, far below the float32 resolution of the mean.
+ * The sums run in kernel/ (WebAssembly SIMD, or a JavaScript loop where
+ * that is missing); both give the same limbs.
  */
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
+import { createExactSums, type ExactSums } from './kernel/index.ts';
 
 export { applyDeltas } from '../models/weight-math.ts';
 
@@ -24,19 +27,10 @@ export const MAX_ABS_WEIGHTED_DELTA = 2 ** 36;
 /** Largest number of updates, so that with the bound above sums stay below 2^53. */
 export const MAX_UPDATES = 2 ** 16;
 
-const SCALE = 2 ** 26;
-
-/** Exact sums of one tensor: integer part and two fractional parts. */
-interface LimbSums {
-  whole: Float64Array;
-  high: Float64Array;
-  low: Float64Array;
-}
-
 /** Accumulates weighted deltas; `result()` returns their weighted mean. */
 export class FedAvgAccumulator {
   readonly #sizes: ReadonlyMap<string, number>;
-  readonly #sums = new Map<string, LimbSums>();
+  readonly #sums: ExactSums;
   #totalExamples = 0;
   #count = 0;
 
@@ -51,13 +45,14 @@ export class FedAvgAccumulator {
           `tensor ${name} size must be a positive integer, got ${size}`,
         );
       }
-      this.#sums.set(name, {
-        whole: new Float64Array(size),
-        high: new Float64Array(size),
-        low: new Float64Array(size),
-      });
     }
     this.#sizes = tensorSizes;
+    this.#sums = createExactSums([...tensorSizes.values()]);
+  }
+
+  /** Implementation of the sums: 'wasm-simd' or 'js'. */
+  get kernel(): ExactSums['kernel'] {
+    return this.#sums.kernel;
   }
 
   /** Sum of numExamples over the added updates. */
@@ -97,11 +92,10 @@ export class FedAvgAccumulator {
         `cannot add more than ${MAX_UPDATES} updates to one aggregate`,
       );
     }
-    this.#checkTensors(deltas, numExamples);
-
-    for (const [name, sums] of this.#sums) {
-      addExact(sums, deltas.get(name)!, numExamples);
+    if (!this.#hasExpectedTensors(deltas)) {
+      this.#checkTensors(deltas, numExamples);
     }
+    this.#addChecked(deltas, numExamples);
     this.#totalExamples += numExamples;
     this.#count += 1;
   }
@@ -120,17 +114,50 @@ export class FedAvgAccumulator {
       );
     }
     const mean: WeightMap = new Map();
-    for (const [name, { whole, high, low }] of this.#sums) {
-      const values = new Float32Array(whole.length);
-      for (let i = 0; i < whole.length; i++) {
-        const sum = whole[i] + (high[i] + low[i] / SCALE) / SCALE;
-        values[i] = sum / this.#totalExamples;
-      }
-      mean.set(name, values);
+    let tensor = 0;
+    for (const name of this.#sizes.keys()) {
+      mean.set(name, this.#sums.divide(tensor, this.#totalExamples));
+      tensor += 1;
     }
     return mean;
   }
 
+  /**
+   * Adds every tensor, checking values on the way. A bad value leaves the
+   * sums as they were: tensors already added are subtracted again, which
+   * is exact because the limbs are integers.
+   */
+  #addChecked(
+    deltas: ReadonlyMap<string, Float32Array>,
+    numExamples: number,
+  ): void {
+    const limit = MAX_ABS_WEIGHTED_DELTA / numExamples;
+    const names = [...this.#sizes.keys()];
+    for (let tensor = 0; tensor < names.length; tensor++) {
+      const values = deltas.get(names[tensor])!;
+      const index = this.#sums.add(tensor, values, numExamples, limit);
+      if (index < 0) continue;
+      for (let added = 0; added < tensor; added++) {
+        this.#sums.subtract(added, deltas.get(names[added])!, numExamples);
+      }
+      throw invalidValueError(names[tensor], values, index, numExamples);
+    }
+  }
+
+  /** True when deltas has exactly the expected tensors and sizes. */
+  #hasExpectedTensors(deltas: ReadonlyMap<string, Float32Array>): boolean {
+    if (deltas.size !== this.#sizes.size) return false;
+    for (const [name, size] of this.#sizes) {
+      if (deltas.get(name)?.length !== size) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Checks names, sizes and values in the original order and throws the
+   * first error. Called only when the names or sizes are wrong, so it
+   * always throws.
+   */
   #checkTensors(
     deltas: ReadonlyMap<string, Float32Array>,
     numExamples: number,
@@ -148,11 +175,7 @@ export class FedAvgAccumulator {
       }
       const index = values.findIndex((value) => !(Math.abs(value) <= limit));
       if (index >= 0) {
-        throw new RangeError(
-          `tensor ${name} value ${values[index]} at index ${index} times ` +
-            `${numExamples} examples is not finite or above ` +
-            `${MAX_ABS_WEIGHTED_DELTA}`,
-        );
+        throw invalidValueError(name, values, index, numExamples);
       }
     }
     for (const name of deltas.keys()) {
@@ -163,20 +186,15 @@ export class FedAvgAccumulator {
   }
 }
 
-/** Adds values * numExamples to the sums, exactly. */
-function addExact(
-  sums: LimbSums,
+function invalidValueError(
+  name: string,
   values: Float32Array,
+  index: number,
   numExamples: number,
-): void {
-  const { whole, high, low } = sums;
-  for (let i = 0; i < values.length; i++) {
-    const product = values[i] * numExamples;
-    const wholePart = Math.trunc(product);
-    const fraction = (product - wholePart) * SCALE;
-    const highPart = Math.trunc(fraction);
-    whole[i] += wholePart;
-    high[i] += highPart;
-    low[i] += Math.round((fraction - highPart) * SCALE);
-  }
+): RangeError {
+  return new RangeError(
+    `tensor ${name} value ${values[index]} at index ${index} times ` +
+      `${numExamples} examples is not finite or above ` +
+      `${MAX_ABS_WEIGHTED_DELTA}`,
+  );
 }

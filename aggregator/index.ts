@@ -4,7 +4,9 @@ export type {
   ReleasePublishedEvent,
   RoundClosedEvent,
   RoundFailedEvent,
+  SecurePhaseEvent,
   RoundOpenedEvent,
+  RoundNormBound,
   RoundPrivacy,
   UpdateDecidedEvent,
 } from './events.ts';
@@ -19,6 +21,31 @@ export type {
   DpFlags,
   ResolvedDifferentialPrivacy,
 } from './privacy-round.ts';
+export type { SecureAggregationOptions } from './secure-options.ts';
+export {
+  NORM_BOUND_ACTIONS,
+  normBoundOfFlags,
+  resolveNormBound,
+} from './round-norm-bound.ts';
+export type { NormBoundFlags } from './round-norm-bound.ts';
+export {
+  SERVER_OPTIMIZER_DEFAULTS,
+  SERVER_OPTIMIZER_FILE,
+  ServerStep,
+  resolveServerOptimizer,
+  serverOptimizerOfFlags,
+} from './server-step.ts';
+export type {
+  ProposedServerStep,
+  ServerOptimizerFlags,
+  ServerOptimizerOptions,
+} from './server-step.ts';
+export { SERVER_OPTIMIZER_NAMES } from './strategies/index.ts';
+export type {
+  NormBoundOptions,
+  ServerOptimizerConfig,
+  ServerOptimizerName,
+} from './strategies/index.ts';
 export { FedAvgAccumulator, applyDeltas } from './fedavg.ts';
 export { ModelStore } from './model-store.ts';
 export type { ModelManifest, StoredModel } from './model-store.ts';

@@ -4,7 +4,7 @@
  */
 import { encodeUpdateAck, type Logger } from '../protocol/index.ts';
 import type { UpdateDecidedEvent } from './events.ts';
-import { buildAck, truncateText } from './messages.ts';
+import { buildAck, compressionOfRound, truncateText } from './messages.ts';
 import type { FleetContext, OpenRound } from './round.ts';
 import {
   validateUpdate,
@@ -43,15 +43,21 @@ export function receiveUpdate(
   log: Logger,
 ): ReceivedUpdate {
   const { round, fleet } = state;
-  const context: RoundContext = round?.contextFor(fleet) ?? {
-    ...fleet,
-    openRound: undefined,
-    modelVersion: state.currentModelVersion,
-    selectedVehicles: new Set(),
-    seenUpdateIds: new Set(),
-    acceptedVehicles: new Set(),
-    acceptedExamples: 0,
-  };
+  const context: RoundContext =
+    round === undefined
+      ? {
+          ...fleet,
+          openRound: undefined,
+          modelVersion: state.currentModelVersion,
+          selectedVehicles: new Set(),
+          seenUpdateIds: new Set(),
+          acceptedVehicles: new Set(),
+          acceptedExamples: 0,
+        }
+      : {
+          ...round.contextFor(fleet),
+          updateCompression: compressionOfRound(round),
+        };
   const decision = validateUpdate(vehicleId, payload, context);
   if (round?.isOpen) round.record(payload.byteLength, decision);
 
@@ -70,6 +76,10 @@ export function receiveUpdate(
       accepted: decision.accepted,
       reasonCode: decision.accepted ? undefined : decision.code,
       bytes: payload.byteLength,
+      numExamples: decision.update?.numExamples,
+      trainLoss: decision.accepted
+        ? decision.update.metrics.trainLoss
+        : undefined,
     },
   };
 }

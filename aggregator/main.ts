@@ -16,8 +16,20 @@ import {
   type Logger,
 } from '../protocol/index.ts';
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
+import {
+  COMPRESSION_NAMES,
+  DEFAULT_TOPK_DENSITY,
+  compressionOfFlags,
+} from '../protocol/compression/index.ts';
 import { Aggregator } from './aggregator.ts';
+import { parseLiveViewPort } from './live-view/index.ts';
 import { differentialPrivacyOfFlags, type DpFlags } from './privacy-round.ts';
+import { normBoundOfFlags, type NormBoundFlags } from './round-norm-bound.ts';
+import {
+  serverOptimizerOfFlags,
+  type ServerOptimizerFlags,
+} from './server-step.ts';
+import { SERVER_OPTIMIZER_NAMES } from './strategies/index.ts';
 import {
   AGGREGATION_RULES,
   type AggregationRule,
@@ -29,6 +41,11 @@ import {
   parsePositiveNumber,
   reportStartError,
   addDifferentialPrivacyOptions,
+  addNormBoundOptions,
+  addSecureAggregationOptions,
+  addServerOptimizerOptions,
+  secureAggregationOfFlags,
+  type SecureAggregationFlags,
 } from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
@@ -140,6 +157,18 @@ const program = new Command('aggregator')
   )
   .addOption(
     new Option(
+      '--update-compression <kind>',
+      "encoding of the vehicles' deltas, announced in each round task " +
+        '(default float32)',
+    ).choices([...COMPRESSION_NAMES]),
+  )
+  .option(
+    '--topk-density <fraction>',
+    `share of each tensor a topk update sends, in (0, 1] (default ${DEFAULT_TOPK_DENSITY})`,
+    parsePositiveNumber,
+  )
+  .addOption(
+    new Option(
       '--aggregation <rule>',
       'how a round becomes one delta; the robust rules are unweighted',
     )
@@ -216,13 +245,19 @@ const program = new Command('aggregator')
       'only updates signed by their vehicle count; default ' +
       'vehicleKeysPath of --config',
   )
+  .option(
+    '--live-view-port <port>',
+    'serve the live view (web page, /api/fleet, Prometheus /metrics) on ' +
+      '127.0.0.1 at this port, 0 for any free port; off by default',
+    parseLiveViewPort,
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
       .default(defaultLogLevel()),
   );
 
-interface Flags {
+interface Flags extends ServerOptimizerFlags, NormBoundFlags {
   fleetId: string;
   brokerUrl: string;
   stateDir: string;
@@ -243,6 +278,8 @@ interface Flags {
   maxMessageBytes: number;
   maxExamplesPerUpdate: number;
   maxAbsDeltaValue: number;
+  updateCompression?: string;
+  topkDensity?: number;
   aggregation: AggregationRule;
   byzantineCount: number;
   trimFraction: number;
@@ -252,6 +289,10 @@ interface Flags {
   dpNoiseMultiplier?: number;
   dpTargetEpsilon?: number;
   dpDelta?: number;
+  secureAggregation?: boolean;
+  secaggClipNorm?: number;
+  secaggThresholdFraction?: number;
+  secaggPhaseTimeoutMs?: number;
   testData?: string;
   testLimit?: number;
   probeCount: number;
@@ -263,6 +304,7 @@ interface Flags {
   username?: string;
   releaseSigningKey?: string;
   vehicleKeys?: string;
+  liveViewPort?: number;
   logLevel: string;
 }
 
@@ -373,19 +415,29 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     maxMessageBytes: flags.maxMessageBytes,
     maxExamplesPerUpdate: flags.maxExamplesPerUpdate,
     maxAbsDeltaValue: flags.maxAbsDeltaValue,
+    updateCompression: compressionOfFlags(flags),
     aggregation: flags.aggregation,
     byzantineCount: flags.byzantineCount,
     trimFraction: flags.trimFraction,
     multiKrumSelect: flags.multiKrumSelect,
     exportToleranceAbs: flags.exportToleranceAbs,
     rollbackToVersion: flags.rollbackTo,
+    liveViewPort: flags.liveViewPort,
     differentialPrivacy: differentialPrivacyOfFlags(flags satisfies DpFlags),
+    secureAggregation: secureAggregationOfFlags(
+      flags satisfies SecureAggregationFlags,
+    ),
+    serverOptimizer: serverOptimizerOfFlags(flags),
+    normBound: normBoundOfFlags(flags),
     log,
   };
 }
 
 async function main(): Promise<void> {
   addDifferentialPrivacyOptions(program);
+  addSecureAggregationOptions(program);
+  addServerOptimizerOptions(program, SERVER_OPTIMIZER_NAMES);
+  addNormBoundOptions(program);
   program.parse();
   const flags = program.opts<Flags>();
   const log = createLogger({ level: flags.logLevel });

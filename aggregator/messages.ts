@@ -1,9 +1,17 @@
-/** Builders of the messages the aggregator publishes. Pure functions. */
+/**
+ * Builders of the messages the aggregator publishes. Pure functions,
+ * except that buildRoundTask records the compression it announces.
+ */
 import {
   AckStatus,
   type RoundTask,
   type UpdateAck,
 } from '../protocol/index.ts';
+import {
+  NO_COMPRESSION,
+  type CompressedRoundTask,
+  type UpdateCompression,
+} from '../protocol/compression/index.ts';
 import type { ResolvedOptions } from './options.ts';
 import type { OpenRound } from './round.ts';
 import type { UpdateDecision } from './validate.ts';
@@ -25,8 +33,43 @@ export function truncateText(
   return text.length <= maxChars ? text : `${text.slice(0, maxChars - 3)}...`;
 }
 
-/** Builds the RoundTask of `round` for a model with `modelSha256`. */
+/**
+ * Compression announced in each round's task. Updates are validated
+ * against what their round's task announced, so a per-round choice only
+ * has to change the task.
+ * NOTE: kept here because OpenRound and the fleet context, which would be
+ * the natural owners, are built in files this change does not touch.
+ */
+const announcedCompression = new WeakMap<OpenRound, UpdateCompression>();
+
+/**
+ * Returns the compression the task of `round` announced, or float32 for a
+ * round without a task (none was built, as in unit tests).
+ */
+export function compressionOfRound(round: OpenRound): UpdateCompression {
+  return announcedCompression.get(round) ?? NO_COMPRESSION;
+}
+
+/**
+ * Builds the RoundTask of `round` for a model with `modelSha256`, and
+ * records its compression for {@link compressionOfRound}.
+ */
 export function buildRoundTask(
+  round: OpenRound,
+  options: ResolvedOptions,
+  modelName: string,
+  modelSha256: string,
+): RoundTask {
+  const compression = options.updateCompression;
+  announcedCompression.set(round, compression);
+  const task: CompressedRoundTask = {
+    ...buildPlainTask(round, options, modelName, modelSha256),
+    compression: { ...compression },
+  };
+  return task;
+}
+
+function buildPlainTask(
   round: OpenRound,
   options: ResolvedOptions,
   modelName: string,

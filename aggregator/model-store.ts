@@ -1,8 +1,14 @@
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
 import { sha256Hex } from '../models/index.ts';
+import {
+  modelDirOf,
+  versionFileOf,
+  versionOfManifestName,
+  type ReleaseLatency,
+  type VersionFileKind,
+} from '../models/registry/index.ts';
 import { readWeightsFile, writeWeightsFile } from '../models/weights-file.ts';
 import { writeFileAtomic } from './state.ts';
 
@@ -25,6 +31,16 @@ export interface ModelManifest {
   createdAt: string;
   createdAtMs: number;
   trainableTensors: string[];
+  /**
+   * Rule that merged the round: an aggregation rule, 'dp-fedavg', or
+   * 'base' for version 0. Manifests written before this field existed
+   * lack it, as they lack the two below.
+   */
+  strategy?: string;
+  /** Numeric parameters of `strategy`, such as byzantineCount. */
+  strategyParams?: Record<string, number>;
+  /** onnxruntime latency measured when the version was built. */
+  latency?: ReleaseLatency;
 }
 
 /** One model version: manifest, weights and ONNX bytes. */
@@ -45,12 +61,15 @@ export class ModelStore {
 
   constructor(stateDir: string, modelName: string) {
     this.modelName = modelName;
-    this.dir = join(stateDir, 'models', modelName);
+    this.dir = modelDirOf(stateDir, modelName);
   }
 
-  /** Path of one file of `version`; `kind` is onnx, weights.pb or json. */
-  pathOf(version: number, kind: 'onnx' | 'weights.pb' | 'json'): string {
-    return join(this.dir, `v${version}.${kind}`);
+  /**
+   * Path of one file of `version`; `kind` is onnx, weights.pb, json, or
+   * release.pb for the last signed release notice of the version.
+   */
+  pathOf(version: number, kind: VersionFileKind): string {
+    return versionFileOf(this.dir, version, kind);
   }
 
   /** Returns whether all files of `version` are stored. */
@@ -62,9 +81,8 @@ export class ModelStore {
   versions(): number[] {
     if (!existsSync(this.dir)) return [];
     return readdirSync(this.dir)
-      .map((name) => /^v(\d+)\.json$/.exec(name))
-      .filter((match) => match !== null)
-      .map((match) => Number(match[1]))
+      .map(versionOfManifestName)
+      .filter((version) => version !== undefined)
       .sort((a, b) => a - b);
   }
 
@@ -87,6 +105,16 @@ export class ModelStore {
     });
     const text = JSON.stringify(model.manifest, null, 2);
     writeFileAtomic(this.pathOf(version, 'json'), `${text}\n`);
+  }
+
+  /**
+   * Keeps the signed release notice (an encoded SignedRelease) of a
+   * stored version, so that an exported version carries its signature.
+   * A later publication of the same version, after a rollback, replaces
+   * it with the notice of the higher release sequence.
+   */
+  saveSignedRelease(version: number, notice: Uint8Array): void {
+    writeFileAtomic(this.pathOf(version, 'release.pb'), notice);
   }
 
   /**

@@ -19,6 +19,11 @@ import {
   tensorNamesOfLayers,
 } from '../models/architecture.ts';
 import { createRandom } from '../models/random.ts';
+import {
+  NO_COMPRESSION,
+  checkUpdateCompression,
+  type UpdateCompression,
+} from '../protocol/compression/index.ts';
 import { chunkSizeFor } from './release-messages.ts';
 import {
   resolveDifferentialPrivacy,
@@ -26,10 +31,24 @@ import {
   type ResolvedDifferentialPrivacy,
 } from './privacy-round.ts';
 import {
+  resolveSecureAggregation,
+  type ResolvedSecureAggregation,
+  type SecureAggregationOptions,
+} from './secure-options.ts';
+import {
   MAX_ABS_WEIGHTED_DELTA,
   MAX_EXAMPLES_PER_ADD,
   MAX_UPDATES,
 } from './fedavg.ts';
+import { resolveNormBound } from './round-norm-bound.ts';
+import {
+  resolveServerOptimizer,
+  type ServerOptimizerOptions,
+} from './server-step.ts';
+import type {
+  NormBoundOptions,
+  ServerOptimizerConfig,
+} from './strategies/index.ts';
 
 const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
 
@@ -109,6 +128,11 @@ export interface AggregatorOptions {
   /** Maximum |value| of a delta element. Default 1000. */
   maxAbsDeltaValue?: number;
   /**
+   * Encoding of the vehicles' deltas, announced in every round task.
+   * Updates in another encoding are rejected. Default float32.
+   */
+  updateCompression?: UpdateCompression;
+  /**
    * Rule that turns a round's accepted updates into its mean delta.
    * 'fedavg' (default) streams a weighted mean. The robust rules in
    * aggregator/strategies/ are unweighted and keep every accepted update
@@ -127,6 +151,27 @@ export interface AggregatorOptions {
    * aggregation 'fedavg'. Off by default. See aggregator/privacy-round.ts.
    */
   differentialPrivacy?: DifferentialPrivacyOptions;
+  /**
+   * Secure aggregation: vehicles mask their updates so that only the
+   * round's sum is seen; only with aggregation 'fedavg'. Off by default.
+   * See aggregator/secure-round.ts.
+   */
+  secureAggregation?: SecureAggregationOptions;
+  /**
+   * Server optimizer that turns each round's mean delta into the step
+   * applied to the weights (FedAvgM, FedAdagrad, FedAdam, FedYogi), with
+   * its moments in stateDir/server-optimizer.json. Off by default: the
+   * mean delta is added as it is. See aggregator/server-step.ts.
+   */
+  serverOptimizer?: ServerOptimizerOptions;
+  /**
+   * Clip or drop updates whose L2 norm is above a multiple of the round's
+   * median norm (medianFactor), above maxNorm, or both, before the
+   * aggregation rule. The round keeps its updates in memory. Not with
+   * secureAggregation or differentialPrivacy. Off by default. See
+   * aggregator/round-norm-bound.ts.
+   */
+  normBound?: NormBoundOptions;
   /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
    * TF.js. Default: 8 seeded random images.
@@ -168,6 +213,12 @@ export interface AggregatorOptions {
    * without a check.
    */
   vehicleKeysPath?: string;
+  /**
+   * TCP port on 127.0.0.1 of the live view: a web page, `/api/fleet` and
+   * Prometheus `/metrics` (see aggregator/live-view/). 0 picks a free
+   * port. Off when undefined (default).
+   */
+  liveViewPort?: number;
 }
 
 /** Options with defaults filled in and checked. */
@@ -181,12 +232,20 @@ export type ResolvedOptions = Required<
     | 'releaseSigningKeyPath'
     | 'vehicleKeysPath'
     | 'differentialPrivacy'
+    | 'secureAggregation'
+    | 'liveViewPort'
+    | 'serverOptimizer'
+    | 'normBound'
   >
 > & {
   testSet?: TestSet;
   security?: BrokerClientSecurity;
   rollbackToVersion?: number;
   differentialPrivacy?: ResolvedDifferentialPrivacy;
+  secureAggregation?: ResolvedSecureAggregation;
+  liveViewPort?: number;
+  serverOptimizer?: ServerOptimizerConfig;
+  normBound?: NormBoundOptions;
   trainableTensors: string[];
   /** Loaded from releaseSigningKeyPath. */
   releaseSigningKey?: SigningKey;
@@ -280,6 +339,7 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     maxMessageBytes: options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES,
     maxExamplesPerUpdate: options.maxExamplesPerUpdate ?? 1_000_000,
     maxAbsDeltaValue: options.maxAbsDeltaValue ?? 1000,
+    updateCompression: resolveUpdateCompression(options.updateCompression),
     aggregation: options.aggregation ?? 'fedavg',
     byzantineCount: options.byzantineCount ?? 0,
     trimFraction: options.trimFraction ?? 0.2,
@@ -288,6 +348,7 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     testSet: options.testSet,
     security: options.security,
     rollbackToVersion: options.rollbackToVersion,
+    liveViewPort: options.liveViewPort,
     ...resolveProbe(options),
     releaseSigningKey:
       options.releaseSigningKeyPath === undefined
@@ -299,16 +360,35 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
         : loadVehicleKeys(options.vehicleKeysPath),
   };
   checkNumbers(resolved);
+  const differentialPrivacy =
+    options.differentialPrivacy === undefined
+      ? undefined
+      : resolveDifferentialPrivacy(
+          options.differentialPrivacy,
+          resolved.aggregation,
+          resolved.seed,
+        );
   return {
     ...resolved,
-    differentialPrivacy:
-      options.differentialPrivacy === undefined
+    differentialPrivacy,
+    secureAggregation:
+      options.secureAggregation === undefined
         ? undefined
-        : resolveDifferentialPrivacy(
-            options.differentialPrivacy,
-            resolved.aggregation,
-            resolved.seed,
-          ),
+        : resolveSecureAggregation(options.secureAggregation, {
+            ...resolved,
+            differentialPrivacy,
+          }),
+    serverOptimizer:
+      options.serverOptimizer === undefined
+        ? undefined
+        : resolveServerOptimizer(options.serverOptimizer),
+    normBound:
+      options.normBound === undefined
+        ? undefined
+        : resolveNormBound(options.normBound, {
+            hasSecureAggregation: options.secureAggregation !== undefined,
+            hasDifferentialPrivacy: differentialPrivacy !== undefined,
+          }),
     trainableTensors: resolveTrainableTensors(resolved.trainableLayers),
   };
 }
@@ -348,6 +428,11 @@ function checkNumbers(
   chunkSizeFor(options.maxMessageBytes, MODEL_NAME);
   if (options.rollbackToVersion !== undefined) {
     requireInteger('rollbackToVersion', options.rollbackToVersion, 0);
+  }
+  const port = options.liveViewPort;
+  const isPort = Number.isSafeInteger(port) && port! >= 0 && port! <= 65_535;
+  if (port !== undefined && !isPort) {
+    invalid('liveViewPort', port, 'a TCP port 0-65535, 0 for any free port');
   }
   requireInteger('maxExamplesPerUpdate', options.maxExamplesPerUpdate, 1);
   if (
@@ -480,4 +565,20 @@ function checkTestSet(testSet: TestSet): void {
       `a class id 0-${NUM_CLASSES - 1}`,
     );
   }
+}
+
+function resolveUpdateCompression(
+  compression: UpdateCompression | undefined,
+): UpdateCompression {
+  if (compression === undefined) return NO_COMPRESSION;
+  try {
+    checkUpdateCompression(compression);
+  } catch (err) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `aggregator option updateCompression: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
+  return { ...compression };
 }

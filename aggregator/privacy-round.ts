@@ -168,21 +168,36 @@ export class ClippedSum {
     for (const [name, values] of this.#sums) {
       sum.set(name, Float32Array.from(values));
     }
-    const normal = createGaussianSource(
-      dp.noiseSource === 'crypto'
-        ? { kind: 'crypto' }
-        : { kind: 'seeded', seed: dp.seed + round },
-    );
-    return computeNoisyMean(
-      sum,
-      {
-        noiseMultiplier: dp.noiseMultiplier,
-        clipNorm: dp.clipNorm,
-        expectedVehicles: selectedCount,
-      },
-      normal,
-    );
+    return noisyMeanOf(sum, selectedCount, dp, round);
   }
+}
+
+/**
+ * DP-FedAvg's mean of an equal-weight sum of clipped updates: Gaussian
+ * noise with standard deviation noiseMultiplier * clipNorm added to
+ * `sum`, divided by the number of selected vehicles. Secure rounds call
+ * it on their unmasked sum.
+ */
+export function noisyMeanOf(
+  sum: WeightMap,
+  selectedCount: number,
+  dp: ResolvedDifferentialPrivacy,
+  round: number,
+): WeightMap {
+  const normal = createGaussianSource(
+    dp.noiseSource === 'crypto'
+      ? { kind: 'crypto' }
+      : { kind: 'seeded', seed: dp.seed + round },
+  );
+  return computeNoisyMean(
+    sum,
+    {
+      noiseMultiplier: dp.noiseMultiplier,
+      clipNorm: dp.clipNorm,
+      expectedVehicles: selectedCount,
+    },
+    normal,
+  );
 }
 
 /** Sampling rate of a round: selected / online vehicles, at most 1. */

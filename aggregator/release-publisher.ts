@@ -37,6 +37,8 @@ export interface PublishedRelease {
   /** Sequence and key of a signed notice; undefined when unsigned. */
   releaseSequence?: number;
   keyId?: string;
+  /** The signed notice as published; undefined when unsigned. */
+  signedNotice?: Uint8Array;
 }
 
 /** A version whose chunk topics 0..chunkCount-1 may be retained. */
@@ -112,6 +114,7 @@ export class ReleasePublisher {
       chunkBytes,
       releaseSequence: signed?.releaseSequence,
       keyId: signed?.keyId,
+      signedNotice: signed?.notice,
     };
   }
 

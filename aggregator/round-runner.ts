@@ -11,14 +11,32 @@ import {
   encodeRoundTask,
   isFleetError,
   type Logger,
+  type SecureAggregationConfig,
 } from '../protocol/index.ts';
-import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
-import type { AggregatorEvents, RoundPrivacy } from './events.ts';
+import {
+  MODEL_NAME,
+  TENSOR_SPECS,
+  type WeightMap,
+} from '../models/architecture.ts';
+import type {
+  AggregatorEvents,
+  RoundNormBound,
+  RoundPrivacy,
+} from './events.ts';
 import { buildRoundTask } from './messages.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
-import { PrivacyAccountant, samplingRateOf } from './privacy-round.ts';
+import {
+  PrivacyAccountant,
+  noisyMeanOf,
+  samplingRateOf,
+} from './privacy-round.ts';
+import { secureConfigFor } from './secure-options.ts';
+import { SecureRoundSession, type SecureOutcome } from './secure-round.ts';
+import { splitSecureSum } from '../secure-aggregation/update-vector.ts';
 import { OpenRound, type CloseTrigger, type RoundStats } from './round.ts';
+import { boundRoundUpdates } from './round-norm-bound.ts';
+import { ServerStep } from './server-step.ts';
 import { selectVehicles } from './selection.ts';
 import { saveState } from './state.ts';
 import { commitRound, type CommittedVersion } from './versions.ts';
@@ -34,6 +52,10 @@ export interface RoundHost {
   readonly signal: AbortSignal;
   /** Publishes the retained RoundTask. The host logs publish failures. */
   publishRoundTask(bytes: Uint8Array, round: number): void;
+  /** Publishes to a vehicle's secure inbox with QoS 1; logs failures. */
+  publishSecure(vehicleId: string, bytes: Uint8Array): void;
+  /** Routes incoming secure messages to `session`; undefined drops them. */
+  setSecureSession(session: SecureRoundSession | undefined): void;
   /** Publishes the retained release of `model`. */
   publishRelease(model: StoredModel, bytes: Uint8Array): Promise<void>;
   /** The aggregator's `emit`. */
@@ -65,10 +87,13 @@ export class RoundRunner {
   /** Sampling rate of the open round, for the accountant. */
   #samplingRate = 1;
   #isBudgetSpent = false;
+  /** Server optimizer; undefined without the serverOptimizer option. */
+  readonly #serverStep: ServerStep | undefined;
 
   /**
    * @throws {FleetError} INVALID_CONFIG when stateDir/privacy.json exists
-   *   but is not a privacy budget.
+   *   but is not a privacy budget, or stateDir/server-optimizer.json does
+   *   not match the serverOptimizer option.
    */
   constructor(host: RoundHost, model: StoredModel, lastRound: number) {
     this.#host = host;
@@ -80,6 +105,19 @@ export class RoundRunner {
       dp === undefined
         ? undefined
         : new PrivacyAccountant(host.options.stateDir, dp);
+    const optimizer = host.options.serverOptimizer;
+    // A new runner after a rollback starts from an older version, so its
+    // ServerStep resets the moments (see server-step.ts).
+    this.#serverStep =
+      optimizer === undefined
+        ? undefined
+        : ServerStep.open({
+            stateDir: host.options.stateDir,
+            config: optimizer,
+            tensorSizes: this.#tensorSizes,
+            modelVersion: model.manifest.version,
+            log: host.log,
+          });
   }
 
   /** True once the loop stopped because the privacy budget is spent. */
@@ -200,12 +238,29 @@ export class RoundRunner {
       selected,
       tensorSizes: this.#tensorSizes,
       timeoutMs: options.roundTimeoutMs,
-      keepUpdates: options.aggregation !== 'fedavg',
-      clipNorm: options.differentialPrivacy?.clipNorm,
+      keepUpdates:
+        options.aggregation !== 'fedavg' || options.normBound !== undefined,
+      // In secure rounds the vehicles clip, before masking.
+      clipNorm:
+        options.secureAggregation === undefined
+          ? options.differentialPrivacy?.clipNorm
+          : undefined,
     });
     this.#lastRound = roundNumber;
     this.#openRound = round;
 
+    const secure = options.secureAggregation;
+    if (secure !== undefined) {
+      const config = secureConfigFor(
+        selected,
+        secure,
+        options.trainableTensors,
+        (id) => this.#host.vehicles.examplesOf(id),
+        options.maxExamplesPerUpdate,
+      );
+      await this.#runSecureRound(round, config);
+      return;
+    }
     this.#announceRound(round);
     const trigger = await round.closed;
     if (trigger === 'stopped') {
@@ -215,10 +270,11 @@ export class RoundRunner {
     await this.#finishRound(round, trigger);
   }
 
-  #announceRound(round: OpenRound): void {
+  #announceRound(round: OpenRound, secure?: SecureAggregationConfig): void {
     const { options, log } = this.#host;
     const sha256 = this.#model.manifest.sha256;
     const task = buildRoundTask(round, options, MODEL_NAME, sha256);
+    if (secure !== undefined) task.secureAggregation = secure;
     log.info(
       {
         round: round.round,
@@ -240,11 +296,133 @@ export class RoundRunner {
     this.#host.publishRoundTask(bytes, round.round);
   }
 
+  /**
+   * Runs the secure phases of `round`, then commits its unmasked mean, or
+   * fails the round when too few vehicles remain in a phase.
+   */
+  async #runSecureRound(
+    round: OpenRound,
+    config: SecureAggregationConfig,
+  ): Promise<void> {
+    const { options, log, signal } = this.#host;
+    const session = new SecureRoundSession(
+      {
+        log,
+        fleetId: options.fleetId,
+        maxMessageBytes: options.maxMessageBytes,
+        publishToVehicle: (id, bytes) => this.#host.publishSecure(id, bytes),
+      },
+      {
+        round: round.round,
+        openedAtMs: round.openedAtMs,
+        selected: [...round.selected],
+        config,
+        tensorSizes: config.tensorNames.map((n) => this.#tensorSizes.get(n)!),
+        maskDeadlineMs: round.deadlineMs,
+        phaseTimeoutMs: options.secureAggregation!.phaseTimeoutMs,
+        signal,
+        onPhase: (phase, expected) =>
+          this.#host.emit('secure-phase', {
+            round: round.round,
+            phase,
+            expected: [...expected].sort(),
+          }),
+      },
+    );
+    // The session takes messages before the task goes out, so that no
+    // key advertisement arrives before it.
+    this.#host.setSecureSession(session);
+    const running = session.run();
+    // Marked handled: if announcing throws, the error below is that one.
+    running.catch(() => undefined);
+    let outcome: SecureOutcome;
+    try {
+      this.#announceRound(round, config);
+      outcome = await running;
+    } catch (err) {
+      if (signal.aborted) {
+        round.close('stopped');
+        log.info({ round: round.round }, 'round abandoned at stop');
+        return;
+      }
+      round.close('deadline');
+      this.#failRound(round.stats(), 'deadline', err);
+      return;
+    } finally {
+      this.#host.setSecureSession(undefined);
+    }
+
+    let mean;
+    try {
+      mean = this.#secureMean(outcome, config, round.selected.size);
+    } catch (err) {
+      round.close('deadline');
+      this.#failRound(round.stats(), 'deadline', err);
+      return;
+    }
+    round.recordSecureAggregate({
+      mean,
+      vehicleIds: outcome.survivorIds,
+      numExamples: mean.numExamples,
+      uplinkBytes: outcome.uplinkBytes,
+    });
+    const trigger: CloseTrigger =
+      outcome.survivorIds.length === round.selected.size
+        ? 'all-responded'
+        : 'deadline';
+    round.close(trigger);
+    log.info(
+      {
+        round: round.round,
+        survivors: outcome.survivorIds.length,
+        dropped: outcome.droppedIds,
+      },
+      'secure round unmasked',
+    );
+    await this.#finishRound(round, trigger);
+  }
+
+  /**
+   * The mean delta of a secure round: FedAvg's weighted mean, or with
+   * differential privacy the noisy mean of the equal-weight sum.
+   */
+  #secureMean(
+    outcome: SecureOutcome,
+    config: SecureAggregationConfig,
+    selectedCount: number,
+  ): WeightMap & { numExamples: number } {
+    const dp = this.#host.options.differentialPrivacy;
+    const tensors = config.tensorNames.map((name) => ({
+      name,
+      size: this.#tensorSizes.get(name)!,
+    }));
+    const { deltas, weightSum } = splitSecureSum(
+      outcome.sum,
+      tensors,
+      dp === undefined,
+    );
+    const mean =
+      dp === undefined
+        ? deltas
+        : noisyMeanOf(deltas, selectedCount, dp, this.#lastRound);
+    // With a cap, the weights sum to examples / cap; without, to the count.
+    const numExamples = Math.round(
+      config.exampleCap === 0 ? weightSum : weightSum * config.exampleCap,
+    );
+    return Object.assign(mean, { numExamples });
+  }
+
   async #finishRound(round: OpenRound, trigger: CloseTrigger): Promise<void> {
     const { options, store, log } = this.#host;
     let committed: CommittedVersion;
+    let normBound: RoundNormBound | undefined;
     try {
-      committed = await commitRound(round, this.#model, store, options);
+      const bounded = boundRoundUpdates(round, options, log);
+      normBound = bounded?.summary;
+      committed = await commitRound(round, this.#model, store, options, {
+        boundedUpdates: bounded?.updates,
+        serverStep: this.#serverStep,
+      });
     } catch (err) {
       this.#failRound(round.stats(), trigger, err);
       return;
@@ -275,6 +453,9 @@ export class RoundRunner {
         accuracy,
         durationMs: stats.durationMs,
         ...privacy,
+        normRejected: normBound?.rejected,
+        normClipped: normBound?.clipped,
+        serverStep: this.#serverStep?.step,
       },
       'round closed',
     );
@@ -285,6 +466,7 @@ export class RoundRunner {
       accuracy,
       epsilon: privacy?.epsilon,
       privacy,
+      normBound,
       releaseBytes: release.byteLength,
       exportMaxAbsDiff,
     });
@@ -295,13 +477,14 @@ export class RoundRunner {
   #recordPrivacy(round: OpenRound): RoundPrivacy | undefined {
     const accountant = this.#accountant;
     const sum = round.clippedSum;
-    if (accountant === undefined || sum === undefined) return undefined;
+    if (accountant === undefined) return undefined;
+    if (sum === undefined && round.secureMean === undefined) return undefined;
     const epsilon = accountant.step(this.#samplingRate);
     return {
       epsilon,
       samplingRate: this.#samplingRate,
-      clippedUpdates: sum.clippedCount,
-      medianUpdateNorm: sum.medianNorm ?? 0,
+      clippedUpdates: sum?.clippedCount,
+      medianUpdateNorm: sum === undefined ? undefined : (sum.medianNorm ?? 0),
     };
   }
 

@@ -1,3 +1,4 @@
+import type { WeightMap } from '../models/architecture.ts';
 import { FedAvgAccumulator } from './fedavg.ts';
 import { ClippedSum } from './privacy-round.ts';
 import type { VehicleUpdate } from './strategies/index.ts';
@@ -64,6 +65,9 @@ export class OpenRound {
   readonly #keptUpdates: VehicleUpdate[] | undefined;
   readonly #clippedSum: ClippedSum | undefined;
   #accepted = 0;
+  /** Mean delta and examples of a secure round, once unmasked. */
+  #secureMean: WeightMap | undefined;
+  #secureExamples: number | undefined;
   #rejected = 0;
   #uplinkBytes = 0;
   #isOpen = true;
@@ -177,6 +181,28 @@ export class OpenRound {
     }
   }
 
+  /**
+   * Records the unmasked result of a secure round: its survivors count as
+   * the accepted vehicles and `mean` is the round's mean delta.
+   */
+  recordSecureAggregate(outcome: {
+    mean: WeightMap;
+    vehicleIds: readonly string[];
+    numExamples: number;
+    uplinkBytes: number;
+  }): void {
+    this.#secureMean = outcome.mean;
+    this.#secureExamples = outcome.numExamples;
+    this.#uplinkBytes += outcome.uplinkBytes;
+    this.#accepted += outcome.vehicleIds.length;
+    for (const id of outcome.vehicleIds) this.#acceptedVehicles.add(id);
+  }
+
+  /** Mean delta of a secure round, once recorded. */
+  get secureMean(): WeightMap | undefined {
+    return this.#secureMean;
+  }
+
   /** Stops taking updates; later calls do nothing. */
   close(trigger: CloseTrigger): void {
     if (!this.#isOpen) return;
@@ -194,7 +220,7 @@ export class OpenRound {
       rejected: this.#rejected,
       rejectedByReason: { ...this.#rejectedByReason },
       uplinkBytes: this.#uplinkBytes,
-      numExamples: this.accumulator.totalExamples,
+      numExamples: this.#secureExamples ?? this.accumulator.totalExamples,
       numVehicles: this.#acceptedVehicles.size,
       durationMs: nowMs - this.openedAtMs,
     };

@@ -5,15 +5,23 @@
  */
 import {
   ErrorCode,
-  TensorEncoding,
   countElements,
   decodeModelUpdate,
-  decodeTensorValues,
   isFleetError,
   type ModelUpdate,
   type PublicKeySet,
   type WireTensor,
 } from '../protocol/index.ts';
+import {
+  CompressionKind,
+  NO_COMPRESSION,
+  decodeDeltaValues,
+  describeCompression,
+  describeEncoding,
+  encodingOf,
+  topkCount,
+  type UpdateCompression,
+} from '../protocol/compression/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
 import { checkSigner, openUpdatePayload } from './update-signature.ts';
 
@@ -50,6 +58,11 @@ export interface RoundContext {
    * must be signed with the key of the vehicle it names.
    */
   vehicleKeys?: PublicKeySet;
+  /**
+   * Compression the open round's task announced; every delta must use its
+   * encoding. Default float32.
+   */
+  updateCompression?: UpdateCompression;
 }
 
 /** An update that passed every check. */
@@ -256,7 +269,10 @@ function decodeDeltas(
   }
 
   const deltas: WeightMap = new Map();
+  const compression = context.updateCompression ?? NO_COMPRESSION;
   for (const tensor of update.deltas) {
+    const problem = checkEncoding(tensor, compression, update.round);
+    if (problem !== undefined) return problem;
     const values = decodeDelta(
       tensor,
       shapes.get(tensor.name)!,
@@ -268,18 +284,46 @@ function decodeDeltas(
   return deltas;
 }
 
+/**
+ * Rejects a tensor whose encoding is not the one the round announced, and
+ * a top-k tensor with more values than the round's density allows. Both
+ * would let a vehicle send more bytes than the round budgets for.
+ */
+function checkEncoding(
+  tensor: WireTensor,
+  compression: UpdateCompression,
+  round: number,
+): RejectedUpdate | undefined {
+  const expected = encodingOf(compression);
+  if (tensor.encoding !== expected) {
+    return reject(
+      ErrorCode.UnsupportedEncoding,
+      `tensor ${tensor.name} has encoding ` +
+        `${describeEncoding(tensor.encoding)}, but round ${round} expects ` +
+        `encoding ${describeEncoding(expected)} for ` +
+        `${describeCompression(compression)} compression`,
+    );
+  }
+  if (compression.kind !== CompressionKind.TopK) return undefined;
+  const maxCount = topkCount(
+    countElements(tensor.shape),
+    compression.topkDensity,
+  );
+  if (tensor.indices.length <= maxCount) return undefined;
+  return reject(
+    ErrorCode.UnsupportedEncoding,
+    `top-k tensor ${tensor.name} carries ${tensor.indices.length} values, ` +
+      `but round ${round} allows at most ${maxCount} for its ` +
+      `${countElements(tensor.shape)} elements ` +
+      `(${describeCompression(compression)})`,
+  );
+}
+
 function decodeDelta(
   tensor: WireTensor,
   shape: readonly number[],
   maxAbsValue: number,
 ): Float32Array | RejectedUpdate {
-  if (tensor.encoding !== TensorEncoding.Float32) {
-    return reject(
-      ErrorCode.UnsupportedEncoding,
-      `tensor ${tensor.name} has encoding ${tensor.encoding}, expected ` +
-        `${TensorEncoding.Float32} (float32)`,
-    );
-  }
   const isSameShape =
     tensor.shape.length === shape.length &&
     tensor.shape.every((dim, i) => dim === shape[i]);
@@ -293,7 +337,7 @@ function decodeDelta(
 
   let values: Float32Array;
   try {
-    values = decodeTensorValues(tensor);
+    values = decodeDeltaValues(tensor);
   } catch (err) {
     if (!isFleetError(err)) throw err;
     return reject(err.code, err.message);

@@ -95,9 +95,20 @@ export class VehicleRegistry {
     return false;
   }
 
+  /** numExamples of an online vehicle's latest status, if it gave one. */
+  examplesOf(vehicleId: string): number | undefined {
+    const count = this.#online.get(vehicleId)?.numExamples;
+    return count === undefined || count <= 0 ? undefined : count;
+  }
+
   /** Ids of the online vehicles. */
   onlineIds(): string[] {
     return [...this.#online.keys()];
+  }
+
+  /** Copies of the latest status of each online vehicle. */
+  onlineStatuses(): VehicleStatus[] {
+    return [...this.#online.values()].map((status) => ({ ...status }));
   }
 
   get onlineCount(): number {

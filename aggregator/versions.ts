@@ -7,6 +7,10 @@ import { ErrorCode, FleetError, type Logger } from '../protocol/index.ts';
 import { MODEL_NAME, type WeightMap } from '../models/architecture.ts';
 import { readWeightsFile } from '../models/weights-file.ts';
 import { applyDeltas } from '../models/index.ts';
+import {
+  describeStrategy,
+  measureReleaseLatency,
+} from '../models/registry/index.ts';
 import { checkWeights, exportAndCheck } from './model-check.ts';
 import type { ModelStore, StoredModel } from './model-store.ts';
 import type { ResolvedOptions } from './options.ts';
@@ -15,7 +19,10 @@ import {
   aggregateMedian,
   aggregateMultiKrum,
   aggregateTrimmedMean,
+  type VehicleUpdate,
 } from './strategies/index.ts';
+import { averageUpdates } from './round-norm-bound.ts';
+import type { ServerStep } from './server-step.ts';
 import { encodeRelease } from './release-messages.ts';
 import type { OpenRound, RoundStats } from './round.ts';
 import { loadState, saveState, type AggregatorState } from './state.ts';
@@ -103,14 +110,16 @@ async function createBaseVersion(
       createdAt: new Date().toISOString(),
       createdAtMs: Date.now(),
       trainableTensors: [],
+      strategy: 'base',
+      latency: await measureReleaseLatency(checked.onnx, options),
     },
   };
 }
 
 /**
  * Builds model `version` from `current` (its parent): the parent's weights
- * plus `meanDelta`, exported and checked against TF.js. Nothing is stored
- * here.
+ * plus `meanDelta`, or `nextWeights` when a server optimizer computed
+ * them, exported and checked against TF.js. Nothing is stored here.
  *
  * @throws {FleetError} NON_FINITE_VALUE when a merged weight is NaN or
  *   infinite, EXPORT_MISMATCH when ONNX and TF.js disagree.
@@ -121,8 +130,9 @@ export async function buildNextVersion(
   meanDelta: WeightMap,
   stats: RoundStats,
   options: ResolvedOptions,
+  nextWeights?: WeightMap,
 ): Promise<{ model: StoredModel; maxAbsDiff: number }> {
-  const weights = applyDeltas(current.weights, meanDelta);
+  const weights = nextWeights ?? applyDeltas(current.weights, meanDelta);
   checkFinite(weights, version);
   const checked = await exportAndCheck(
     weights,
@@ -145,6 +155,8 @@ export async function buildNextVersion(
       createdAt: new Date(createdAtMs).toISOString(),
       createdAtMs,
       trainableTensors: [...options.trainableTensors],
+      ...describeStrategy(options),
+      latency: await measureReleaseLatency(checked.onnx, options),
     },
   };
   return { model, maxAbsDiff: checked.maxAbsDiff };
@@ -175,7 +187,8 @@ export function checkFinite(weights: WeightMap, version: number): void {
  * streamed FedAvg mean, or a robust rule over the round's kept updates.
  * With `differentialPrivacy` it is the DP-FedAvg mean instead: the
  * clipped equal-weight sum plus Gaussian noise, divided by the number of
- * selected vehicles.
+ * selected vehicles. `boundedUpdates`, the round's updates after the norm
+ * bound, replace the streamed mean and the kept updates.
  *
  * @throws {FleetError} ROBUST_RULE_UNSATISFIED when the number of updates
  *   breaks the rule's requirement (for example Krum needs n > 2f + 2).
@@ -191,8 +204,11 @@ export function computeMeanDelta(
     | 'multiKrumSelect'
     | 'differentialPrivacy'
   >,
+  boundedUpdates?: readonly VehicleUpdate[],
 ): WeightMap {
   const { aggregation, byzantineCount, differentialPrivacy } = options;
+  // A secure round's mean was computed when it was unmasked.
+  if (round.secureMean !== undefined) return round.secureMean;
   if (differentialPrivacy !== undefined) {
     const sum = round.clippedSum;
     if (sum === undefined) {
@@ -203,8 +219,12 @@ export function computeMeanDelta(
     }
     return sum.noisyMean(round.selected.size, differentialPrivacy, round.round);
   }
-  if (aggregation === 'fedavg') return round.accumulator.result();
-  const updates = round.keptUpdates;
+  if (aggregation === 'fedavg') {
+    return boundedUpdates === undefined
+      ? round.accumulator.result()
+      : averageUpdates(boundedUpdates);
+  }
+  const updates = boundedUpdates ?? round.keptUpdates;
   if (updates === undefined) {
     throw new Error(
       `round ${round.round} kept no updates, which aggregation ` +
@@ -256,6 +276,15 @@ export async function commitRound(
   current: StoredModel,
   store: ModelStore,
   options: ResolvedOptions,
+  steps: {
+    /** Updates after the norm bound (see computeMeanDelta). */
+    boundedUpdates?: readonly VehicleUpdate[];
+    /**
+     * Turns the mean delta into the weights' step; its moments are saved
+     * only once the version is stored.
+     */
+    serverStep?: ServerStep;
+  } = {},
 ): Promise<CommittedVersion> {
   const stats = round.stats();
   if (stats.accepted < options.minUpdates) {
@@ -266,7 +295,8 @@ export async function commitRound(
     );
   }
 
-  const mean = computeMeanDelta(round, options);
+  const mean = computeMeanDelta(round, options, steps.boundedUpdates);
+  const proposed = steps.serverStep?.propose(current.weights, mean);
   const version =
     Math.max(store.highestVersion(), current.manifest.version) + 1;
   const { model, maxAbsDiff } = await buildNextVersion(
@@ -275,6 +305,7 @@ export async function commitRound(
     mean,
     stats,
     options,
+    proposed?.weights,
   );
   const { notice } = encodeRelease(
     model.manifest,
@@ -283,6 +314,9 @@ export async function commitRound(
   );
 
   store.save(model);
+  // Before state.json: a crash in between leaves moments of an unused
+  // version, which ServerStep.open resets.
+  proposed?.commit(model.manifest.version);
   saveState(options.stateDir, {
     round: stats.round,
     modelVersion: model.manifest.version,

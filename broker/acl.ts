@@ -17,12 +17,14 @@ export interface TopicRules {
 }
 
 /**
- * Returns the rules of an identity. A vehicle publishes its own updates and
- * status (status is also its last will) and subscribes to the round task,
- * the release subtree and its own acks. The aggregator publishes round
- * tasks, releases and every vehicle's acks, and subscribes to every
- * vehicle's updates and status, and to its own round and release topics
- * so that it can read back what it retained.
+ * Returns the rules of an identity. A vehicle publishes its own updates,
+ * status (status is also its last will) and secure aggregation messages,
+ * and subscribes to the round task, the release subtree, its own acks and
+ * its own secure aggregation inbox. The aggregator publishes round tasks,
+ * releases, every vehicle's acks and secure aggregation inbox, and
+ * subscribes to every vehicle's updates, status and secure aggregation
+ * messages, and to its own round and release topics so that it can read
+ * back what it retained.
  */
 export function topicRulesOf(identity: FleetIdentity): TopicRules {
   const topics = new FleetTopics(identity.fleetId);
@@ -30,15 +32,30 @@ export function topicRulesOf(identity: FleetIdentity): TopicRules {
   if (identity.role === 'vehicle') {
     const vehicleId = identity.vehicleId!;
     return {
-      publish: [topics.update(vehicleId), topics.status(vehicleId)],
-      subscribe: [topics.roundTask(), releases, topics.ack(vehicleId)],
+      publish: [
+        topics.update(vehicleId),
+        topics.status(vehicleId),
+        topics.secureFromVehicle(vehicleId),
+      ],
+      subscribe: [
+        topics.roundTask(),
+        releases,
+        topics.ack(vehicleId),
+        topics.secureToVehicle(vehicleId),
+      ],
     };
   }
   return {
-    publish: [topics.roundTask(), releases, `${topics.prefix}/vehicles/+/ack`],
+    publish: [
+      topics.roundTask(),
+      releases,
+      `${topics.prefix}/vehicles/+/ack`,
+      `${topics.prefix}/vehicles/+/secagg-in`,
+    ],
     subscribe: [
       topics.allUpdates(),
       topics.allStatus(),
+      topics.allSecureFromVehicles(),
       topics.roundTask(),
       releases,
     ],

@@ -15,6 +15,7 @@ import {
 } from './listener.ts';
 import { PasswordDirectory } from './passwords.ts';
 import { checkClientLimits, type ClientLimits } from './rate-limit.ts';
+import { connectRedis, type RedisBackend } from './redis.ts';
 
 /** Options of {@link startBroker}. */
 export interface BrokerOptions {
@@ -33,6 +34,12 @@ export interface BrokerOptions {
   usersPath?: string;
   /** Per-client limits by role; unset fields keep their defaults. */
   limits?: Partial<Record<FleetRole, Partial<ClientLimits>>>;
+  /**
+   * `redis://host:port`: share messages, retained messages, subscriptions
+   * and sessions through Redis with the other broker nodes given the same
+   * URL (see broker/redis.ts). Unset, the broker keeps them in memory.
+   */
+  redisUrl?: string;
 }
 
 /** A running broker. */
@@ -122,7 +129,20 @@ export async function startBroker(
     log,
   });
 
-  const aedes = await Aedes.createBroker(access.hooks());
+  const redis =
+    options.redisUrl === undefined
+      ? undefined
+      : await connectRedis({ url: options.redisUrl, log });
+  let aedes: Aedes;
+  try {
+    aedes = await Aedes.createBroker({
+      ...access.hooks(),
+      ...(redis && { mq: redis.mq, persistence: redis.persistence }),
+    });
+  } catch (err) {
+    await redis?.close(Promise.resolve());
+    throw err;
+  }
   // Connections the broker accepted and that are still open. aedes closes
   // only the clients that finished CONNECT; close() destroys the rest, or
   // server.close() would wait for them forever.
@@ -141,7 +161,7 @@ export async function startBroker(
     );
     await listen(listener.server, port, host);
   } catch (err) {
-    await closeAedes(aedes);
+    await closeAedes(aedes, redis);
     throw err;
   }
   const { server } = listener;
@@ -155,6 +175,7 @@ export async function startBroker(
       tls: listener.secure,
       clientCertificates: listener.verifiesClientCertificates,
       passwordUsers: passwords?.size ?? 0,
+      sharedThroughRedis: redis !== undefined,
     },
     'broker started',
   );
@@ -176,7 +197,7 @@ export async function startBroker(
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {
     closing ??= (async () => {
-      await closeAedes(aedes);
+      await closeAedes(aedes, redis);
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       for (const socket of sockets) socket.destroy();
       await closed;
@@ -237,8 +258,9 @@ function listen(server: Server, port: number, host: string): Promise<void> {
   });
 }
 
-function closeAedes(aedes: Aedes): Promise<void> {
-  return new Promise((resolve) => aedes.close(() => resolve()));
+function closeAedes(aedes: Aedes, redis?: RedisBackend): Promise<void> {
+  const closed = new Promise<void>((resolve) => aedes.close(() => resolve()));
+  return redis === undefined ? closed : redis.close(closed);
 }
 
 function attachLogging(aedes: Aedes, log: Logger): void {

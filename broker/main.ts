@@ -3,7 +3,9 @@
  * `npx tsx broker/main.ts --port 1883 --host 127.0.0.1` for development,
  * `npx tsx broker/main.ts --pki-dir state/pki` for mutual TLS with the
  * files that `npm run provision` wrote. SIGHUP reloads the TLS files, the
- * CRL and the users file.
+ * CRL and the users file. Processes started with the same
+ * `--redis-url redis://127.0.0.1:6379` and their own ports are nodes of
+ * one broker.
  */
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
@@ -79,6 +81,11 @@ const program = new Command('broker')
     'publishes the aggregator may send in a burst (default 10000)',
     parseIntegerAtLeast(1),
   )
+  .option(
+    '--redis-url <url>',
+    'share messages, retained messages, subscriptions and sessions with ' +
+      'the other broker nodes on this Redis, e.g. redis://127.0.0.1:6379',
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -100,6 +107,7 @@ interface Flags {
   vehiclePublishBurst?: number;
   aggregatorPublishRate?: number;
   aggregatorPublishBurst?: number;
+  redisUrl?: string;
   logLevel: string;
 }
 
@@ -159,6 +167,7 @@ try {
     tls,
     usersPath: flags.users,
     limits: limitsOf(flags),
+    redisUrl: flags.redisUrl,
   });
   let stopping = false;
   const stop = (signal: string): void => {

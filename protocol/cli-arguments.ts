@@ -1,4 +1,4 @@
-import { InvalidArgumentError, type Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { isFleetError } from './errors.ts';
 import type { Logger } from './logger.ts';
 
@@ -108,3 +108,145 @@ export function addDifferentialPrivacyOptions(command: Command): Command {
       parseNumberAtLeast(0),
     );
 }
+
+/**
+ * Adds the secure aggregation options, shared by the aggregator and the
+ * simulator; `secureAggregationOfFlags` turns them into options.
+ */
+export function addSecureAggregationOptions(command: Command): Command {
+  return command
+    .option(
+      '--secure-aggregation',
+      'mask updates so that the aggregator sees only the round sum',
+    )
+    .option(
+      '--secagg-clip-norm <number>',
+      'secure aggregation: L2 norm vehicles clip to before masking ' +
+        '(default 10; with DP, --dp-clip-norm)',
+      parsePositiveNumber,
+    )
+    .option(
+      '--secagg-threshold-fraction <number>',
+      'secure aggregation: Shamir threshold as a share of the vehicles ' +
+        '(default 0.5: a majority must stay)',
+      parseFraction,
+    )
+    .option(
+      '--secagg-phase-timeout-ms <ms>',
+      'secure aggregation: wait for the key, share and unmask phases ' +
+        '(default 30000)',
+      parseIntegerAtLeast(1),
+    );
+}
+
+/**
+ * Adds the server optimizer flags, shared by the aggregator and the
+ * simulator; the aggregator's `serverOptimizerOfFlags` reads them.
+ * `names` are the optimizers the aggregator implements.
+ */
+export function addServerOptimizerOptions(
+  command: Command,
+  names: readonly string[],
+): Command {
+  return command
+    .addOption(
+      new Option(
+        '--server-optimizer <name>',
+        "server optimizer applied to each round's mean delta (default: " +
+          'none, the mean delta is added as it is)',
+      ).choices([...names]),
+    )
+    .option(
+      '--server-lr <number>',
+      'server learning rate (default 1 for fedavgm, 0.01 for the others)',
+      parsePositiveNumber,
+    )
+    .option(
+      '--server-momentum <number>',
+      'fedavgm: momentum in [0, 1) (default 0.9)',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--server-beta1 <number>',
+      'fedadagrad, fedadam, fedyogi: decay of the first moment, in [0, 1) ' +
+        '(default 0.9)',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--server-beta2 <number>',
+      'fedadam, fedyogi: decay of the second moment, in [0, 1) (default 0.99)',
+      parseNumberAtLeast(0),
+    )
+    .option(
+      '--server-tau <number>',
+      'fedadagrad, fedadam, fedyogi: adaptivity tau > 0; larger adapts ' +
+        'less (default 0.001)',
+      parsePositiveNumber,
+    );
+}
+
+/**
+ * Adds the norm bound flags, shared by the aggregator and the simulator;
+ * the aggregator's `normBoundOfFlags` reads them.
+ */
+export function addNormBoundOptions(command: Command): Command {
+  return command
+    .option(
+      '--norm-bound-multiple <number>',
+      "bound each update's L2 norm to this multiple of the round's median " +
+        'update norm',
+      parsePositiveNumber,
+    )
+    .option(
+      '--norm-bound-max <number>',
+      "bound each update's L2 norm to this value; with " +
+        '--norm-bound-multiple the smaller bound applies',
+      parseNumberAtLeast(0),
+    )
+    .addOption(
+      new Option(
+        '--norm-bound-action <action>',
+        'clip: scale an update above the bound down to it; reject: leave ' +
+          'it out of the round (default clip)',
+      ).choices(['clip', 'reject']),
+    );
+}
+
+/** Flags of addSecureAggregationOptions, as commander parses them. */
+export interface SecureAggregationFlags {
+  secureAggregation?: boolean;
+  secaggClipNorm?: number;
+  secaggThresholdFraction?: number;
+  secaggPhaseTimeoutMs?: number;
+}
+
+/**
+ * The aggregator's secureAggregation option from the flags; undefined
+ * without --secure-aggregation.
+ *
+ * @throws {InvalidArgumentError} for a --secagg-* flag without
+ *   --secure-aggregation.
+ */
+export function secureAggregationOfFlags(flags: SecureAggregationFlags):
+  | {
+      clipNorm?: number;
+      thresholdFraction?: number;
+      phaseTimeoutMs?: number;
+    }
+  | undefined {
+  const detail = {
+    clipNorm: flags.secaggClipNorm,
+    thresholdFraction: flags.secaggThresholdFraction,
+    phaseTimeoutMs: flags.secaggPhaseTimeoutMs,
+  };
+  if (flags.secureAggregation !== true) {
+    if (Object.values(detail).some((value) => value !== undefined)) {
+      throw new InvalidArgumentError(
+        '--secagg-* options need --secure-aggregation',
+      );
+    }
+    return undefined;
+  }
+  return detail;
+}
+

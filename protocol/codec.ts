@@ -151,6 +151,13 @@ export function decodeRoundTask(bytes: Uint8Array): RoundTask {
   }
   object.openedAtMs = toSafeInteger('openedAtMs', object.openedAtMs);
   object.deadlineMs = toSafeInteger('deadlineMs', object.deadlineMs);
+  const secure = object.secureAggregation as Record<string, unknown> | null;
+  if (secure !== null && secure !== undefined) {
+    secure.exampleCap = toSafeInteger(
+      'secureAggregation.exampleCap',
+      secure.exampleCap,
+    );
+  }
   return object as unknown as RoundTask;
 }
 

@@ -68,6 +68,11 @@ export const ErrorCode = {
   RobustRuleUnsatisfied: 'ROBUST_RULE_UNSATISFIED',
   /** Update whose L2 norm is above the round's norm bound. */
   UpdateNormTooLarge: 'UPDATE_NORM_TOO_LARGE',
+  /**
+   * Plain ModelUpdate in a round that uses secure aggregation, where only
+   * masked inputs are accepted.
+   */
+  SecureAggregationRequired: 'SECURE_AGGREGATION_REQUIRED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

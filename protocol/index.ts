@@ -31,6 +31,7 @@ export type {
   ModelWeights,
   ReleaseChunk,
   RoundTask,
+  SecureAggregationConfig,
   SignedEnvelope,
   TrainingConfig,
   UpdateAck,

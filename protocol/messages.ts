@@ -32,6 +32,18 @@ export interface RoundTask {
   deadlineMs: number;
   minUpdates: number;
   modelSha256: string;
+  /** Set for a secure aggregation round; null or absent otherwise. */
+  secureAggregation?: SecureAggregationConfig | null;
+}
+
+/** Secure aggregation parameters of a round (secure_aggregation_v1.proto). */
+export interface SecureAggregationConfig {
+  threshold: number;
+  clipNorm: number;
+  /** 0 means equal weights. */
+  exampleCap: number;
+  maxVehicles: number;
+  tensorNames: string[];
 }
 
 export interface LocalMetrics {

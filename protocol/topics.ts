@@ -91,6 +91,23 @@ export class FleetTopics {
     return `${this.prefix}/vehicles/${vehicleId}/status`;
   }
 
+  /** Secure aggregation messages from one vehicle, QoS 1. */
+  secureFromVehicle(vehicleId: string): string {
+    assertTopicLevel('vehicle id', vehicleId);
+    return `${this.prefix}/vehicles/${vehicleId}/secagg`;
+  }
+
+  /** Secure aggregation messages to one vehicle, QoS 1. */
+  secureToVehicle(vehicleId: string): string {
+    assertTopicLevel('vehicle id', vehicleId);
+    return `${this.prefix}/vehicles/${vehicleId}/secagg-in`;
+  }
+
+  /** Subscription filter for every vehicle's secure aggregation messages. */
+  allSecureFromVehicles(): string {
+    return `${this.prefix}/vehicles/+/secagg`;
+  }
+
   /** Subscription filter for every vehicle's updates. */
   allUpdates(): string {
     return `${this.prefix}/vehicles/+/updates`;

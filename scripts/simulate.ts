@@ -9,6 +9,10 @@ import {
   parseNumberAtLeast,
   parsePositiveNumber,
   addDifferentialPrivacyOptions,
+  addNormBoundOptions,
+  addSecureAggregationOptions,
+  addServerOptimizerOptions,
+  secureAggregationOfFlags,
 } from '../protocol/cli-arguments.ts';
 import {
   DEFAULT_FAULT_RATE,
@@ -17,11 +21,26 @@ import {
   type FaultKind,
 } from './sim/faults.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
+import { parseLiveViewPort } from '../aggregator/live-view/index.ts';
+import {
+  COMPRESSION_NAMES,
+  DEFAULT_TOPK_DENSITY,
+  compressionOfFlags,
+  type UpdateCompression,
+} from '../protocol/compression/index.ts';
 import { DEFAULT_ATTACK_SCALE, SIM_ATTACK_KINDS } from './sim/attackers.ts';
 import {
   AGGREGATION_RULES,
+  SERVER_OPTIMIZER_NAMES,
   differentialPrivacyOfFlags,
+  normBoundOfFlags,
+  resolveNormBound,
+  resolveServerOptimizer,
+  serverOptimizerOfFlags,
   type DifferentialPrivacyOptions,
+  type NormBoundOptions,
+  type SecureAggregationOptions,
+  type ServerOptimizerOptions,
 } from '../aggregator/index.ts';
 
 /** Round deadline without faults: long enough for slow training backends. */
@@ -201,6 +220,17 @@ const program = new Command('simulate')
     parseIntegerAtLeast(0),
     0,
   )
+  .addOption(
+    new Option(
+      '--update-compression <kind>',
+      "encoding of the vehicles' deltas (default float32)",
+    ).choices([...COMPRESSION_NAMES]),
+  )
+  .option(
+    '--topk-density <fraction>',
+    `share of each tensor a topk update sends, in (0, 1] (default ${DEFAULT_TOPK_DENSITY})`,
+    parsePositiveNumber,
+  )
   .option(
     '--secure',
     'provision a temporary PKI and run with mutual TLS, the broker ACL, ' +
@@ -211,16 +241,41 @@ const program = new Command('simulate')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
       .default('warn'),
   )
-  .option('--no-progress', 'no progress bar (for logs and CI)');
+  .option('--no-progress', 'no progress bar (for logs and CI)')
+  .option(
+    '--live-view-port <port>',
+    "serve the aggregator's live view (web page, /api/fleet, /metrics) " +
+      'on 127.0.0.1 at this port, 0 for any free port; off by default',
+    parseLiveViewPort,
+  );
 
 addDifferentialPrivacyOptions(program);
+addSecureAggregationOptions(program);
+addServerOptimizerOptions(program, SERVER_OPTIMIZER_NAMES);
+addNormBoundOptions(program);
 program.parse();
 const flags = program.opts();
 const log = createLogger({ level: flags.logLevel, name: 'fleetlearn' });
 const faults: FaultKind[] = flags.faults ?? [];
 let differentialPrivacy: DifferentialPrivacyOptions | undefined;
+let secureAggregation: SecureAggregationOptions | undefined;
+let updateCompression: UpdateCompression | undefined;
+let serverOptimizer: ServerOptimizerOptions | undefined;
+let normBound: NormBoundOptions | undefined;
 try {
   differentialPrivacy = differentialPrivacyOfFlags(flags);
+  secureAggregation = secureAggregationOfFlags(flags);
+  updateCompression = compressionOfFlags(flags);
+  serverOptimizer = serverOptimizerOfFlags(flags);
+  normBound = normBoundOfFlags(flags);
+  // Checked here too, so that a bad value fails before the data loads.
+  if (serverOptimizer !== undefined) resolveServerOptimizer(serverOptimizer);
+  if (normBound !== undefined) {
+    resolveNormBound(normBound, {
+      hasSecureAggregation: secureAggregation !== undefined,
+      hasDifferentialPrivacy: differentialPrivacy !== undefined,
+    });
+  }
 } catch (err) {
   console.error(`simulate: ${(err as Error).message}`);
   process.exit(1);
@@ -258,9 +313,14 @@ const options: SimulationOptions = {
   trimFraction: flags.trimFraction,
   multiKrumSelect: flags.multiKrumSelect,
   differentialPrivacy,
+  secureAggregation,
+  updateCompression,
+  serverOptimizer,
+  normBound,
   baseWeightsPath: flags.baseWeights,
   depotTracksPath: flags.depotTracks,
   progress: flags.progress && process.stderr.isTTY === true,
+  liveViewPort: flags.liveViewPort,
   log,
 };
 

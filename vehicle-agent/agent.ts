@@ -35,6 +35,7 @@ import {
   type AgentEvents,
 } from './events.ts';
 import { FeatureCache } from './feature-cache.ts';
+import { SecureParticipant } from './secure-participant.ts';
 import { FinishedRounds } from './finished-rounds.ts';
 import {
   resolveAgentOptions,
@@ -65,6 +66,8 @@ const STATUS_PUBLISH_TIMEOUT_MS = 5000;
 const RELEASES_STOP_TIMEOUT_MS = 10_000;
 /** File in the state directory listing rounds with a stored update. */
 const FINISHED_ROUNDS_FILE = 'finished-rounds.json';
+/** File in the state directory holding the top-k error feedback residual. */
+const ERROR_FEEDBACK_FILE = 'error-feedback.pb';
 /** Time `stop()` waits for a graceful MQTT disconnect. */
 const DISCONNECT_TIMEOUT_MS = 2000;
 /** Time `stop()` waits for an aborted training run to end. */
@@ -98,6 +101,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private readonly releases: ReleaseHandler;
   private readonly releaseVerifier: ReleaseVerifier;
   private readonly outbox: Outbox;
+  private readonly secure: SecureParticipant;
 
   /**
    * @throws {TypeError} for a missing or wrongly typed option.
@@ -116,6 +120,14 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     });
     this.deployment = new ModelDeployment(this.options.stateDir, this.log);
     this.outbox = new Outbox(this.options.stateDir, this.log);
+    this.secure = new SecureParticipant({
+      vehicleId: this.vehicleId,
+      fleetId: this.fleetId,
+      maxMessageBytes: this.options.maxMessageBytes,
+      log: this.log,
+      publish: (bytes) => this.publishSecure(bytes),
+      events: this,
+    });
     this.releaseVerifier = new ReleaseVerifier({
       stateDir: this.options.stateDir,
       trustedKeys: this.options.trustedReleaseKeys,
@@ -368,6 +380,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
           this.topics.release(),
           this.topics.roundTask(),
           this.topics.ack(this.vehicleId),
+          this.topics.secureToVehicle(this.vehicleId),
         ]),
       );
     } catch (err) {
@@ -463,6 +476,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       signingKey: this.options.updateSigningKey,
       attack: this.options.attack,
       log: this.log,
+      errorFeedbackFile: path.join(this.options.stateDir, ERROR_FEEDBACK_FILE),
       finishedRounds: new FinishedRounds(
         path.join(this.options.stateDir, FINISHED_ROUNDS_FILE),
         this.log,
@@ -473,7 +487,22 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       publishUpdate: (payload, update) => this.publishUpdate(payload, update),
       publishStatus: () => this.publishStatus(),
       events: this,
+      secure: this.secure,
     });
+  }
+
+  /** Publishes a secure aggregation message with QoS 1. */
+  private async publishSecure(bytes: Uint8Array): Promise<void> {
+    const client = this.client;
+    if (client === undefined) {
+      throw new Error('secure message not sent: the agent is not started');
+    }
+    this.stats.bytesSent += bytes.length;
+    await client.publishAsync(
+      this.topics.secureFromVehicle(this.vehicleId),
+      Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+      { qos: 1 },
+    );
   }
 
   private onMessage(topic: string, payload: Buffer): void {
@@ -504,6 +533,9 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       this.handleRoundTask(payload);
     } else if (topic === this.topics.ack(this.vehicleId)) {
       this.handleAck(payload);
+    } else if (topic === this.topics.secureToVehicle(this.vehicleId)) {
+      this.stats.bytesReceived += payload.length;
+      this.secure.handle(payload);
     } else {
       this.log.debug({ topic }, 'message on unexpected topic ignored');
     }

@@ -51,9 +51,25 @@ export interface TrainingFinishedEvent {
   succeeded: boolean;
 }
 
+/**
+ * Payload of the 'secure-input-ready' event: the clipped, weighted vector
+ * a secure round masks, in the clear. It stays in the vehicle's process;
+ * tests and the simulator compare it with what the aggregator unmasked.
+ */
+export interface SecureInputReadyEvent {
+  round: number;
+  /** [w * clip(delta), w]. */
+  values: Float32Array;
+  /** L2 norm of the deltas before clipping. */
+  norm: number;
+  clipped: boolean;
+  weight: number;
+}
+
 /** Event names and listener arguments of VehicleAgent. */
 export type AgentEvents = {
   'update-sent': [UpdateSentEvent];
+  'secure-input-ready': [SecureInputReadyEvent];
   /** Published again from the outbox after a (re)connection. */
   'update-resent': [UpdateResentEvent];
   /** Emitted once the update's outbox entry is removed. */

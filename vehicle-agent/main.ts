@@ -3,11 +3,13 @@
  * `npx tsx vehicle-agent/main.ts run --vehicle-id veh-001 --data DIR`
  * runs the daemon, and
  * `npx tsx vehicle-agent/main.ts classify sign.png --state-dir DIR`
- * prints the top classes of one image.
+ * prints the top classes of one image, and
+ * `npx tsx vehicle-agent/main.ts explain sign.png --out heat.png --state-dir DIR`
+ * draws which regions of the image drove its prediction.
  */
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { resolveDataDir } from '../models/index.ts';
+import { NUM_CLASSES, resolveDataDir } from '../models/index.ts';
 import {
   createLogger,
   defaultLogLevel,
@@ -19,6 +21,7 @@ import {
 import { reportStartError } from '../protocol/cli-arguments.ts';
 import { VehicleAgent } from './agent.ts';
 import { classifyImageFile, type ImageClassification } from './classify.ts';
+import { OCCLUSION_SCORES, explainImageFile } from './explain.ts';
 
 const LOG_LEVELS = [
   'fatal',
@@ -232,6 +235,74 @@ async function classifyCommand(
   }
 }
 
+interface ExplainFlags {
+  out: string;
+  stateDir?: string;
+  model?: string;
+  patchSize: number;
+  stride: number;
+  fill: 'mean' | number;
+  score: (typeof OCCLUSION_SCORES)[number];
+  class?: number;
+  top: number;
+  scale: number;
+}
+
+function parseFill(text: string): 'mean' | number {
+  if (text === 'mean') return text;
+  const value = text.trim() === '' ? Number.NaN : Number(text);
+  if (!(value >= 0 && value <= 1)) {
+    throw new InvalidArgumentError(
+      `expected mean or a number in [0, 1], got ${text}`,
+    );
+  }
+  return value;
+}
+
+function parseClassId(text: string): number {
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value < 0 || value >= NUM_CLASSES) {
+    throw new InvalidArgumentError(
+      `expected a class id from 0 to ${NUM_CLASSES - 1}, got ${text}`,
+    );
+  }
+  return value;
+}
+
+async function explainCommand(
+  image: string,
+  flags: ExplainFlags,
+): Promise<void> {
+  exitQuietlyOnClosedStdout();
+  if ((flags.stateDir === undefined) === (flags.model === undefined)) {
+    console.error(
+      'error: give exactly one of --state-dir DIR and --model FILE.onnx',
+    );
+    process.exitCode = 1;
+    return;
+  }
+  try {
+    const result = await explainImageFile({
+      image,
+      stateDir: flags.stateDir,
+      modelPath: flags.model,
+      outPath: flags.out,
+      patchSize: flags.patchSize,
+      stride: flags.stride,
+      fill: flags.fill,
+      score: flags.score,
+      classId: flags.class,
+      top: flags.top,
+      scale: flags.scale,
+    });
+    console.log(JSON.stringify(result, null, 2));
+  } catch (err) {
+    if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
+    console.error(`error: ${err.message}`);
+    process.exitCode = 1;
+  }
+}
+
 const program = new Command('vehicle-agent').description(
   'fleetlearn vehicle agent: local training, updates over MQTT, ONNX inference.',
 );
@@ -327,5 +398,64 @@ program
     5,
   )
   .action(classifyCommand);
+
+program
+  .command('explain')
+  .description(
+    'Write a PNG heat map of the regions of one image that drove its ' +
+      'predicted class (occlusion sensitivity), and print the top classes ' +
+      'as JSON.',
+  )
+  .argument('<image>', 'image file (PPM, PNG or JPEG)')
+  .requiredOption(
+    '--out <file.png>',
+    'PNG to write: the image and, beside it, the image under the heat map',
+  )
+  .option(
+    '--state-dir <dir>',
+    'use the model the agent deployed in this directory',
+  )
+  .option('--model <file>', 'use this ONNX model file instead')
+  .option(
+    '--patch-size <pixels>',
+    'side of the square patch that covers the 32x32 model input, 1 to 32',
+    parsePositiveInteger,
+    8,
+  )
+  .option(
+    '--stride <pixels>',
+    'step between patch positions, 1 to the patch size',
+    parsePositiveInteger,
+    2,
+  )
+  .option(
+    '--fill <value>',
+    "colour of a patch: mean (the image's mean colour) or a grey level " +
+      'in [0, 1]',
+    parseFill,
+    'mean',
+  )
+  .addOption(
+    new Option(
+      '--score <kind>',
+      'what a patch is measured by: the fall of the log-odds or of the ' +
+        'probability of the explained class',
+    )
+      .choices(OCCLUSION_SCORES)
+      .default('log-odds'),
+  )
+  .option(
+    '--class <id>',
+    'class id to explain; default the predicted class',
+    parseClassId,
+  )
+  .option('--top <count>', 'number of classes to list', parsePositiveInteger, 5)
+  .option(
+    '--scale <factor>',
+    'enlargement of the 32x32 image in the PNG, 1 to 64',
+    parsePositiveInteger,
+    8,
+  )
+  .action(explainCommand);
 
 await program.parseAsync();

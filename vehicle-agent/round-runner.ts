@@ -11,15 +11,21 @@ import {
   FleetError,
   isFleetError,
   type Logger,
+  decodeTensorValues,
+  type ModelUpdate,
   type RoundTask,
   type SigningKey,
 } from '../protocol/index.ts';
+import { compressionOfTask } from '../protocol/compression/index.ts';
 import type { DeployedModel } from './deployment.ts';
+import { ErrorFeedback, compressTrainingOutput } from './error-feedback.ts';
 import type { AgentEvents } from './events.ts';
 import type { FeatureCache } from './feature-cache.ts';
 import type { FinishedRounds } from './finished-rounds.ts';
+import type { SecureParticipant } from './secure-participant.ts';
 import {
   checkTrainingConfig,
+  encodeUpdatePayload,
   trainForRound,
   type UpdateAttack,
 } from './trainer.ts';
@@ -63,6 +69,13 @@ export interface RoundRunnerOptions {
   events: EventEmitter<AgentEvents>;
   /** Rounds with a stored update, kept across restarts. */
   finishedRounds: FinishedRounds;
+  /** Takes part in secure rounds instead of publishing updates. */
+  secure: Pick<SecureParticipant, 'begin' | 'submit'>;
+  /**
+   * File of the top-k error feedback residual, in the state directory.
+   * Without it the residual lives in memory and a restart loses it.
+   */
+  errorFeedbackFile?: string;
 }
 
 /** A published update awaiting its ack. */
@@ -97,8 +110,14 @@ export class RoundRunner {
   private waitingTask: RoundTask | undefined;
   private readonly handledRounds = new Map<string, true>();
   private readonly sentUpdates = new Map<string, SentUpdate>();
+  private readonly errorFeedback: ErrorFeedback;
 
-  constructor(private readonly options: RoundRunnerOptions) {}
+  constructor(private readonly options: RoundRunnerOptions) {
+    this.errorFeedback = new ErrorFeedback(
+      options.errorFeedbackFile,
+      options.log,
+    );
+  }
 
   /** True while features are computed or the model trains. */
   get isTraining(): boolean {
@@ -149,6 +168,8 @@ export class RoundRunner {
       log.debug(fields, 'round already handled');
       return;
     }
+    // Keys go out at once: the key phase does not wait for training.
+    if (task.secureAggregation) this.options.secure.begin(task);
     if (this.running) {
       this.waitingTask = task;
       log.info(fields, 'round task waits for the current run');
@@ -195,6 +216,7 @@ export class RoundRunner {
         );
       }
       checkTrainingConfig(task.training);
+      compressionOfTask(task);
     } catch (err) {
       const code = isFleetError(err) ? err.code : undefined;
       log.warn({ ...fields, err, code }, 'round task rejected');
@@ -267,8 +289,23 @@ export class RoundRunner {
       signal: this.stopAbort.signal,
     });
     if (this.stopped) return false;
+    if (task.secureAggregation) {
+      return this.submitSecure(task, output.update, output.result);
+    }
 
-    const { update, payload, result } = output;
+    // NOTE: trainForRound checks maxMessageBytes on the float32 payload,
+    // so an update that fits only once compressed is rejected there.
+    const { update, payload, result } = await compressTrainingOutput(
+      output,
+      task,
+      this.errorFeedback,
+      (changed) =>
+        encodeUpdatePayload(
+          changed,
+          this.options.maxMessageBytes,
+          this.options.signingKey,
+        ),
+    );
     // Recorded before the outbox write, so a restart does not train this
     // round again. NOTE: if the outbox write then fails, the round's
     // update is lost, and the error is logged by the caller.
@@ -313,6 +350,44 @@ export class RoundRunner {
     });
     return true;
   }
+
+  /** Hands a secure round's update to the participant, which masks it. */
+  private async submitSecure(
+    task: RoundTask,
+    update: ModelUpdate,
+    result: { loss: number; accuracy: number },
+  ): Promise<boolean> {
+    const { log } = this.options;
+    await this.options.finishedRounds
+      .add(roundKey(task))
+      .catch((err: unknown) =>
+        log.warn({ err, round: task.round }, 'finished round not recorded'),
+      );
+    const taken = this.options.secure.submit(
+      task,
+      deltasOf(update),
+      update.numExamples,
+    );
+    log.info(
+      {
+        round: task.round,
+        modelVersion: update.baseModelVersion,
+        numExamples: update.numExamples,
+        loss: result.loss,
+        accuracy: result.accuracy,
+        taken,
+      },
+      'secure update handed to masking',
+    );
+    return taken;
+  }
+}
+
+/** Deltas of an update by tensor name, in float32. */
+function deltasOf(update: ModelUpdate): Map<string, Float32Array> {
+  return new Map(
+    update.deltas.map((tensor) => [tensor.name, decodeTensorValues(tensor)]),
+  );
 }
 
 /**

@@ -5,13 +5,14 @@
 import { createRandom } from '../../models/index.ts';
 import {
   ErrorCode,
+  TensorEncoding,
   decodeModelUpdate,
-  decodeTensorValues,
   encodeFloat32Tensor,
   encodeModelUpdate,
   type ModelUpdate,
   type WireTensor,
 } from '../../protocol/index.ts';
+import { decodeDeltaValues } from '../../protocol/compression/index.ts';
 import type { PayloadFaultKind } from './faults.ts';
 
 /** Leading bytes of an update that `corrupt` flips: ids, names, shapes. */
@@ -61,14 +62,14 @@ export function buildBadPayload(
         kind,
         payload: encodeModelUpdate(withNaN(fresh, random)),
         updateId,
-        expectedCode: ErrorCode.NonFiniteValue,
+        expectedCode: float32Code(update, ErrorCode.NonFiniteValue),
       };
     case 'wrong-shape':
       return {
         kind,
         payload: encodeModelUpdate(withWrongShape(fresh)),
         updateId,
-        expectedCode: ErrorCode.WrongShape,
+        expectedCode: float32Code(update, ErrorCode.WrongShape),
       };
   }
 }
@@ -130,10 +131,22 @@ function decodes(payload: Uint8Array): boolean {
   }
 }
 
+/**
+ * Returns `code`, or UNSUPPORTED_ENCODING when the genuine update was
+ * compressed: the bad tensor goes out as float32, and the encoding check
+ * comes first.
+ */
+function float32Code(update: ModelUpdate, code: ErrorCode): ErrorCode {
+  const encoding = update.deltas[0]?.encoding;
+  return encoding === TensorEncoding.Float32
+    ? code
+    : ErrorCode.UnsupportedEncoding;
+}
+
 /** Sets one seeded value of the first delta tensor to NaN. */
 function withNaN(update: ModelUpdate, random: () => number): ModelUpdate {
   const [first, ...rest] = update.deltas;
-  const values = decodeTensorValues(first).slice();
+  const values = decodeDeltaValues(first).slice();
   values[Math.floor(random() * values.length)] = Number.NaN;
   const poisoned = encodeFloat32Tensor(first.name, first.shape, values);
   return { ...update, deltas: [poisoned, ...rest] };
@@ -149,7 +162,7 @@ function withWrongShape(update: ModelUpdate): ModelUpdate {
 }
 
 function reshape(tensor: WireTensor): WireTensor {
-  const values = decodeTensorValues(tensor);
+  const values = decodeDeltaValues(tensor);
   const [rows, columns] = tensor.shape;
   if (tensor.shape.length === 2 && rows !== columns) {
     return encodeFloat32Tensor(tensor.name, [columns, rows], values.slice());

@@ -153,6 +153,9 @@ async function runSecuredFleet(
     });
 
     await host.start(injector?.aggregatorUrl ?? brokerUrl);
+    if (host.current.liveViewUrl !== undefined) {
+      console.error(`live view: ${host.current.liveViewUrl}`);
+    }
     await pool.startAll();
     await host.whenFinished();
     await injector?.finish();
@@ -218,6 +221,9 @@ function noteAgentUpdates(agent: VehicleAgent, ledger: DeliveryLedger): void {
   agent.on('update-resent', ({ updateId, round }) =>
     ledger.noteFinished(updateId, vehicleId, round, 'resent'),
   );
+  agent.on('secure-input-ready', ({ round }) =>
+    ledger.noteSecureInput(vehicleId, round),
+  );
 }
 
 function aggregatorOptions(
@@ -245,6 +251,11 @@ function aggregatorOptions(
     trimFraction: options.trimFraction,
     multiKrumSelect: options.multiKrumSelect,
     differentialPrivacy: options.differentialPrivacy,
+    secureAggregation: options.secureAggregation,
+    updateCompression: options.updateCompression,
+    liveViewPort: options.liveViewPort,
+    serverOptimizer: options.serverOptimizer,
+    normBound: options.normBound,
     probeImages: data.test.images.subarray(0, PROBE_IMAGES * 32 * 32 * 3),
     probeCount: Math.min(PROBE_IMAGES, data.test.count),
     testSet: { images: data.test.images, labels: data.test.labels },

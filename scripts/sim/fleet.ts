@@ -28,9 +28,13 @@ import {
   tensorNamesOfLayers,
 } from '../../models/index.ts';
 import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
+import type { UpdateCompression } from '../../protocol/compression/index.ts';
 import type {
   AggregationRule,
   DifferentialPrivacyOptions,
+  NormBoundOptions,
+  SecureAggregationOptions,
+  ServerOptimizerOptions,
 } from '../../aggregator/index.ts';
 import type { SimAttackKind } from './attackers.ts';
 import { trainCentralized } from './centralized.ts';
@@ -101,7 +105,17 @@ export interface SimulationOptions {
   multiKrumSelect: number;
   /** DP-FedAvg settings passed to the aggregator; undefined for none. */
   differentialPrivacy?: DifferentialPrivacyOptions;
+  /** Secure aggregation settings; undefined for plain updates. */
+  secureAggregation?: SecureAggregationOptions;
+  /** Encoding of the vehicles' deltas; undefined for float32. */
+  updateCompression?: UpdateCompression;
+  /** Server optimizer of the aggregator; undefined for the plain step. */
+  serverOptimizer?: ServerOptimizerOptions;
+  /** Norm bound of the aggregator; undefined for none. */
+  normBound?: NormBoundOptions;
   progress: boolean;
+  /** Port of the aggregator's live view; undefined for none. */
+  liveViewPort?: number;
   log: Logger;
 }
 

@@ -86,6 +86,7 @@ export class DeliveryLedger {
   readonly #injected: InjectedPayload[] = [];
   readonly #injectedById = new Map<string, InjectedPayload>();
   readonly #interruptedRounds = new Set<number>();
+  readonly #secureInputs = new Set<string>();
   readonly #selectedByRound = new Map<number, readonly string[]>();
   /** Decisions without an update id that match no bad payload. */
   #unmatchedUndecodable = 0;
@@ -212,8 +213,16 @@ export class DeliveryLedger {
     };
   }
 
+  /**
+   * Notes a vehicle's input to a secure round. It travels as a masked
+   * input, not as an outbox entry, so it counts only against silence.
+   */
+  noteSecureInput(vehicleId: string, round: number): void {
+    this.#secureInputs.add(`${vehicleId}@${round}`);
+  }
+
   #silentVehicleRounds(): string[] {
-    const finished = new Set<string>();
+    const finished = new Set<string>(this.#secureInputs);
     for (const update of this.#genuine.values()) {
       finished.add(`${update.vehicleId}@${update.round}`);
     }

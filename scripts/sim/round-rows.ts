@@ -107,6 +107,11 @@ export class RoundRecorder {
     agent.on('update-resent', (event) =>
       increment(this.#resentByRound, event.round),
     );
+    // A secure round's masked input stands in for the update.
+    agent.on('secure-input-ready', (event) => {
+      increment(this.#sentByRound, event.round);
+      this.#progress.updateSent();
+    });
   }
 
   /**

@@ -1,0 +1,2 @@
+export { createExactSums } from './exact-sums.ts';
+export type { ExactSums, ExactSumsKernel } from './exact-sums.ts';

@@ -1,0 +1,24 @@
+import type { EventEmitter } from 'node:events';
+import type { VehicleStatus } from '../../protocol/index.ts';
+import type { AggregatorEvents } from '../events.ts';
+
+/**
+ * What the live view reads from a running aggregator: its events, and a
+ * few accessors it calls on each request. The aggregator builds one in
+ * `start()`, so the view never reaches into its private state.
+ */
+export interface LiveViewSource {
+  /** Emitter of the aggregator's events (the Aggregator itself). */
+  events: EventEmitter<AggregatorEvents>;
+  fleetId: string;
+  /** Accepted updates a round needs (minUpdates). */
+  quorum: number;
+  /** Rounds the aggregator runs before it stops; 0 runs on. */
+  maxRounds: number;
+  /** The open round, or the last one opened (0 before the first). */
+  currentRound(): number;
+  /** Version of the current global model. */
+  currentModelVersion(): number;
+  /** Latest status of each online vehicle, in any order. */
+  onlineVehicles(): VehicleStatus[];
+}

@@ -1,0 +1,320 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import {
+  FedAvgAccumulator,
+  MAX_ABS_WEIGHTED_DELTA,
+  MAX_EXAMPLES_PER_ADD,
+} from '../aggregator/fedavg.ts';
+import {
+  createExactSums,
+  type ExactSumsKernel,
+} from '../aggregator/kernel/index.ts';
+import { createRandom } from '../models/index.ts';
+
+const SCALE = 2 ** 26;
+const KERNELS: ExactSumsKernel[] = ['wasm-simd', 'js'];
+
+/**
+ * Computes the mean with the accumulator's arithmetic from before the
+ * kernel: three Float64Array limbs per tensor and a scalar loop.
+ */
+function referenceMean(
+  updates: { values: Float32Array; numExamples: number }[],
+): Float32Array {
+  const size = updates[0].values.length;
+  const whole = new Float64Array(size);
+  const high = new Float64Array(size);
+  const low = new Float64Array(size);
+  let total = 0;
+  for (const { values, numExamples } of updates) {
+    for (let i = 0; i < size; i++) {
+      const product = values[i] * numExamples;
+      const wholePart = Math.trunc(product);
+      const fraction = (product - wholePart) * SCALE;
+      const highPart = Math.trunc(fraction);
+      whole[i] += wholePart;
+      high[i] += highPart;
+      low[i] += Math.round((fraction - highPart) * SCALE);
+    }
+    total += numExamples;
+  }
+  const mean = new Float32Array(size);
+  for (let i = 0; i < size; i++) {
+    mean[i] = (whole[i] + (high[i] + low[i] / SCALE) / SCALE) / total;
+  }
+  return mean;
+}
+
+/** Values that stress the limb split: subnormals, halves, limits, zeros. */
+function extremeValues(numExamples: number): number[] {
+  const limit = MAX_ABS_WEIGHTED_DELTA / numExamples;
+  const atLimit = Math.fround(limit) <= limit ? Math.fround(limit) : 0;
+  return [
+    0,
+    -0,
+    2 ** -149,
+    -(2 ** -149),
+    2 ** -126 - 2 ** -149,
+    2 ** -126,
+    2 ** -53,
+    -(2 ** -53),
+    3 * 2 ** -54,
+    -3 * 2 ** -54,
+    2 ** -52 * (1 + 2 ** -23),
+    2 ** -27 + 2 ** -50,
+    1 - 2 ** -24,
+    -(1 - 2 ** -24),
+    0.5,
+    -0.5,
+    atLimit,
+    -atLimit,
+    Math.fround(limit / 3),
+  ];
+}
+
+/** Random float32 values over many magnitudes, with the extremes mixed in. */
+function randomUpdate(
+  size: number,
+  numExamples: number,
+  random: () => number,
+  exponents: [number, number] = [-60, 20],
+): Float32Array {
+  const limit = MAX_ABS_WEIGHTED_DELTA / numExamples;
+  const [lowest, highest] = exponents;
+  const values = new Float32Array(size);
+  for (let i = 0; i < size; i++) {
+    const exponent = lowest + Math.floor(random() * (highest - lowest));
+    const magnitude = 2 ** exponent;
+    const value = (random() - 0.5) * magnitude;
+    values[i] = Math.sign(value) * Math.min(limit / 2, Math.abs(value));
+  }
+  const extremes = extremeValues(numExamples);
+  for (let i = 0; i < extremes.length && i < size; i++) {
+    values[Math.floor(random() * size)] = extremes[i];
+  }
+  return values;
+}
+
+function bytesOf(values: Float32Array): Buffer {
+  return Buffer.from(values.buffer, values.byteOffset, values.byteLength);
+}
+
+function plan(
+  seed: number,
+  size: number,
+  count: number,
+  exponents?: [number, number],
+) {
+  const random = createRandom(seed);
+  const weights = [1, 2, 3, 1000, 65_537, MAX_EXAMPLES_PER_ADD];
+  return Array.from({ length: count }, (_, index) => {
+    const numExamples =
+      index < weights.length ? weights[index] : 1 + Math.floor(random() * 5000);
+    const values = randomUpdate(size, numExamples, random, exponents);
+    return { values, numExamples };
+  });
+}
+
+function meanOf(
+  kernel: ExactSumsKernel,
+  updates: { values: Float32Array; numExamples: number }[],
+): Float32Array {
+  const sums = createExactSums([updates[0].values.length], kernel);
+  let total = 0;
+  for (const { values, numExamples } of updates) {
+    const limit = MAX_ABS_WEIGHTED_DELTA / numExamples;
+    assert.equal(sums.add(0, values, numExamples, limit), -1);
+    total += numExamples;
+  }
+  return sums.divide(0, total);
+}
+
+describe('exact sums kernel', () => {
+  test('wasm-simd runs on this runtime', () => {
+    const accumulator = new FedAvgAccumulator(new Map([['w', 10]]));
+
+    assert.equal(accumulator.kernel, 'wasm-simd');
+  });
+
+  for (const kernel of KERNELS) {
+    for (const size of [1, 3, 4, 7, 16_385, 40_000]) {
+      test(`${kernel} matches reference, size ${size}`, () => {
+        const updates = plan(size, size, 12);
+
+        const mean = meanOf(kernel, updates);
+
+        assert.ok(bytesOf(mean).equals(bytesOf(referenceMean(updates))));
+      });
+    }
+  }
+
+  // With only tiny values the mean depends on the low limbs, which the
+  // float32 rounding of larger means hides.
+  for (const kernel of KERNELS) {
+    test(`${kernel} matches reference on tiny values`, () => {
+      const updates = plan(21, 9_999, 12, [-75, -20]);
+
+      const mean = meanOf(kernel, updates);
+
+      assert.ok(bytesOf(mean).equals(bytesOf(referenceMean(updates))));
+    });
+  }
+
+  test('kernels agree on cancelling deltas', () => {
+    const random = createRandom(7);
+    const big = Float32Array.from({ length: 999 }, (_, i) => 999 - (i % 7));
+    const updates = [
+      { values: big, numExamples: 1_000_000 },
+      { values: big.map((value) => -value), numExamples: 1_000_000 },
+      { values: randomUpdate(999, 20, random), numExamples: 20 },
+      { values: randomUpdate(999, 33, random), numExamples: 33 },
+    ];
+    const expected = bytesOf(referenceMean(updates));
+
+    for (const kernel of KERNELS) {
+      assert.ok(bytesOf(meanOf(kernel, updates)).equals(expected), kernel);
+    }
+  });
+
+  test('arrival order gives identical bytes', () => {
+    const updates = plan(11, 20_003, 9);
+    const reversed = [...updates].reverse();
+    const interleaved = updates.filter((_, i) => i % 2 === 1);
+    interleaved.push(...updates.filter((_, i) => i % 2 === 0));
+
+    for (const kernel of KERNELS) {
+      const forward = bytesOf(meanOf(kernel, updates));
+      assert.ok(forward.equals(bytesOf(meanOf(kernel, reversed))), kernel);
+      assert.ok(forward.equals(bytesOf(meanOf(kernel, interleaved))), kernel);
+    }
+  });
+
+  test('subtract restores the sums exactly', () => {
+    const [first, second] = plan(5, 17_001, 2);
+
+    for (const kernel of KERNELS) {
+      const sums = createExactSums([17_001], kernel);
+      sums.add(0, first.values, first.numExamples, Infinity);
+      sums.add(0, second.values, second.numExamples, Infinity);
+      sums.subtract(0, second.values, second.numExamples);
+
+      const expected = referenceMean([first]);
+      const actual = sums.divide(0, first.numExamples);
+      assert.ok(bytesOf(actual).equals(bytesOf(expected)), kernel);
+    }
+  });
+
+  test('wasm-simd rejects memory above 4 GiB', () => {
+    assert.throws(
+      () => createExactSums([2 ** 28], 'wasm-simd'),
+      (err: unknown) =>
+        err instanceof RangeError && /memory pages/.test(err.message),
+    );
+  });
+});
+
+describe('FedAvgAccumulator on the kernel', () => {
+  const SIZES = new Map([
+    ['a', 20_000],
+    ['b', 40_001],
+  ]);
+
+  function deltasOf(seed: number, numExamples: number) {
+    const random = createRandom(seed);
+    return new Map(
+      [...SIZES].map(([name, size]) => [
+        name,
+        randomUpdate(size, numExamples, random),
+      ]),
+    );
+  }
+
+  test('bad value leaves sums unchanged', () => {
+    const good = deltasOf(1, 10);
+    const bad = deltasOf(2, 10);
+    bad.get('b')![35_000] = Number.NaN;
+    const clean = new FedAvgAccumulator(SIZES);
+    clean.add(good, 10);
+
+    const accumulator = new FedAvgAccumulator(SIZES);
+    accumulator.add(good, 10);
+    assert.throws(
+      () => accumulator.add(bad, 10),
+      (err: unknown) =>
+        err instanceof RangeError &&
+        err.message.includes('tensor b value NaN at index 35000'),
+    );
+
+    assert.equal(accumulator.count, 1);
+    assert.equal(accumulator.totalExamples, 10);
+    for (const name of SIZES.keys()) {
+      const expected = bytesOf(clean.result().get(name)!);
+      assert.ok(bytesOf(accumulator.result().get(name)!).equals(expected));
+    }
+  });
+
+  test('value above limit names first index', () => {
+    const deltas = deltasOf(3, 4);
+    deltas.get('a')![19_999] = MAX_ABS_WEIGHTED_DELTA;
+    deltas.get('a')![17_000] = -Infinity;
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(
+      () => accumulator.add(deltas, 4),
+      (err: unknown) =>
+        err instanceof RangeError &&
+        err.message.includes('tensor a value -Infinity at index 17000'),
+    );
+  });
+
+  test('value error precedes later missing tensor', () => {
+    const deltas = deltasOf(4, 2);
+    deltas.get('a')![5] = Number.POSITIVE_INFINITY;
+    deltas.delete('b');
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(
+      () => accumulator.add(deltas, 2),
+      (err: unknown) =>
+        err instanceof RangeError &&
+        err.message.includes('tensor a value Infinity at index 5'),
+    );
+  });
+
+  test('extra tensor rejected after values pass', () => {
+    const deltas = deltasOf(5, 2);
+    deltas.set('c', new Float32Array(3));
+    const accumulator = new FedAvgAccumulator(SIZES);
+
+    assert.throws(
+      () => accumulator.add(deltas, 2),
+      (err: unknown) =>
+        err instanceof RangeError && /unexpected tensor c/.test(err.message),
+    );
+    assert.equal(accumulator.count, 0);
+  });
+
+  test('mean matches reference per tensor', () => {
+    const accumulator = new FedAvgAccumulator(SIZES);
+    const updates = [
+      { deltas: deltasOf(6, 3), numExamples: 3 },
+      { deltas: deltasOf(7, 1000), numExamples: 1000 },
+      { deltas: deltasOf(8, 1), numExamples: 1 },
+    ];
+
+    for (const { deltas, numExamples } of updates) {
+      accumulator.add(deltas, numExamples);
+    }
+    const mean = accumulator.result();
+
+    for (const name of SIZES.keys()) {
+      const expected = referenceMean(
+        updates.map(({ deltas, numExamples }) => ({
+          values: deltas.get(name)!,
+          numExamples,
+        })),
+      );
+      assert.ok(bytesOf(mean.get(name)!).equals(bytesOf(expected)), name);
+    }
+  });
+});
