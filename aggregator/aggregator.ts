@@ -51,6 +51,13 @@ const LOOP_STOP_TIMEOUT_MS = 2000;
  */
 const MAX_REMEMBERED_UPDATES = 10_000;
 
+/**
+ * Asynchronous mode: updates held while one buffer is merged, about
+ * 0.55 MB each for the dense layers. Beyond it, updates are judged at
+ * once and rejected as late.
+ */
+const MAX_HELD_UPDATES = 256;
+
 type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
 
 /**
@@ -91,6 +98,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   #pendingAcks: Array<{ vehicleId: string; ack: Uint8Array }> = [];
   readonly #rounds: RoundLoop;
   #loop: Promise<void> | undefined;
+  /** Asynchronous mode: updates that arrived between two buffers. */
+  #heldUpdates: Array<{ vehicleId: string; payload: Buffer }> = [];
   /** The secure round taking messages, if one is running. */
   #secureSession: SecureRoundSession | undefined;
   /** Web page, JSON API and metrics, when the option liveViewPort is set. */
@@ -139,6 +148,18 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       maxAbsDeltaValue: this.options.maxAbsDeltaValue,
       vehicleKeys: this.options.vehicleKeys,
     };
+    if (this.options.asyncBuffer !== undefined) {
+      this.on('round-opened', () => this.#judgeHeldUpdates());
+      // After the last round, held updates are judged (and rejected as
+      // late), so that their vehicles stop resending them.
+      const judgeAfterLastRound = (): void => {
+        if (this.#rounds.runner?.isRoundLimitReached === true) {
+          this.#judgeHeldUpdates();
+        }
+      };
+      this.on('round-closed', judgeAfterLastRound);
+      this.on('round-failed', judgeAfterLastRound);
+    }
   }
 
   /** The open round, or the last one opened (0 before the first). */
@@ -287,6 +308,14 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     }
     const wasStarted = this.#phase !== 'new';
     this.#phase = 'stopping';
+    if (this.#heldUpdates.length > 0) {
+      // Not acked, so the vehicles keep them in their outbox and resend.
+      this.#log.info(
+        { count: this.#heldUpdates.length },
+        'held updates left unjudged at stop',
+      );
+      this.#heldUpdates = [];
+    }
     // First, so that a restarted aggregator can bind the same port.
     await this.#liveView?.close();
     this.#rounds.runner?.abandonOpenRound();
@@ -516,14 +545,58 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     const client = this.#client;
     const topic = this.#topics.secureToVehicle(vehicleId);
     if (client === undefined) {
-      this.#log.warn({ vehicleId, topic }, 'secure message not sent, no client');
+      this.#log.warn(
+        { vehicleId, topic },
+        'secure message not sent, no client',
+      );
       return;
     }
     client
       .publishAsync(topic, Buffer.from(bytes), { qos: 1 })
       .catch((err: unknown) => {
-        this.#log.warn({ err, vehicleId, topic }, 'secure message publish failed');
+        this.#log.warn(
+          { err, vehicleId, topic },
+          'secure message publish failed',
+        );
       });
+  }
+
+  /**
+   * Asynchronous mode: holds an update that arrives while one buffer is
+   * being merged and the next is not open yet, so that it counts in the
+   * next buffer instead of being rejected as late. Returns whether it was
+   * held; at most MAX_HELD_UPDATES wait.
+   */
+  #holdBetweenBuffers(vehicleId: string, payload: Buffer): boolean {
+    const runner = this.#rounds.runner;
+    if (
+      this.options.asyncBuffer === undefined ||
+      runner === undefined ||
+      runner.openRound?.isOpen === true ||
+      runner.isRoundLimitReached ||
+      this.#phase !== 'running' ||
+      this.#heldUpdates.length >= MAX_HELD_UPDATES
+    ) {
+      return false;
+    }
+    this.#heldUpdates.push({ vehicleId, payload });
+    this.#log.debug(
+      { vehicleId, held: this.#heldUpdates.length },
+      'update held for the next buffer',
+    );
+    return true;
+  }
+
+  /** Judges the updates held between buffers, once a buffer is open. */
+  #judgeHeldUpdates(): void {
+    const held = this.#heldUpdates;
+    this.#heldUpdates = [];
+    if (held.length > 0) {
+      this.#log.info({ count: held.length }, 'judging held updates');
+    }
+    for (const { vehicleId, payload } of held) {
+      this.#onUpdate(vehicleId, payload);
+    }
   }
 
   #onUpdate(vehicleId: string, payload: Buffer): void {
@@ -531,6 +604,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       this.#rejectPlainUpdate(vehicleId, payload);
       return;
     }
+    if (this.#holdBetweenBuffers(vehicleId, payload)) return;
     const runner = this.#rounds.runner;
     if (runner === undefined) return;
     const { ack, event, decision } = receiveUpdate(
@@ -607,7 +681,10 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       try {
         this.#store.saveSignedRelease(version, published.signedNotice);
       } catch (err) {
-        this.#log.warn({ err, modelVersion: version }, 'signed notice not saved');
+        this.#log.warn(
+          { err, modelVersion: version },
+          'signed notice not saved',
+        );
       }
     }
 

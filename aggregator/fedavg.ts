@@ -102,21 +102,25 @@ export class FedAvgAccumulator {
 
   /**
    * Returns the weighted mean delta, sum(n_k * delta_k) / sum(n_k), as
-   * float32 tensors.
+   * float32 tensors; with `divisor`, the weighted sum divided by it.
    *
    * @throws {FleetError} EMPTY_AGGREGATE when no examples were added.
+   * @throws {RangeError} for a divisor that is not a positive number.
    */
-  result(): WeightMap {
+  result(divisor = this.#totalExamples): WeightMap {
     if (this.#totalExamples === 0) {
       throw new FleetError(
         ErrorCode.EmptyAggregate,
         'cannot average zero updates: the accumulator has 0 examples',
       );
     }
+    if (!(divisor > 0) || !Number.isFinite(divisor)) {
+      throw new RangeError(`divisor must be a positive number, got ${divisor}`);
+    }
     const mean: WeightMap = new Map();
     let tensor = 0;
     for (const name of this.#sizes.keys()) {
-      mean.set(name, this.#sums.divide(tensor, this.#totalExamples));
+      mean.set(name, this.#sums.divide(tensor, divisor));
       tensor += 1;
     }
     return mean;

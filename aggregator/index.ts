@@ -22,6 +22,7 @@ export type {
   ResolvedDifferentialPrivacy,
 } from './privacy-round.ts';
 export type { SecureAggregationOptions } from './secure-options.ts';
+export type { AsyncBufferOptions } from './async-options.ts';
 export {
   NORM_BOUND_ACTIONS,
   normBoundOfFlags,
@@ -47,6 +48,12 @@ export type {
   ServerOptimizerName,
 } from './strategies/index.ts';
 export { FedAvgAccumulator, applyDeltas } from './fedavg.ts';
+export { parseLiveViewPort, startLiveView } from './live-view/index.ts';
+export type {
+  FleetSnapshot,
+  LiveView,
+  LiveViewSource,
+} from './live-view/index.ts';
 export { ModelStore } from './model-store.ts';
 export type { ModelManifest, StoredModel } from './model-store.ts';
 export { AGGREGATION_RULES, resolveOptions } from './options.ts';

@@ -43,6 +43,9 @@ import {
   addDifferentialPrivacyOptions,
   addNormBoundOptions,
   addSecureAggregationOptions,
+  addAsyncBufferOptions,
+  asyncBufferOfFlags,
+  type AsyncBufferFlags,
   addServerOptimizerOptions,
   secureAggregationOfFlags,
   type SecureAggregationFlags,
@@ -290,6 +293,9 @@ interface Flags extends ServerOptimizerFlags, NormBoundFlags {
   dpTargetEpsilon?: number;
   dpDelta?: number;
   secureAggregation?: boolean;
+  asyncBufferSize?: number;
+  maxStaleness?: number;
+  stalenessExponent?: number;
   secaggClipNorm?: number;
   secaggThresholdFraction?: number;
   secaggPhaseTimeoutMs?: number;
@@ -427,6 +433,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     secureAggregation: secureAggregationOfFlags(
       flags satisfies SecureAggregationFlags,
     ),
+    asyncBuffer: asyncBufferOfFlags(flags satisfies AsyncBufferFlags),
     serverOptimizer: serverOptimizerOfFlags(flags),
     normBound: normBoundOfFlags(flags),
     log,
@@ -436,6 +443,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
 async function main(): Promise<void> {
   addDifferentialPrivacyOptions(program);
   addSecureAggregationOptions(program);
+  addAsyncBufferOptions(program);
   addServerOptimizerOptions(program, SERVER_OPTIMIZER_NAMES);
   addNormBoundOptions(program);
   program.parse();

@@ -36,6 +36,11 @@ import {
   type SecureAggregationOptions,
 } from './secure-options.ts';
 import {
+  resolveAsyncBuffer,
+  type AsyncBufferOptions,
+  type ResolvedAsyncBuffer,
+} from './async-options.ts';
+import {
   MAX_ABS_WEIGHTED_DELTA,
   MAX_EXAMPLES_PER_ADD,
   MAX_UPDATES,
@@ -173,6 +178,14 @@ export interface AggregatorOptions {
    */
   normBound?: NormBoundOptions;
   /**
+   * Asynchronous mode (FedBuff): step the model after every bufferSize
+   * accepted updates, taking updates from earlier rounds and weighting
+   * them down by their version lag. Only with aggregation fedavg, without
+   * DP, secure aggregation or a norm bound. Off by default. See
+   * aggregator/async-options.ts.
+   */
+  asyncBuffer?: AsyncBufferOptions;
+  /**
    * Images (NHWC, [0, 1]) on which the exported ONNX model must match
    * TF.js. Default: 8 seeded random images.
    */
@@ -236,6 +249,7 @@ export type ResolvedOptions = Required<
     | 'liveViewPort'
     | 'serverOptimizer'
     | 'normBound'
+    | 'asyncBuffer'
   >
 > & {
   testSet?: TestSet;
@@ -246,6 +260,7 @@ export type ResolvedOptions = Required<
   liveViewPort?: number;
   serverOptimizer?: ServerOptimizerConfig;
   normBound?: NormBoundOptions;
+  asyncBuffer?: ResolvedAsyncBuffer;
   trainableTensors: string[];
   /** Loaded from releaseSigningKeyPath. */
   releaseSigningKey?: SigningKey;
@@ -388,6 +403,15 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
         : resolveNormBound(options.normBound, {
             hasSecureAggregation: options.secureAggregation !== undefined,
             hasDifferentialPrivacy: differentialPrivacy !== undefined,
+          }),
+    asyncBuffer:
+      options.asyncBuffer === undefined
+        ? undefined
+        : resolveAsyncBuffer(options.asyncBuffer, {
+            ...resolved,
+            differentialPrivacy,
+            secureAggregation: options.secureAggregation,
+            normBound: options.normBound,
           }),
     trainableTensors: resolveTrainableTensors(resolved.trainableLayers),
   };

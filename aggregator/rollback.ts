@@ -102,7 +102,10 @@ export function rollbackSteps(
       loadRollbackTarget(host.store, target, current.model.manifest.version);
     },
     prepare: (stopped) => {
-      // A round that was closing may have produced a newer version.
+      // The runner built from the returned model resets the server
+      // optimizer's moments, which came from the withdrawn versions (see
+      // server-step.ts). A round that was closing may have produced a
+      // newer version.
       const model = loadRollbackTarget(
         host.store,
         target,

@@ -45,7 +45,7 @@ function isAtLeast(
  * Checks the option against the rest of the configuration.
  *
  * Secure aggregation is rejected because the aggregator sees only the
- * round's sum, never one update; its vehicles already clip to
+ * round's sum, never one update, and its vehicles already clip to
  * secureAggregation.clipNorm before masking. Differential privacy is
  * rejected because a bound relative to the median makes the clip of each
  * update depend on the other updates, so one vehicle can move the sum by
@@ -153,20 +153,22 @@ export function boundRoundUpdates(
 ): BoundedUpdates | undefined {
   const { normBound } = options;
   if (normBound === undefined) return undefined;
-  const kept = round.keptUpdates;
-  if (kept === undefined) {
+  const keptUpdates = round.keptUpdates;
+  if (keptUpdates === undefined) {
     throw new Error(
       `round ${round.round} kept no updates, which the norm bound needs; ` +
         'open it with keepUpdates',
     );
   }
   // No updates: commitRound fails the round on its quorum.
-  if (kept.length === 0) {
+  if (keptUpdates.length === 0) {
     return { updates: [], summary: summarize(normBound.action, [], []) };
   }
 
-  const result = applyNormBound(kept, normBound);
-  const byVehicle = new Map(kept.map((update) => [update.vehicleId, update]));
+  const result = applyNormBound(keptUpdates, normBound);
+  const byVehicle = new Map(
+    keptUpdates.map((update) => [update.vehicleId, update]),
+  );
   const updates: VehicleUpdate[] = [];
   const rejected: string[] = [];
   const clipped: string[] = [];

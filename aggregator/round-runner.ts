@@ -245,6 +245,7 @@ export class RoundRunner {
         options.secureAggregation === undefined
           ? options.differentialPrivacy?.clipNorm
           : undefined,
+      asyncBuffer: options.asyncBuffer,
     });
     this.#lastRound = roundNumber;
     this.#openRound = round;
@@ -275,6 +276,10 @@ export class RoundRunner {
     const sha256 = this.#model.manifest.sha256;
     const task = buildRoundTask(round, options, MODEL_NAME, sha256);
     if (secure !== undefined) task.secureAggregation = secure;
+    if (options.asyncBuffer !== undefined) {
+      // Any vehicle may train and send; the buffer closes the round.
+      task.selectedVehicles = [];
+    }
     log.info(
       {
         round: round.round,

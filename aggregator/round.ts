@@ -1,14 +1,28 @@
 import type { WeightMap } from '../models/architecture.ts';
 import { FedAvgAccumulator } from './fedavg.ts';
+import {
+  STALENESS_WEIGHT_SCALE,
+  stalenessWeight,
+  type ResolvedAsyncBuffer,
+} from './async-options.ts';
 import { ClippedSum } from './privacy-round.ts';
 import type { VehicleUpdate } from './strategies/index.ts';
-import type { RoundContext, UpdateDecision } from './validate.ts';
+import {
+  acceptedKeyOf,
+  type RoundContext,
+  type UpdateDecision,
+} from './validate.ts';
 
 /**
  * Reason a round stopped taking updates. 'all-responded' means every
- * selected vehicle has an accepted update.
+ * selected vehicle has an accepted update, 'buffer-full' that an
+ * asynchronous round has its bufferSize accepted updates.
  */
-export type CloseTrigger = 'all-responded' | 'deadline' | 'stopped';
+export type CloseTrigger =
+  'all-responded' | 'buffer-full' | 'deadline' | 'stopped';
+
+/** Asynchronous mode settings a round needs. */
+export type AsyncRoundSettings = ResolvedAsyncBuffer;
 
 /** Counts of one round, for logs and the round events. */
 export interface RoundStats {
@@ -61,10 +75,16 @@ export class OpenRound {
 
   readonly #seenUpdateIds = new Set<string>();
   readonly #acceptedVehicles = new Set<string>();
+  /** acceptedKeyOf of every accepted update. */
+  readonly #acceptedKeys = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
   readonly #keptUpdates: VehicleUpdate[] | undefined;
   readonly #clippedSum: ClippedSum | undefined;
   #accepted = 0;
+  /** Asynchronous mode settings; undefined for synchronous rounds. */
+  readonly #asyncBuffer: AsyncRoundSettings | undefined;
+  /** Sum of the accepted updates' numExamples, before any weighting. */
+  #examples = 0;
   /** Mean delta and examples of a secure round, once unmasked. */
   #secureMean: WeightMap | undefined;
   #secureExamples: number | undefined;
@@ -92,6 +112,12 @@ export class OpenRound {
      * it with weight 1 (see `clippedSum`).
      */
     clipNorm?: number;
+    /**
+     * Asynchronous mode: accept updates trained from up to maxStaleness
+     * versions back, weight them by (1 + lag)^-exponent, and close after
+     * bufferSize accepted updates.
+     */
+    asyncBuffer?: AsyncRoundSettings;
   }) {
     this.round = options.round;
     this.baseModelVersion = options.baseModelVersion;
@@ -100,6 +126,7 @@ export class OpenRound {
     this.deadlineMs = this.openedAtMs + options.timeoutMs;
     this.accumulator = new FedAvgAccumulator(options.tensorSizes);
     this.#keptUpdates = options.keepUpdates === true ? [] : undefined;
+    this.#asyncBuffer = options.asyncBuffer;
     this.#clippedSum =
       options.clipNorm === undefined
         ? undefined
@@ -111,7 +138,9 @@ export class OpenRound {
       () => this.close('deadline'),
       options.timeoutMs,
     );
-    if (this.selected.size === 0) this.close('all-responded');
+    if (this.selected.size === 0 && this.#asyncBuffer === undefined) {
+      this.close('all-responded');
+    }
   }
 
   get isOpen(): boolean {
@@ -143,8 +172,12 @@ export class OpenRound {
       modelVersion: this.baseModelVersion,
       selectedVehicles: this.selected,
       seenUpdateIds: this.#seenUpdateIds,
-      acceptedVehicles: this.#acceptedVehicles,
-      acceptedExamples: this.accumulator.totalExamples,
+      acceptedVehicles:
+        this.#asyncBuffer === undefined
+          ? this.#acceptedVehicles
+          : this.#acceptedKeys,
+      acceptedExamples: this.#examples,
+      maxStaleness: this.#asyncBuffer?.maxStaleness,
     };
   }
 
@@ -164,7 +197,8 @@ export class OpenRound {
     }
 
     const { vehicleId, numExamples } = decision.update;
-    this.accumulator.add(decision.deltas, numExamples);
+    this.accumulator.add(decision.deltas, this.#weightOf(decision.update));
+    this.#examples += numExamples;
     this.#clippedSum?.add(decision.deltas);
     this.#keptUpdates?.push({
       vehicleId,
@@ -173,12 +207,49 @@ export class OpenRound {
     });
     this.#accepted += 1;
     this.#acceptedVehicles.add(decision.update.vehicleId);
+    this.#acceptedKeys.add(
+      acceptedKeyOf(decision.update, {
+        maxStaleness: this.#asyncBuffer?.maxStaleness,
+      }),
+    );
     this.#seenUpdateIds.add(decision.update.updateId);
+    if (this.#asyncBuffer !== undefined) {
+      if (this.#accepted >= this.#asyncBuffer.bufferSize) {
+        this.close('buffer-full');
+      }
+      return;
+    }
     // NOTE: a selected vehicle that goes offline is still awaited, so a
     // round with such a vehicle runs until its deadline.
     if (this.#acceptedVehicles.size >= this.selected.size) {
       this.close('all-responded');
     }
+  }
+
+  /**
+   * The integer FedAvg weight of an accepted update: numExamples, or in
+   * asynchronous rounds numExamples * (1 + lag)^-exponent scaled by
+   * STALENESS_WEIGHT_SCALE and rounded.
+   */
+  #weightOf(update: { numExamples: number; baseModelVersion: number }): number {
+    const settings = this.#asyncBuffer;
+    if (settings === undefined) return update.numExamples;
+    const lag = this.baseModelVersion - update.baseModelVersion;
+    const weight = stalenessWeight(lag, settings.stalenessExponent);
+    return Math.max(
+      1,
+      Math.round(update.numExamples * weight * STALENESS_WEIGHT_SCALE),
+    );
+  }
+
+  /**
+   * FedAvg's mean delta of the accepted updates. In asynchronous rounds
+   * the staleness-weighted sum is divided by the unweighted examples, so
+   * stale updates shrink the step instead of only losing share.
+   */
+  fedAvgMean(): WeightMap {
+    if (this.#asyncBuffer === undefined) return this.accumulator.result();
+    return this.accumulator.result(this.#examples * STALENESS_WEIGHT_SCALE);
   }
 
   /**
@@ -220,7 +291,7 @@ export class OpenRound {
       rejected: this.#rejected,
       rejectedByReason: { ...this.#rejectedByReason },
       uplinkBytes: this.#uplinkBytes,
-      numExamples: this.#secureExamples ?? this.accumulator.totalExamples,
+      numExamples: this.#secureExamples ?? this.#examples,
       numVehicles: this.#acceptedVehicles.size,
       durationMs: nowMs - this.openedAtMs,
     };

@@ -73,7 +73,10 @@ export function resolveSecureAggregation(
     );
   }
   const compression = context.updateCompression?.kind ?? 0;
-  if (compression !== CompressionKind.Unspecified && compression !== CompressionKind.Float32) {
+  if (
+    compression !== CompressionKind.Unspecified &&
+    compression !== CompressionKind.Float32
+  ) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
       'aggregator option secureAggregation cannot be combined with ' +

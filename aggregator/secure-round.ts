@@ -84,7 +84,11 @@ export class SecureRoundSession {
   constructor(host: SecureRoundHost, options: SecureRoundOptions) {
     this.#host = host;
     this.#options = options;
-    this.roundId = secureRoundId(host.fleetId, options.round, options.openedAtMs);
+    this.roundId = secureRoundId(
+      host.fleetId,
+      options.round,
+      options.openedAtMs,
+    );
     this.#server = new SecAggServer({
       roundId: this.roundId,
       threshold: options.config.threshold,
@@ -176,7 +180,10 @@ export class SecureRoundSession {
       this.#apply(message);
     } catch (err) {
       const code = isFleetError(err) ? err.code : undefined;
-      log.warn({ ...fields, err, code, phase: this.#phase }, 'secure message rejected');
+      log.warn(
+        { ...fields, err, code, phase: this.#phase },
+        'secure message rejected',
+      );
       return;
     }
     if (this.#expected.has(topicVehicleId)) {
@@ -241,7 +248,9 @@ export class SecureRoundSession {
       this.#wake = undefined;
     }
     signal.throwIfAborted();
-    const missing = [...this.#expected].filter((id) => !this.#responded.has(id));
+    const missing = [...this.#expected].filter(
+      (id) => !this.#responded.has(id),
+    );
     this.#host.log.info(
       { round, phase: this.#phase, responded: this.#responded.size, missing },
       'secure round phase ended',

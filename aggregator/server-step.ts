@@ -16,9 +16,10 @@
  * round. A rollback is the usual way to get there, at start or while
  * running, and the moments it discards were built from the deltas of the
  * withdrawn versions, so they point the way the fleet was rolled back
- * from. Moments of older versions are not kept: one copy per version
- * would cost about 3 MB of JSON per moment array for the default
- * trainable tensors.
+ * from. Moments of older versions are not kept, because one copy per
+ * version would cost as much as the file: for the default trainable
+ * tensors 2.1 MB for FedAvgM and 5.2 MB for FedAdam after 8 simulated
+ * rounds.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -190,10 +191,12 @@ export function serverOptimizerOfFlags(
     }
     return undefined;
   }
-  const given = Object.entries(settings).filter(([, v]) => v !== undefined);
+  const givenSettings = Object.entries(settings).filter(
+    ([, v]) => v !== undefined,
+  );
   return {
     optimizer: flags.serverOptimizer as ServerOptimizerName,
-    ...Object.fromEntries(given),
+    ...Object.fromEntries(givenSettings),
   };
 }
 

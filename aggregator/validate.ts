@@ -42,10 +42,20 @@ export interface RoundContext {
    * that a late copy is acked as a duplicate rather than as late.
    */
   earlierAccepted: ReadonlyMap<string, number>;
-  /** Vehicles whose update was accepted in the open round. */
+  /**
+   * Vehicles whose update was accepted in the open round (keys from
+   * acceptedKeyOf).
+   */
   acceptedVehicles: ReadonlySet<string>;
   /** Sum of numExamples over the updates accepted in the open round. */
   acceptedExamples: number;
+  /**
+   * Asynchronous mode: the largest version lag an update may have. Any
+   * vehicle may then send an update trained for an earlier round, from
+   * a model at most this many versions old. Undefined for synchronous
+   * rounds, which take only updates for the open round and its version.
+   */
+  maxStaleness?: number;
   /** Maximum numExamples of one update. */
   maxExamplesPerUpdate: number;
   /** Maximum |value| of a delta element. */
@@ -166,6 +176,18 @@ function checkRound(
         `${acceptedIn}; ${current}`,
     );
   }
+  if (context.maxStaleness !== undefined && context.openRound !== undefined) {
+    // Asynchronous: any vehicle, any round opened so far; checkModel
+    // bounds the staleness.
+    if (update.round >= 1 && update.round <= context.openRound) {
+      return undefined;
+    }
+    return reject(
+      ErrorCode.WrongRound,
+      `update ${update.updateId} is for round ${update.round}, which was ` +
+        `never opened; ${current}`,
+    );
+  }
   if (context.openRound !== update.round) {
     // A round this aggregator opened and closed: the update is a straggler.
     const isClosed = update.round >= 1 && update.round <= context.lastRound;
@@ -188,6 +210,23 @@ function checkModel(
   update: ModelUpdate,
   context: RoundContext,
 ): RejectedUpdate | undefined {
+  if (context.maxStaleness !== undefined) {
+    const lag = context.modelVersion - update.baseModelVersion;
+    if (
+      update.modelName === context.modelName &&
+      lag >= 0 &&
+      lag <= context.maxStaleness
+    ) {
+      return undefined;
+    }
+    return reject(
+      ErrorCode.WrongModelVersion,
+      `update ${update.updateId} was trained from ${update.modelName} ` +
+        `version ${update.baseModelVersion}, but the model is at ` +
+        `${context.modelName} version ${context.modelVersion} and accepts ` +
+        `updates at most ${context.maxStaleness} versions old`,
+    );
+  }
   if (
     update.modelName === context.modelName &&
     update.baseModelVersion === context.modelVersion
@@ -212,7 +251,7 @@ function checkDuplicate(
       `update ${update.updateId} was already received in round ${update.round}`,
     );
   }
-  if (context.acceptedVehicles.has(update.vehicleId)) {
+  if (context.acceptedVehicles.has(acceptedKeyOf(update, context))) {
     return reject(
       ErrorCode.DuplicateUpdate,
       `vehicle ${update.vehicleId} already has an accepted update in ` +
@@ -220,6 +259,20 @@ function checkDuplicate(
     );
   }
   return undefined;
+}
+
+/**
+ * Key of an accepted update in `acceptedVehicles`: the vehicle id, or in
+ * asynchronous rounds the vehicle and the round it trained for, so that
+ * one buffer takes a vehicle's stale update and its current one.
+ */
+export function acceptedKeyOf(
+  update: Pick<ModelUpdate, 'vehicleId' | 'round'>,
+  context: Pick<RoundContext, 'maxStaleness'>,
+): string {
+  return context.maxStaleness === undefined
+    ? update.vehicleId
+    : `${update.vehicleId}@${update.round}`;
 }
 
 function checkExampleCount(

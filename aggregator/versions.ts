@@ -221,7 +221,7 @@ export function computeMeanDelta(
   }
   if (aggregation === 'fedavg') {
     return boundedUpdates === undefined
-      ? round.accumulator.result()
+      ? round.fedAvgMean()
       : averageUpdates(boundedUpdates);
   }
   const updates = boundedUpdates ?? round.keptUpdates;

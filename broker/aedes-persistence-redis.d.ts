@@ -16,6 +16,16 @@ declare module 'aedes-persistence-redis' {
     /** The persistence aedes takes as its `persistence` option. */
     interface RedisPersistence {
       setup(broker: unknown): Promise<void>;
+      /** Stores subscriptions, then waits for their broadcast to return. */
+      addSubscriptions(
+        client: { id: string },
+        subscriptions: object[],
+      ): Promise<unknown>;
+      /** Removes subscriptions, then waits for their broadcast to return. */
+      removeSubscriptions(
+        client: { id: string },
+        topics: string[],
+      ): Promise<unknown>;
       /** Stops listening for subscription changes, disconnects `conn`. */
       destroy(): Promise<void>;
     }

@@ -1,3 +1,4 @@
+import type { EventEmitter } from 'node:events';
 import type { Server, Socket } from 'node:net';
 import { Aedes, type Client } from 'aedes';
 import {
@@ -132,7 +133,14 @@ export async function startBroker(
   const redis =
     options.redisUrl === undefined
       ? undefined
-      : await connectRedis({ url: options.redisUrl, log });
+      : await connectRedis({
+          url: options.redisUrl,
+          log,
+          maxMessageBytes: Math.max(
+            limits.vehicle.maxMessageBytes,
+            limits.aggregator.maxMessageBytes,
+          ),
+        });
   let aedes: Aedes;
   try {
     aedes = await Aedes.createBroker({
@@ -284,6 +292,12 @@ function attachLogging(aedes: Aedes, log: Logger): void {
   aedes.on('connectionError', (client: Client, err: Error) => {
     if (err instanceof AccessDeniedError) return;
     log.warn({ clientId: client?.id, err }, 'connection error');
+  });
+  // aedes emits 'error' when a persistence call of its own fails, such as
+  // the periodic check of stored wills while Redis is unreachable. Without
+  // a listener that error would end the process. aedes' typings omit it.
+  (aedes as unknown as EventEmitter).on('error', (err: Error) => {
+    log.error({ err }, 'broker persistence error');
   });
   aedes.on('keepaliveTimeout', (client: Client) => {
     log.warn({ clientId: client.id }, 'client keepalive timed out');

@@ -23,6 +23,8 @@ export const DEFAULT_REDIS_CLOSE_TIMEOUT_MS = 5000;
 
 /** aedes' own default for its in-memory mqemitter. */
 const MQ_CONCURRENCY = 100;
+/** Time after which an unconfirmed subscription change stops blocking. */
+const SUBSCRIPTION_CHANGE_TIMEOUT_MS = 10_000;
 
 /** Options of {@link connectRedis}. */
 export interface RedisBackendOptions {
@@ -34,6 +36,11 @@ export interface RedisBackendOptions {
   connectTimeoutMs?: number;
   /** Time allowed to each step of `close()`. Default 5000 ms. */
   closeTimeoutMs?: number;
+  /**
+   * Largest PUBLISH payload the broker admits, in bytes. A warning is
+   * logged when Redis would drop messages of that size.
+   */
+  maxMessageBytes?: number;
 }
 
 /** The Redis parts a broker node hands to aedes. */
@@ -44,8 +51,8 @@ export interface RedisBackend {
   readonly persistence: RedisPersistence;
   /**
    * Closes the Redis connections once `aedesClosed` settles, or after the
-   * close timeout when Redis does not answer: aedes' close quits the
-   * message connections and waits for Redis to confirm.
+   * close timeout when Redis does not respond. The wait exists because
+   * aedes' close quits the message connections and waits for Redis.
    */
   close(aedesClosed: Promise<void>): Promise<void>;
 }
@@ -80,7 +87,7 @@ export function parseRedisUrl(text: string): URL {
   return url;
 }
 
-/** The URL as text with its password, if any, replaced by `***`. */
+/** Returns the URL with its password, if any, replaced by `***`. */
 export function redactRedisUrl(text: string): string {
   try {
     const url = new URL(text);
@@ -141,7 +148,16 @@ export async function connectRedis(
   const persistence = aedesPersistenceRedis({
     conn: persistenceConnection.redis,
   });
+  queueSubscriptionChanges(persistence, SUBSCRIPTION_CHANGE_TIMEOUT_MS, log);
   log.info({ connections: connections.length }, 'redis connected');
+  if (options.maxMessageBytes !== undefined) {
+    await warnAboutPubSubLimit(
+      publish.redis,
+      options.maxMessageBytes,
+      connectTimeoutMs,
+      log,
+    );
+  }
 
   return {
     mq,
@@ -152,10 +168,102 @@ export async function connectRedis(
 }
 
 /**
- * Logs errors, reconnects and recoveries of each connection. An
- * unreachable Redis fails every retry (every 2 s at most), so repeats of
- * one message are logged at most once per 30 s. Returns the last error
- * of each connection, for the start-up error.
+ * Makes the subscription changes of one client run one at a time, and
+ * stores a SUBSCRIBE packet once.
+ *
+ * aedes 1.2 stores a persistent session's SUBSCRIBE once per topic in it,
+ * each time with the whole packet. aedes-persistence-redis 11 then waits
+ * for its broadcast of the change to come back through Redis, keyed by
+ * client id and first topic. A second wait with the same key replaces the
+ * first, so the first never ends. Without this queue, a persistent
+ * session that subscribes to two topics at once never gets its SUBACK.
+ * A change whose broadcast does not return within `stepTimeoutMs` stays
+ * pending for its client but no longer blocks the queue.
+ */
+function queueSubscriptionChanges(
+  persistence: RedisPersistence,
+  stepTimeoutMs: number,
+  log: Logger,
+): void {
+  const add = persistence.addSubscriptions.bind(persistence);
+  const remove = persistence.removeSubscriptions.bind(persistence);
+  const queueTails = new Map<string, Promise<unknown>>();
+  const storedPackets = new WeakMap<object[], Promise<unknown>>();
+
+  const enqueue = (clientId: string, change: () => Promise<unknown>) => {
+    const previous = queueTails.get(clientId) ?? Promise.resolve();
+    const result = previous.then(change);
+    const tail = settleWithin(result, stepTimeoutMs).then(
+      (inTime) => {
+        if (!inTime) {
+          log.warn(
+            { clientId, durationMs: stepTimeoutMs },
+            'redis subscription change not confirmed in time',
+          );
+        }
+      },
+      () => {}, // aedes receives the error through `result`
+    );
+    queueTails.set(clientId, tail);
+    void tail.then(() => {
+      if (queueTails.get(clientId) === tail) queueTails.delete(clientId);
+    });
+    return result;
+  };
+
+  persistence.addSubscriptions = (client, subscriptions) => {
+    let stored = storedPackets.get(subscriptions);
+    if (stored === undefined) {
+      stored = enqueue(client.id, () => add(client, subscriptions));
+      storedPackets.set(subscriptions, stored);
+    }
+    return stored;
+  };
+  persistence.removeSubscriptions = (client, topics) =>
+    enqueue(client.id, () => remove(client, topics));
+}
+
+/**
+ * Logs a warning when a message of `maxMessageBytes` would exceed the
+ * hard `client-output-buffer-limit` of Redis for pub/sub clients (32 MiB
+ * by default in Redis 7.0). Redis then drops the subscribing connection
+ * of every node, and the message is lost for all subscribers. A Redis
+ * that rejects CONFIG GET is not checked.
+ */
+async function warnAboutPubSubLimit(
+  redis: Redis,
+  maxMessageBytes: number,
+  timeoutMs: number,
+  log: Logger,
+): Promise<void> {
+  let limits: string;
+  try {
+    const reply = redis.config('GET', 'client-output-buffer-limit');
+    if (!(await settleWithin(reply, timeoutMs))) {
+      log.debug({ durationMs: timeoutMs }, 'redis pubsub limit not read');
+      return;
+    }
+    limits = String(((await reply) as string[])[1] ?? '');
+  } catch (err) {
+    log.debug({ err }, 'redis pubsub limit not readable');
+    return;
+  }
+  // "normal 0 0 0 replica 268435456 67108864 60 pubsub 33554432 8388608 60"
+  const fields = limits.split(' ');
+  const hardLimitBytes = Number(fields[fields.indexOf('pubsub') + 1]);
+  if (!(hardLimitBytes > 0) || maxMessageBytes < hardLimitBytes) return;
+  log.warn(
+    { maxMessageBytes, pubsubHardLimitBytes: hardLimitBytes },
+    'redis drops messages this large; lower --max-message-bytes below ' +
+      'the pubsub client-output-buffer-limit of redis, or raise that limit',
+  );
+}
+
+/**
+ * Logs errors, reconnects and recoveries of each connection. ioredis 5
+ * retries an unreachable Redis every 2 s at most by default, so a
+ * connection logs each distinct message at most once per 30 s. Returns the last
+ * error of each connection, for the start-up error.
  */
 function watchConnections(
   connections: Connection[],
@@ -222,7 +330,12 @@ async function openConnections(
   );
 }
 
-/** Closes the backing in bounded steps; see {@link RedisBackend.close}. */
+/**
+ * Closes the backing in bounded steps; see {@link RedisBackend.close}.
+ * With Redis unreachable, no reply from it is awaited. The connections
+ * are dropped at once, which fails the commands they queued, so aedes can
+ * finish closing its clients.
+ */
 async function closeBackend(
   aedesClosed: Promise<void>,
   persistence: RedisPersistence,
@@ -230,21 +343,33 @@ async function closeBackend(
   timeoutMs: number,
   log: Logger,
 ): Promise<void> {
-  if (!(await settleWithin(aedesClosed, timeoutMs))) {
+  const reachable = connections.every(({ redis }) => redis.status === 'ready');
+  if (!reachable) {
+    log.warn('redis unreachable at close, disconnecting without waiting');
+  } else if (!(await settleWithin(aedesClosed, timeoutMs))) {
     log.warn(
       { durationMs: timeoutMs },
       'redis did not confirm the broker close in time, disconnecting',
     );
   }
+  if (reachable) await destroyPersistence(persistence, timeoutMs, log);
+  for (const { redis } of connections) redis.disconnect();
+  // aedes waits for an 'end' of its quits that a dropped connection may
+  // never emit. The broker is closed either way, so this wait is short.
+  await settleWithin(aedesClosed, Math.min(timeoutMs, 1000));
+  log.info('redis disconnected');
+}
+
+async function destroyPersistence(
+  persistence: RedisPersistence,
+  timeoutMs: number,
+  log: Logger,
+): Promise<void> {
   try {
     await settleWithin(persistence.destroy(), timeoutMs);
   } catch (err) {
-    // The message connections are already closed, so removing the
-    // persistence's listeners from them can fail; nothing is lost.
+    // destroy() removes a listener from the message connections, which
+    // aedes has closed already. Its data is in Redis, so none is lost.
     log.debug({ err }, 'redis persistence close failed');
   }
-  for (const { redis } of connections) redis.disconnect();
-  // Disconnecting ends the quits aedes waits for, so its close finishes.
-  await settleWithin(aedesClosed, timeoutMs);
-  log.info('redis disconnected');
 }

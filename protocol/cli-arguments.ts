@@ -250,3 +250,65 @@ export function secureAggregationOfFlags(flags: SecureAggregationFlags):
   return detail;
 }
 
+/**
+ * Adds the asynchronous mode (FedBuff) options, shared by the aggregator
+ * and the simulator; `asyncBufferOfFlags` turns them into options.
+ */
+export function addAsyncBufferOptions(command: Command): Command {
+  return command
+    .option(
+      '--async-buffer-size <count>',
+      'asynchronous mode (FedBuff): step the model after every <count> ' +
+        'accepted updates, taking stale ones weighted down',
+      parseIntegerAtLeast(1),
+    )
+    .option(
+      '--max-staleness <versions>',
+      'asynchronous mode: oldest model version lag an update may have ' +
+        '(default 4)',
+      parseIntegerAtLeast(0),
+    )
+    .option(
+      '--staleness-exponent <number>',
+      'asynchronous mode: weight updates by (1 + lag)^-exponent ' +
+        '(default 0.5)',
+      parseNumberAtLeast(0),
+    );
+}
+
+/** Flags of addAsyncBufferOptions, as commander parses them. */
+export interface AsyncBufferFlags {
+  asyncBufferSize?: number;
+  maxStaleness?: number;
+  stalenessExponent?: number;
+}
+
+/**
+ * The aggregator's asyncBuffer option from the flags; undefined without
+ * --async-buffer-size.
+ *
+ * @throws {InvalidArgumentError} for --max-staleness or
+ *   --staleness-exponent without --async-buffer-size.
+ */
+export function asyncBufferOfFlags(
+  flags: AsyncBufferFlags,
+):
+  | { bufferSize: number; maxStaleness?: number; stalenessExponent?: number }
+  | undefined {
+  if (flags.asyncBufferSize === undefined) {
+    if (
+      flags.maxStaleness !== undefined ||
+      flags.stalenessExponent !== undefined
+    ) {
+      throw new InvalidArgumentError(
+        '--max-staleness and --staleness-exponent need --async-buffer-size',
+      );
+    }
+    return undefined;
+  }
+  return {
+    bufferSize: flags.asyncBufferSize,
+    maxStaleness: flags.maxStaleness,
+    stalenessExponent: flags.stalenessExponent,
+  };
+}

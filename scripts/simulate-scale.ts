@@ -47,7 +47,11 @@ const program = new Command('simulate-scale')
       'data/gtsrb32-full, data/gtsrb32, ../shared/data/gtsrb32)',
   )
   .option('--base-weights <file>', 'weights of model version 0')
-  .option('--train-layers <names>', 'layers the updates change', 'dense1,dense2')
+  .option(
+    '--train-layers <names>',
+    'layers the updates change',
+    'dense1,dense2',
+  )
   .option(
     '--templates <count>',
     'updates trained for real, which the vehicles send perturbed copies of',

@@ -11,6 +11,8 @@ import {
   addDifferentialPrivacyOptions,
   addNormBoundOptions,
   addSecureAggregationOptions,
+  addAsyncBufferOptions,
+  asyncBufferOfFlags,
   addServerOptimizerOptions,
   secureAggregationOfFlags,
 } from '../protocol/cli-arguments.ts';
@@ -21,7 +23,6 @@ import {
   type FaultKind,
 } from './sim/faults.ts';
 import { runSimulation, type SimulationOptions } from './sim/fleet.ts';
-import { parseLiveViewPort } from '../aggregator/live-view/index.ts';
 import {
   COMPRESSION_NAMES,
   DEFAULT_TOPK_DENSITY,
@@ -34,6 +35,7 @@ import {
   SERVER_OPTIMIZER_NAMES,
   differentialPrivacyOfFlags,
   normBoundOfFlags,
+  parseLiveViewPort,
   resolveNormBound,
   resolveServerOptimizer,
   serverOptimizerOfFlags,
@@ -41,6 +43,7 @@ import {
   type NormBoundOptions,
   type SecureAggregationOptions,
   type ServerOptimizerOptions,
+  type AsyncBufferOptions,
 } from '../aggregator/index.ts';
 
 /** Round deadline without faults: long enough for slow training backends. */
@@ -251,6 +254,7 @@ const program = new Command('simulate')
 
 addDifferentialPrivacyOptions(program);
 addSecureAggregationOptions(program);
+addAsyncBufferOptions(program);
 addServerOptimizerOptions(program, SERVER_OPTIMIZER_NAMES);
 addNormBoundOptions(program);
 program.parse();
@@ -259,12 +263,14 @@ const log = createLogger({ level: flags.logLevel, name: 'fleetlearn' });
 const faults: FaultKind[] = flags.faults ?? [];
 let differentialPrivacy: DifferentialPrivacyOptions | undefined;
 let secureAggregation: SecureAggregationOptions | undefined;
+let asyncBuffer: AsyncBufferOptions | undefined;
 let updateCompression: UpdateCompression | undefined;
 let serverOptimizer: ServerOptimizerOptions | undefined;
 let normBound: NormBoundOptions | undefined;
 try {
   differentialPrivacy = differentialPrivacyOfFlags(flags);
   secureAggregation = secureAggregationOfFlags(flags);
+  asyncBuffer = asyncBufferOfFlags(flags);
   updateCompression = compressionOfFlags(flags);
   serverOptimizer = serverOptimizerOfFlags(flags);
   normBound = normBoundOfFlags(flags);
@@ -314,6 +320,7 @@ const options: SimulationOptions = {
   multiKrumSelect: flags.multiKrumSelect,
   differentialPrivacy,
   secureAggregation,
+  asyncBuffer,
   updateCompression,
   serverOptimizer,
   normBound,

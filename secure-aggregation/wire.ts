@@ -5,11 +5,7 @@
  */
 import { fileURLToPath } from 'node:url';
 import protobuf from 'protobufjs';
-import {
-  ErrorCode,
-  FleetError,
-  toSafeInteger,
-} from '../protocol/index.ts';
+import { ErrorCode, FleetError, toSafeInteger } from '../protocol/index.ts';
 import type {
   EncryptedShare,
   KeyAdvertisement,
@@ -264,7 +260,10 @@ export function decodeFromVehicle(
   let body: FromVehicleBody;
   switch (object.body) {
     case 'keys':
-      body = { kind: 'keys', advertisement: keysFromWire(object.keys, roundId) };
+      body = {
+        kind: 'keys',
+        advertisement: keysFromWire(object.keys, roundId),
+      };
       break;
     case 'shares':
       body = {
@@ -290,7 +289,8 @@ export function decodeFromVehicle(
           vehicleId,
           selfMaskShares:
             object.unmaskResponse.selfMaskShares.map(revealedFromWire),
-          maskKeyShares: object.unmaskResponse.maskKeyShares.map(revealedFromWire),
+          maskKeyShares:
+            object.unmaskResponse.maskKeyShares.map(revealedFromWire),
         },
       };
       break;

@@ -31,11 +31,7 @@ import { quantize } from '../secure-aggregation/quantize.ts';
 import { quantizationOf } from '../secure-aggregation/update-vector.ts';
 import { decodeFromVehicle } from '../secure-aggregation/wire.ts';
 import { VehicleAgent } from '../vehicle-agent/index.ts';
-import {
-  AckStatus,
-  ErrorCode,
-  encodeModelUpdate,
-} from '../protocol/index.ts';
+import { AckStatus, ErrorCode, encodeModelUpdate } from '../protocol/index.ts';
 import {
   FLEET_ID,
   TestVehicle,
@@ -132,7 +128,9 @@ describe('secure aggregation over MQTT', () => {
       clientId: `observer-${clients.length}`,
     });
     clients.push(client);
-    await new Promise<void>((resolve) => client.once('connect', () => resolve()));
+    await new Promise<void>((resolve) =>
+      client.once('connect', () => resolve()),
+    );
     const seen: Array<{ topic: string; payload: Buffer }> = [];
     client.on('message', (topic, payload) => seen.push({ topic, payload }));
     await client.subscribeAsync(filter, { qos: 1 });
@@ -143,9 +141,7 @@ describe('secure aggregation over MQTT', () => {
     'two dropouts, FedAvg mean, uniform inputs',
     { timeout: 180_000 },
     async () => {
-      const secureInputs = await observe(
-        `${topics.prefix}/vehicles/+/secagg`,
-      );
+      const secureInputs = await observe(`${topics.prefix}/vehicles/+/secagg`);
       const plainUpdates = await observe(topics.allUpdates());
       const vectors = new Map<string, Float32Array>();
       const clipped: string[] = [];
@@ -196,7 +192,9 @@ describe('secure aggregation over MQTT', () => {
       const closed = new Promise<RoundClosedEvent>((resolve, reject) => {
         aggregator!.once('round-closed', resolve);
         aggregator!.once('round-failed', (event) =>
-          reject(new Error(`round failed: ${event.reasonCode} ${event.message}`)),
+          reject(
+            new Error(`round failed: ${event.reasonCode} ${event.message}`),
+          ),
         );
       });
       await aggregator.start();
@@ -343,7 +341,9 @@ describe('secure aggregation with DP-FedAvg', () => {
       const closed = new Promise<RoundClosedEvent>((resolve, reject) => {
         aggregator!.once('round-closed', resolve);
         aggregator!.once('round-failed', (event) =>
-          reject(new Error(`round failed: ${event.reasonCode} ${event.message}`)),
+          reject(
+            new Error(`round failed: ${event.reasonCode} ${event.message}`),
+          ),
         );
       });
       const opened = new Promise<void>((resolve) =>

@@ -63,7 +63,11 @@ describe('secure aggregation wire', () => {
     const advertisements = vehicles.map((v) => v.advertiseKeys());
     const keysBack = decodeFromVehicle(
       encodeFromVehicle(
-        { ...ref, vehicleId: 'v1', body: { kind: 'keys', advertisement: advertisements[0] } },
+        {
+          ...ref,
+          vehicleId: 'v1',
+          body: { kind: 'keys', advertisement: advertisements[0] },
+        },
         MAX,
       ),
       FLEET,
@@ -104,7 +108,11 @@ describe('secure aggregation wire', () => {
     };
     const responseBack = decodeFromVehicle(
       encodeFromVehicle(
-        { ...ref, vehicleId: 'v1', body: { kind: 'unmask-response', response } },
+        {
+          ...ref,
+          vehicleId: 'v1',
+          body: { kind: 'unmask-response', response },
+        },
         MAX,
       ),
       FLEET,
@@ -129,15 +137,24 @@ describe('secure aggregation wire', () => {
       { kind: 'routed-shares' as const, shares: [] },
       { kind: 'unmask-request' as const, request },
     ]) {
-      const back = decodeToVehicle(encodeToVehicle({ ...ref, body }, MAX), FLEET);
+      const back = decodeToVehicle(
+        encodeToVehicle({ ...ref, body }, MAX),
+        FLEET,
+      );
       assert.deepEqual(back, { ...ref, body });
     }
   });
 
   test('garbage bytes are MALFORMED_PAYLOAD', () => {
     const garbage = Uint8Array.from([0xff, 0xff, 0xff, 0xff, 0x0f]);
-    assert.throws(() => decodeFromVehicle(garbage, FLEET), hasCode(ErrorCode.MalformedPayload));
-    assert.throws(() => decodeToVehicle(garbage, FLEET), hasCode(ErrorCode.MalformedPayload));
+    assert.throws(
+      () => decodeFromVehicle(garbage, FLEET),
+      hasCode(ErrorCode.MalformedPayload),
+    );
+    assert.throws(
+      () => decodeToVehicle(garbage, FLEET),
+      hasCode(ErrorCode.MalformedPayload),
+    );
   });
 
   test('message without a body is rejected', () => {
@@ -199,7 +216,11 @@ describe('secure aggregation wire', () => {
             vehicleId: 'v1',
             body: {
               kind: 'masked-input',
-              input: { roundId: ROUND_ID, vehicleId: 'v1', maskedWords: new Uint32Array(100) },
+              input: {
+                roundId: ROUND_ID,
+                vehicleId: 'v1',
+                maskedWords: new Uint32Array(100),
+              },
             },
           },
           64,
@@ -315,7 +336,13 @@ describe('secure round configuration', () => {
     assert.equal(config.exampleCap, 50);
     assert.equal(config.maxVehicles, 3);
     assert.equal(config.threshold, 2);
-    const none = secureConfigFor(['v3'], settings, ['a'], () => undefined, 1000);
+    const none = secureConfigFor(
+      ['v3'],
+      settings,
+      ['a'],
+      () => undefined,
+      1000,
+    );
     assert.equal(none.exampleCap, 1000);
   });
 

@@ -15,11 +15,11 @@ import type {
 } from '../events.ts';
 import type { LiveViewSource } from './source.ts';
 
-/** Rounds kept for the chart and table; older ones are dropped. */
+/** Rounds kept for the chart and table. Older ones are dropped. */
 export const MAX_ROUNDS_KEPT = 1000;
 /** Update messages listed under `updates.recent`, newest first. */
 export const MAX_RECENT_UPDATES = 20;
-/** Vehicles listed; the rest are counted in `vehiclesTotal` only. */
+/** Vehicles listed. The rest count in `vehiclesTotal` only. */
 export const MAX_VEHICLES_LISTED = 1000;
 /** Offline vehicles remembered, so the page can show them as offline. */
 const MAX_OFFLINE_REMEMBERED = 1000;
@@ -59,7 +59,7 @@ export interface RoundView {
   /** Version the round produced, or the version kept when it failed. */
   modelVersion: number;
   baseModelVersion: number;
-  /** Test accuracy of the new version; null without a test set. */
+  /** Test accuracy of the new version, or null without a test set. */
   accuracy: number | null;
   /** Mean training loss of the accepted updates, weighted by numExamples. */
   trainLoss: number | null;
@@ -109,7 +109,7 @@ export interface FleetSnapshot {
     recent: UpdateView[];
   };
   lastRelease: (ReleasePublishedEvent & { publishedAtMs: number }) | null;
-  /** Staged rollout with its gate values; null while none is running. */
+  /** Staged rollout with its gate values, or null while none is running. */
   rollout: null;
 }
 
@@ -118,8 +118,8 @@ type Listeners = {
 };
 
 /**
- * Keeps what the events tell (rounds, updates, releases) and combines it
- * with the accessors' current values on each `snapshot()`.
+ * Collects rounds, updates and releases from the aggregator's events, and
+ * combines them with the accessors' current values on each `snapshot()`.
  */
 export class FleetState {
   readonly #source: LiveViewSource;
@@ -131,7 +131,10 @@ export class FleetState {
   #totalBytes = 0;
   #maxBytes = 0;
   /** Sum of loss x numExamples and of numExamples, per round. */
-  readonly #lossSums = new Map<number, { weighted: number; examples: number }>();
+  readonly #lossSums = new Map<
+    number,
+    { weighted: number; examples: number }
+  >();
   readonly #offline = new Map<string, VehicleView>();
   #lastOnline = new Map<string, VehicleView>();
   #lastRelease: FleetSnapshot['lastRelease'] = null;
@@ -164,6 +167,8 @@ export class FleetState {
         }
       },
     };
+    // The cast is needed because TypeScript cannot pair each key with its
+    // listener type in a loop; the mapped type Listeners pairs them.
     for (const name of Object.keys(this.#listeners) as Array<keyof Listeners>) {
       source.events.on(name, this.#listeners[name] as never);
     }
@@ -229,8 +234,9 @@ export class FleetState {
       }
     }
     this.#lastOnline = online;
+    // Vehicle ids are unique, so no two entries compare equal.
     const byId = (a: VehicleView, b: VehicleView): number =>
-      a.vehicleId < b.vehicleId ? -1 : a.vehicleId > b.vehicleId ? 1 : 0;
+      a.vehicleId < b.vehicleId ? -1 : 1;
     return [
       ...[...online.values()].sort(byId),
       ...[...this.#offline.values()].sort(byId),
@@ -342,12 +348,13 @@ function viewOf(status: VehicleStatus): VehicleView {
   };
 }
 
-function countVersions(
-  online: VehicleView[],
-): FleetSnapshot['versions'] {
+function countVersions(online: VehicleView[]): FleetSnapshot['versions'] {
   const counts = new Map<number, number>();
   for (const vehicle of online) {
-    counts.set(vehicle.modelVersion, (counts.get(vehicle.modelVersion) ?? 0) + 1);
+    counts.set(
+      vehicle.modelVersion,
+      (counts.get(vehicle.modelVersion) ?? 0) + 1,
+    );
   }
   return [...counts]
     .sort(([a], [b]) => b - a)

@@ -5,7 +5,7 @@
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { AggregatorEvents } from '../events.ts';
-import type { FleetState, RoundView } from './fleet-state.ts';
+import type { FleetState } from './fleet-state.ts';
 import type { LiveViewSource } from './source.ts';
 
 /** Bucket bounds of `fleetlearn_update_bytes`: 1 KiB to 64 MiB, x4. */
@@ -28,8 +28,10 @@ export class FleetMetrics {
   readonly #source: LiveViewSource;
   readonly #state: FleetState;
   readonly #listeners: Listeners;
+  #lastAccuracy: Gauge | undefined;
+  #lastTrainLoss: Gauge | undefined;
 
-  /** Starts counting `source`'s events; `state` gives the last round. */
+  /** Starts counting `source`'s events. `state` supplies the last round. */
   constructor(source: LiveViewSource, state: FleetState) {
     this.#source = source;
     this.#state = state;
@@ -77,7 +79,6 @@ export class FleetMetrics {
       registers,
     });
     this.#addStateGauges(registers);
-    this.#addLastRoundGauges(registers);
 
     this.#listeners = {
       'round-closed': (event) => {
@@ -95,6 +96,8 @@ export class FleetMetrics {
       },
       'release-published': () => releases.inc(),
     };
+    // The cast is needed because TypeScript cannot pair each key with its
+    // listener type in a loop; the mapped type Listeners pairs them.
     for (const name of Object.keys(this.#listeners) as Array<keyof Listeners>) {
       source.events.on(name, this.#listeners[name] as never);
     }
@@ -130,35 +133,38 @@ export class FleetMetrics {
   }
 
   /**
-   * Gauges of the last closed round, from the live view's round history.
-   * They read NaN until a round closed with a test set (accuracy) or with
-   * accepted updates (loss): the text format has no other way to say "no
-   * value" for a gauge without labels.
+   * Sets the gauges of the last closed round from the live view's round
+   * history, registering each at its first value. Until then the series
+   * is absent, which Prometheus reads as no value. prom-client would
+   * write an unset gauge as 0, and NaN as "Nan", which the text format
+   * does not define.
    */
-  #addLastRoundGauges(registers: Registry[]): void {
-    const lastClosed = (): RoundView | undefined => this.#state.lastClosedRound();
-    new Gauge({
-      name: 'fleetlearn_last_accuracy',
-      help: 'Test accuracy of the newest version, 0-1.',
-      registers,
-      collect() {
-        this.set(lastClosed()?.accuracy ?? Number.NaN);
-      },
-    });
-    new Gauge({
-      name: 'fleetlearn_last_train_loss',
-      help:
-        "Mean training loss of the last closed round's accepted updates, " +
-        'weighted by numExamples.',
-      registers,
-      collect() {
-        this.set(lastClosed()?.trainLoss ?? Number.NaN);
-      },
-    });
+  #updateLastRoundGauges(): void {
+    const row = this.#state.lastClosedRound();
+    const registers = [this.registry];
+    if (row !== undefined && row.accuracy !== null) {
+      this.#lastAccuracy ??= new Gauge({
+        name: 'fleetlearn_last_accuracy',
+        help: 'Test accuracy of the version the last closed round produced, 0-1.',
+        registers,
+      });
+      this.#lastAccuracy.set(row.accuracy);
+    }
+    if (row !== undefined && row.trainLoss !== null) {
+      this.#lastTrainLoss ??= new Gauge({
+        name: 'fleetlearn_last_train_loss',
+        help:
+          "Mean training loss of the last closed round's accepted updates, " +
+          'weighted by numExamples.',
+        registers,
+      });
+      this.#lastTrainLoss.set(row.trainLoss);
+    }
   }
 
   /** Returns the metrics in the Prometheus text format. */
   render(): Promise<string> {
+    this.#updateLastRoundGauges();
     return this.registry.metrics();
   }
 

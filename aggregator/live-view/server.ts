@@ -1,7 +1,7 @@
 /**
  * The live view's HTTP server on 127.0.0.1: the page at `/`, the JSON API
  * at `/api/fleet` and Prometheus metrics at `/metrics`. It only reads the
- * aggregator's state, so it answers GET and HEAD and nothing else.
+ * aggregator's state, so it serves GET and HEAD only.
  */
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -21,14 +21,14 @@ import type { LiveViewSource } from './source.ts';
 export const LIVE_VIEW_HOST = '127.0.0.1';
 /** Time `close()` lets open requests finish before cutting connections. */
 const CLOSE_TIMEOUT_MS = 2000;
-/** Limits on a slow client; the page's requests take milliseconds. */
+/** Limits on a slow client. The page's requests take milliseconds. */
 const HEADERS_TIMEOUT_MS = 5000;
 const REQUEST_TIMEOUT_MS = 10_000;
-/** Host names a browser on this machine sends; others are rejected. */
+/** Host names a browser on this machine sends. Others are rejected. */
 const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
 const ALLOWED_METHODS = 'GET, HEAD';
 
-const PAGE_HTML = readFileSync(new URL('page.html', import.meta.url), 'utf8');
+const PAGE_HTML = buildPage();
 
 /**
  * Content-Security-Policy of the page: its one inline script and style
@@ -48,13 +48,13 @@ const PAGE_CSP = [
 
 /** Options of {@link startLiveView}. */
 export interface LiveViewOptions {
-  /** TCP port on 127.0.0.1; 0 picks a free one. */
+  /** TCP port on 127.0.0.1, where 0 picks a free one. */
   port: number;
   source: LiveViewSource;
   log: Logger;
 }
 
-/** A running live view; `close()` stops it. */
+/** A running live view, stopped by `close()`. */
 export interface LiveView {
   /** Base URL, for example http://127.0.0.1:9464/. */
   readonly url: string;
@@ -148,8 +148,8 @@ function listen(server: Server, port: number): Promise<void> {
 
 /**
  * Stops accepting connections and waits for open requests, at most
- * CLOSE_TIMEOUT_MS; then cuts the connections still open (a browser's
- * keep-alive connection would otherwise hold the server open).
+ * CLOSE_TIMEOUT_MS. Then it cuts the connections still open, because a
+ * browser's keep-alive connection would otherwise hold the server open.
  */
 async function closeServer(server: Server): Promise<void> {
   const closed = new Promise<void>((resolve) => server.close(() => resolve()));
@@ -181,7 +181,8 @@ async function handleRequest(
   const host = hostNameOf(request.headers.host);
   if (!LOOPBACK_HOSTS.has(host)) {
     // A page on another site can reach this port through a DNS name that
-    // resolves to 127.0.0.1; its requests carry that name as Host.
+    // resolves to 127.0.0.1 (DNS rebinding). Its requests carry that name
+    // as Host.
     handlers.log.warn({ host: host.slice(0, 100) }, 'live view host rejected');
     sendText(
       response,
@@ -191,7 +192,13 @@ async function handleRequest(
     );
     return;
   }
-  const path = new URL(request.url ?? '/', 'http://127.0.0.1').pathname;
+  const path = pathOf(request.url ?? '/');
+  if (path === undefined) {
+    const target = (request.url ?? '').slice(0, 100);
+    handlers.log.warn({ target }, 'live view request target invalid');
+    sendText(response, 400, `invalid request target ${JSON.stringify(target)}`);
+    return;
+  }
   const route = ROUTES[path];
   if (route === undefined) {
     sendText(
@@ -237,6 +244,15 @@ const ROUTES: Record<string, Route | undefined> = {
   }),
 };
 
+/** Returns the path of a request target, or undefined when invalid. */
+function pathOf(target: string): string | undefined {
+  try {
+    return new URL(target, 'http://127.0.0.1').pathname;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Returns the host name of a Host header, without its port. */
 function hostNameOf(header: string | undefined): string {
   if (header === undefined) return '';
@@ -270,6 +286,18 @@ function send(
     ...headers,
   });
   response.end(response.req.method === 'HEAD' ? undefined : bytes);
+}
+
+/**
+ * Returns page.html with page.js inlined into its empty script element,
+ * so that the page is one response and needs no second request.
+ */
+function buildPage(): string {
+  const html = readFileSync(new URL('page.html', import.meta.url), 'utf8');
+  const script = readFileSync(new URL('page.js', import.meta.url), 'utf8');
+  const slot = '<script></script>';
+  if (!html.includes(slot)) throw new Error(`page.html has no ${slot}`);
+  return html.replace(slot, () => `<script>\n${script}</script>`);
 }
 
 /** Returns the CSP source of the page's one inline `<tag>` element. */

@@ -3,9 +3,9 @@ import type { VehicleStatus } from '../../protocol/index.ts';
 import type { AggregatorEvents } from '../events.ts';
 
 /**
- * What the live view reads from a running aggregator: its events, and a
- * few accessors it calls on each request. The aggregator builds one in
- * `start()`, so the view never reaches into its private state.
+ * Events and accessors of a running aggregator, which the live view reads
+ * on each request. The aggregator builds one in `start()`, so the view
+ * never reaches into its private state.
  */
 export interface LiveViewSource {
   /** Emitter of the aggregator's events (the Aggregator itself). */

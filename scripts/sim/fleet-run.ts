@@ -252,6 +252,7 @@ function aggregatorOptions(
     multiKrumSelect: options.multiKrumSelect,
     differentialPrivacy: options.differentialPrivacy,
     secureAggregation: options.secureAggregation,
+    asyncBuffer: options.asyncBuffer,
     updateCompression: options.updateCompression,
     liveViewPort: options.liveViewPort,
     serverOptimizer: options.serverOptimizer,

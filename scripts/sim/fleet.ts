@@ -35,6 +35,7 @@ import type {
   NormBoundOptions,
   SecureAggregationOptions,
   ServerOptimizerOptions,
+  AsyncBufferOptions,
 } from '../../aggregator/index.ts';
 import type { SimAttackKind } from './attackers.ts';
 import { trainCentralized } from './centralized.ts';
@@ -107,6 +108,8 @@ export interface SimulationOptions {
   differentialPrivacy?: DifferentialPrivacyOptions;
   /** Secure aggregation settings; undefined for plain updates. */
   secureAggregation?: SecureAggregationOptions;
+  /** Asynchronous mode (FedBuff) settings; undefined for rounds. */
+  asyncBuffer?: AsyncBufferOptions;
   /** Encoding of the vehicles' deltas; undefined for float32. */
   updateCompression?: UpdateCompression;
   /** Server optimizer of the aggregator; undefined for the plain step. */

@@ -1,10 +1,10 @@
 /**
- * Real training work shared by many light vehicles: a few updates trained
- * once with the project's own training code, which each light vehicle
- * then sends perturbed, so that 1,000 vehicles cost one training run of
- * a few hundred images instead of 1,000.
+ * Real training work shared by many light vehicles. A few updates are
+ * trained once with the project's own training code, and each light
+ * vehicle sends a perturbed copy of one of them. So 1,000 vehicles cost
+ * one training run over a few hundred images instead of 1,000 runs.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import {
   MODEL_NAME,
   TENSOR_SPECS,
@@ -21,10 +21,15 @@ import {
   ErrorCode,
   FleetError,
   encodeFloat32Tensor,
+  encodeModelUpdate,
   type Logger,
   type ModelUpdate,
   type RoundTask,
 } from '../../protocol/index.ts';
+import {
+  compressionNameOf,
+  compressionOfTask,
+} from '../../protocol/compression/index.ts';
 
 const SHAPES = new Map(TENSOR_SPECS.map((spec) => [spec.name, spec.shape]));
 
@@ -184,7 +189,7 @@ export function perturbValues(
   return out;
 }
 
-/** What a light vehicle needs to build its update for one task. */
+/** Inputs of {@link buildLightUpdate}. */
 export interface LightUpdateInput {
   task: RoundTask;
   vehicleId: string;
@@ -236,4 +241,66 @@ export function buildLightUpdate(input: LightUpdateInput): ModelUpdate {
     },
     createdAtMs: Date.now(),
   };
+}
+
+/**
+ * Returns the reason a light vehicle cannot send an update for `task`
+ * at `nowMs`, or undefined when it can. Light vehicles send float32
+ * deltas only, and take no part in secure aggregation.
+ */
+export function unsupportedTaskReason(
+  task: RoundTask,
+  nowMs: number,
+): string | undefined {
+  if (task.secureAggregation) return 'secure aggregation round';
+  let encoding: string;
+  try {
+    encoding = compressionNameOf(compressionOfTask(task).kind);
+  } catch (err) {
+    return `invalid update compression: ${(err as Error).message}`;
+  }
+  if (encoding !== 'float32') return `update compression ${encoding}`;
+  if (task.deadlineMs > 0 && nowMs >= task.deadlineMs) return 'deadline passed';
+  return undefined;
+}
+
+/** Inputs of {@link encodeLightUpdate}. */
+export interface LightPayloadInput {
+  task: RoundTask;
+  vehicleId: string;
+  templates: readonly DeltaTemplate[];
+  seed: number;
+  /** Picks the template and the example count. */
+  random: () => number;
+  maxMessageBytes: number;
+}
+
+/**
+ * Encodes the update of one vehicle for `task`, under a new update id: a
+ * template picked by `random`, perturbed, claiming between half and one
+ * and a half times the template's examples.
+ *
+ * @throws {FleetError} WRONG_TENSORS as buildLightUpdate, and
+ *   PAYLOAD_TOO_LARGE above `maxMessageBytes`.
+ */
+export function encodeLightUpdate(input: LightPayloadInput): {
+  updateId: string;
+  bytes: Uint8Array;
+} {
+  const { templates, random } = input;
+  const template = templates[Math.floor(random() * templates.length)];
+  const numExamples = Math.max(
+    1,
+    Math.round(template.numExamples * (0.5 + random())),
+  );
+  const updateId = randomUUID();
+  const update = buildLightUpdate({
+    task: input.task,
+    vehicleId: input.vehicleId,
+    updateId,
+    template,
+    numExamples,
+    seed: input.seed,
+  });
+  return { updateId, bytes: encodeModelUpdate(update, input.maxMessageBytes) };
 }

@@ -1,7 +1,7 @@
 /**
  * Many light vehicles in one process: connected in batches at a bounded
  * rate, with a shared gate on the updates in flight, and the per-round
- * counts of what they sent and what the aggregator answered.
+ * counts of the updates they sent and the acks they received.
  */
 import { setTimeout as delay } from 'node:timers/promises';
 import type { Logger } from '../../protocol/index.ts';
@@ -35,7 +35,7 @@ export class PublishGate implements UpdateGate {
     this.#maxPending = maxPending;
   }
 
-  /** Most slots held at once so far. */
+  /** Maximum number of slots taken at once so far. */
   get peakPending(): number {
     return this.#peakPending;
   }
@@ -61,7 +61,7 @@ export class PublishGate implements UpdateGate {
   }
 }
 
-/** What the vehicles saw of one round. */
+/** Counts of one round, as the vehicles observed it. */
 export interface LightRoundCounts {
   round: number;
   /** Updates whose PUBACK arrived. */
@@ -137,7 +137,7 @@ export class LightFleet {
     return this.#connected;
   }
 
-  /** Most updates in flight at once. */
+  /** Maximum number of updates in flight at once. */
   get peakPendingUpdates(): number {
     return this.#gate.peakPending;
   }
@@ -166,9 +166,7 @@ export class LightFleet {
       }
       this.#vehicles.push(...batch);
       await Promise.all(
-        batch.map((vehicle) =>
-          vehicle.start(this.#options.connectTimeoutMs),
-        ),
+        batch.map((vehicle) => vehicle.start(this.#options.connectTimeoutMs)),
       );
       this.#connected += batch.length;
       onProgress(this.#connected);

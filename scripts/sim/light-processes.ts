@@ -25,13 +25,13 @@ const STDERR_TAIL_LINES = 20;
 /** A pino line of a child, parsed. */
 export type LogRecord = Record<string, unknown> & { msg?: string };
 
-/** How a child process ended. */
+/** Exit code or signal of a child process. */
 export interface ChildExit {
   code: number | null;
   signal: NodeJS.Signals | null;
 }
 
-/** What to start. */
+/** Entry file, arguments and heap limit of a child process. */
 export interface ChildSpec {
   /** Name in messages: 'broker' or 'aggregator'. */
   name: string;
@@ -87,6 +87,8 @@ export class ChildNode {
       env: { ...process.env, [MEMORY_PROBE_ENV]: '1' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
+    // Without a listener, a spawn failure would end this process.
+    this.#child.on('error', (err) => this.#keepStderr(String(err)));
     if (this.#child.pid === undefined) {
       throw new Error(`${spec.name} process could not be spawned`);
     }
@@ -98,7 +100,10 @@ export class ChildNode {
         resolve(this.#exit);
       });
     });
-    this.#pollTimer = setInterval(() => this.#pollProc(), PROC_POLL_INTERVAL_MS);
+    this.#pollTimer = setInterval(
+      () => this.#pollProc(),
+      PROC_POLL_INTERVAL_MS,
+    );
     this.#pollTimer.unref();
     createInterface({ input: this.#child.stdout! }).on('line', (line) =>
       this.#onStdout(line),
@@ -194,7 +199,7 @@ export class ChildNode {
     if (this.#exit === undefined) this.#child.kill('SIGKILL');
   }
 
-  /** The last stderr lines, for error messages. */
+  /** Returns the last stderr lines, for error messages. */
   stderrTail(): string {
     return this.#stderrTail.join('\n');
   }

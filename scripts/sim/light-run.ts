@@ -108,7 +108,7 @@ async function runParts(
     signal,
   );
   const brokerUrl = `mqtt://127.0.0.1:${Number(brokerStarted.port)}`;
-  log.info({ brokerUrl, pid: parts.broker.pid }, 'broker started');
+  log.info({ brokerUrl, childPid: parts.broker.pid }, 'broker started');
 
   parts.aggregator = startAggregator(options, brokerUrl);
   const aggregator = parts.aggregator;
@@ -119,7 +119,7 @@ async function runParts(
     aggregator.waitForLog('aggregator started', START_TIMEOUT_MS, signal),
   ]);
   const templateTrainingMs = Date.now() - templateStarted;
-  log.info({ pid: aggregator.pid }, 'aggregator started');
+  log.info({ childPid: aggregator.pid }, 'aggregator started');
 
   const fleet = new LightFleet({
     ...options,
@@ -140,9 +140,19 @@ async function runParts(
 
   const rounds: ScaleRoundRow[] = [];
   for (let round = 1; round <= options.rounds; round++) {
-    const row = await runRound(options, aggregator, fleet, roundLines, round, progress);
+    const row = await runRound(
+      options,
+      aggregator,
+      fleet,
+      roundLines,
+      round,
+      progress,
+    );
     rounds.push(row);
-    log.info({ round, accepted: row.accepted, wallTimeMs: row.wallTimeMs }, 'round done');
+    log.info(
+      { round, accepted: row.accepted, wallTimeMs: row.wallTimeMs },
+      'round done',
+    );
     if (row.outcome !== 'closed') break;
   }
   // With --max-rounds the aggregator exits by itself after the last round.
@@ -176,7 +186,7 @@ async function runParts(
     },
     stateDir: options.stateDir,
   };
-  // Stopped here, so that the report holds their final memory lines.
+  // Stopped here, so that the report contains their final memory lines.
   await stopParts(parts, log);
   report.memory.aggregator = aggregator.memory;
   report.memory.broker = parts.broker.memory;
@@ -256,12 +266,20 @@ async function runRound(
   const isRound = (record: LogRecord): boolean => record.round === round;
   const opened =
     lines.get(`round opened:${round}`) ??
-    (await aggregator.waitForLog('round opened', START_TIMEOUT_MS, signal, isRound));
+    (await aggregator.waitForLog(
+      'round opened',
+      START_TIMEOUT_MS,
+      signal,
+      isRound,
+    ));
   const openedAtMs = lines.get(`round opened:${round}`)?.readAtMs ?? Date.now();
 
   const ticker = setInterval(() => {
     const counts = fleet.countsOf(round);
-    progress.show(`round ${round} acks`, counts.acksAccepted + counts.acksRejected);
+    progress.show(
+      `round ${round} acks`,
+      counts.acksAccepted + counts.acksRejected,
+    );
   }, 500);
   let ended: LogRecord;
   try {
@@ -281,7 +299,11 @@ async function runRound(
   const rejected = Number(ended.rejected ?? 0);
   await waitForAcks(fleet, round, accepted + rejected, signal);
   const counts = fleet.countsOf(round);
-  progress.show(`round ${round} acks`, counts.acksAccepted + counts.acksRejected, true);
+  progress.show(
+    `round ${round} acks`,
+    counts.acksAccepted + counts.acksRejected,
+    true,
+  );
   return {
     ...counts,
     outcome,

@@ -5,7 +5,6 @@
  * precomputed update (see light-deltas.ts) against the task's model
  * version, which it never loads.
  */
-import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import mqtt, { type ISubscriptionMap, type MqttClient } from 'mqtt';
 import {
@@ -14,21 +13,17 @@ import {
   VehicleState,
   decodeRoundTask,
   decodeUpdateAck,
-  encodeModelUpdate,
   encodeVehicleStatus,
   isFleetError,
   type Logger,
   type RoundTask,
 } from '../../protocol/index.ts';
-import {
-  compressionNameOf,
-  compressionOfTask,
-} from '../../protocol/compression/index.ts';
 import { endClient, settleWithin } from '../../protocol/mqtt-end.ts';
 import { createRandom } from '../../models/index.ts';
 import {
-  buildLightUpdate,
+  encodeLightUpdate,
   perturbationSeed,
+  unsupportedTaskReason,
   type DeltaTemplate,
 } from './light-deltas.ts';
 
@@ -63,7 +58,7 @@ export interface LightVehicleOptions {
   log: Logger;
 }
 
-/** An update's answer, as the vehicle received it. */
+/** Ack of an update, as the vehicle received it. */
 export interface LightAckEvent {
   vehicleId: string;
   round: number;
@@ -84,13 +79,13 @@ export interface LightVehicleEvents {
   'unexpected-ack': [{ vehicleId: string; updateId: string }];
   /** No ack within ackTimeoutMs. */
   'ack-timeout': [{ vehicleId: string; round: number; updateId: string }];
-  /** A task this vehicle was selected for but cannot answer. */
+  /** A task this vehicle was selected for but cannot send an update for. */
   'task-skipped': [{ vehicleId: string; round: number; reason: string }];
   /** Every connection after the first. */
   reconnected: [];
 }
 
-/** An update published and not yet answered. */
+/** An update published and not yet acked. */
 interface PendingUpdate {
   round: number;
   sentAtMs: number;
@@ -133,7 +128,7 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
     this.#log = options.log.child({ vehicleId: options.vehicleId });
   }
 
-  /** Updates published and not yet answered. */
+  /** Updates published and not yet acked. */
   get pendingCount(): number {
     return this.#pending.size;
   }
@@ -260,14 +255,10 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
     if (task.fleetId !== this.#options.fleetId || !selected || !isNew) return;
     this.#handledRounds.add(task.round);
 
-    const reason = this.#unsupportedReason(task);
+    const reason = unsupportedTaskReason(task, Date.now());
     if (reason !== undefined) {
       this.#log.warn({ round: task.round, reason }, 'round task skipped');
-      this.emit('task-skipped', {
-        vehicleId: this.vehicleId,
-        round: task.round,
-        reason,
-      });
+      this.#skip(task.round, reason);
       return;
     }
     const random = createRandom(
@@ -283,22 +274,6 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
     this.#timers.add(timer);
   }
 
-  /** Why the vehicle cannot answer `task`, or undefined when it can. */
-  #unsupportedReason(task: RoundTask): string | undefined {
-    if (task.secureAggregation) return 'secure aggregation round';
-    let encoding: string;
-    try {
-      encoding = compressionNameOf(compressionOfTask(task).kind);
-    } catch (err) {
-      return `invalid update compression: ${(err as Error).message}`;
-    }
-    if (encoding !== 'float32') return `update compression ${encoding}`;
-    if (task.deadlineMs > 0 && Date.now() >= task.deadlineMs) {
-      return 'deadline passed';
-    }
-    return undefined;
-  }
-
   async #publishUpdate(task: RoundTask, random: () => number): Promise<void> {
     const release = await this.#options.gate.acquire();
     const client = this.#client;
@@ -306,37 +281,24 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
       release();
       return;
     }
-    const { templates } = this.#options;
-    const template = templates[Math.floor(random() * templates.length)];
-    // Between half and one and a half times the template's examples.
-    const numExamples = Math.max(
-      1,
-      Math.round(template.numExamples * (0.5 + random())),
-    );
-    const updateId = randomUUID();
-    let bytes: Uint8Array;
+    let encoded: { updateId: string; bytes: Uint8Array };
     try {
-      const update = buildLightUpdate({
+      encoded = encodeLightUpdate({
         task,
         vehicleId: this.vehicleId,
-        updateId,
-        template,
-        numExamples,
+        templates: this.#options.templates,
         seed: this.#options.seed,
+        random,
+        maxMessageBytes: this.#options.maxMessageBytes,
       });
-      bytes = encodeModelUpdate(update, this.#options.maxMessageBytes);
     } catch (err) {
       release();
-      const reason = (err as Error).message;
       this.#log.warn({ err, round: task.round }, 'update not built');
-      this.emit('task-skipped', {
-        vehicleId: this.vehicleId,
-        round: task.round,
-        reason,
-      });
+      this.#skip(task.round, (err as Error).message);
       return;
     }
 
+    const { updateId, bytes } = encoded;
     const timer = setTimeout(
       () => this.#onAckTimeout(updateId),
       this.#options.ackTimeoutMs,
@@ -357,6 +319,10 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
       round: task.round,
       bytes: payload.byteLength,
     });
+  }
+
+  #skip(round: number, reason: string): void {
+    this.emit('task-skipped', { vehicleId: this.vehicleId, round, reason });
   }
 
   #onAck(payload: Buffer): void {
@@ -437,7 +403,7 @@ export class LightVehicle extends EventEmitter<LightVehicleEvents> {
 }
 
 /**
- * A QoS 1 subscription that mqtt.js sends even when it has it already,
+ * Builds a QoS 1 subscription that mqtt.js sends even when it has it already,
  * so that the broker resends the retained round task on a reconnect.
  */
 function subscriptionsOf(filters: string[]): ISubscriptionMap {

@@ -1,7 +1,7 @@
 // Types of the npm package parse-prometheus-text-format 1.1, which ships
 // none. Values stay strings, as the package returns them.
 declare module 'parse-prometheus-text-format' {
-  /** One series of a family; which fields are set depends on its type. */
+  /** One series of a family. Which fields are set depends on its type. */
   export interface PrometheusSample {
     value?: string;
     labels?: Record<string, string>;
@@ -19,7 +19,7 @@ declare module 'parse-prometheus-text-format' {
     metrics: PrometheusSample[];
   }
 
-  /** Parses the text format; throws InvalidLineError on a bad line. */
+  /** Parses the text format and throws InvalidLineError on a bad line. */
   export default function parsePrometheusTextFormat(
     text: string,
   ): PrometheusFamily[];
