@@ -9,10 +9,8 @@ import {
   defaultLogLevel,
   DEFAULT_MAX_MESSAGE_BYTES,
   isFleetError,
-  loadClientTls,
   readClientConfig,
   readSigningConfig,
-  type BrokerClientSecurity,
   type Logger,
 } from '../protocol/index.ts';
 import { IMAGE_VALUES, loadLabelledImages, subset } from '../models/index.ts';
@@ -49,6 +47,7 @@ import {
   addServerOptimizerOptions,
   secureAggregationOfFlags,
   type SecureAggregationFlags,
+  brokerSecurityOfFlags,
 } from '../protocol/cli-arguments.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
@@ -325,25 +324,6 @@ function connectionOf(
     flags.config === undefined ? undefined : readClientConfig(flags.config);
   const fromCli = (name: string): boolean =>
     program.getOptionValueSource(name) === 'cli';
-  const tlsFlags = [flags.tlsCa, flags.tlsCert, flags.tlsKey];
-  const tlsFlagCount = tlsFlags.filter((flag) => flag !== undefined).length;
-  if (tlsFlagCount !== 0 && tlsFlagCount !== 3) {
-    throw new TypeError('give all of --tls-ca, --tls-cert and --tls-key');
-  }
-  const files =
-    tlsFlagCount === 3
-      ? {
-          caPath: flags.tlsCa!,
-          certPath: flags.tlsCert!,
-          keyPath: flags.tlsKey!,
-        }
-      : config?.tls;
-  const security: BrokerClientSecurity = {};
-  if (files !== undefined) security.tls = loadClientTls(files);
-  if (flags.username !== undefined) {
-    security.username = flags.username;
-    security.password = process.env.FLEETLEARN_BROKER_PASSWORD;
-  }
   return {
     fleetId:
       config === undefined || fromCli('fleetId')
@@ -353,7 +333,7 @@ function connectionOf(
       config === undefined || fromCli('brokerUrl')
         ? flags.brokerUrl
         : config.brokerUrl,
-    security: Object.keys(security).length === 0 ? undefined : security,
+    security: brokerSecurityOfFlags(flags, config?.tls),
   };
 }
 

@@ -281,6 +281,15 @@ function requireInteger(option: string, value: number, min: number): void {
   }
 }
 
+/** Longest delay setTimeout honours; a longer one fires at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+function requireDuration(option: string, value: number, min: number): void {
+  if (!Number.isSafeInteger(value) || value < min || value > MAX_TIMER_MS) {
+    invalid(option, value, `an integer from ${min} to ${MAX_TIMER_MS} ms`);
+  }
+}
+
 function requireText(option: string, value: unknown): void {
   if (typeof value !== 'string' || value.length === 0) {
     throw new TypeError(
@@ -347,7 +356,9 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     vehiclesPerRound: options.vehiclesPerRound ?? 0,
     minVehiclesOnline: options.minVehiclesOnline ?? 1,
     onlineWaitTimeoutMs: options.onlineWaitTimeoutMs ?? 60_000,
-    minUpdates: options.minUpdates ?? 1,
+    // Secure aggregation needs at least 2, since one input would be seen.
+    minUpdates:
+      options.minUpdates ?? (options.secureAggregation === undefined ? 1 : 2),
     roundTimeoutMs: options.roundTimeoutMs ?? 300_000,
     maxRounds: options.maxRounds ?? 0,
     seed: options.seed ?? 1,
@@ -431,7 +442,7 @@ function checkNumbers(
 
   requireInteger('vehiclesPerRound', options.vehiclesPerRound, 0);
   requireInteger('minVehiclesOnline', options.minVehiclesOnline, 1);
-  requireInteger('onlineWaitTimeoutMs', options.onlineWaitTimeoutMs, 0);
+  requireDuration('onlineWaitTimeoutMs', options.onlineWaitTimeoutMs, 0);
   requireInteger('minUpdates', options.minUpdates, 1);
   if (
     options.vehiclesPerRound > 0 &&
@@ -445,7 +456,7 @@ function checkNumbers(
     );
   }
 
-  requireInteger('roundTimeoutMs', options.roundTimeoutMs, 1);
+  requireDuration('roundTimeoutMs', options.roundTimeoutMs, 1);
   requireInteger('maxRounds', options.maxRounds, 0);
   requireInteger('seed', options.seed, 0);
   requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);

@@ -33,7 +33,11 @@ import {
 } from './privacy-round.ts';
 import { secureConfigFor } from './secure-options.ts';
 import { SecureRoundSession, type SecureOutcome } from './secure-round.ts';
-import { splitSecureSum } from '../secure-aggregation/update-vector.ts';
+import {
+  checkSecureSum,
+  quantizationOf,
+  splitSecureSum,
+} from '../secure-aggregation/update-vector.ts';
 import { OpenRound, type CloseTrigger, type RoundStats } from './round.ts';
 import { boundRoundUpdates } from './round-norm-bound.ts';
 import { ServerStep } from './server-step.ts';
@@ -401,6 +405,12 @@ export class RoundRunner {
       name,
       size: this.#tensorSizes.get(name)!,
     }));
+    checkSecureSum(
+      outcome.sum,
+      config,
+      outcome.survivorIds.length,
+      quantizationOf(config).step,
+    );
     const { deltas, weightSum } = splitSecureSum(
       outcome.sum,
       tensors,
@@ -410,10 +420,17 @@ export class RoundRunner {
       dp === undefined
         ? deltas
         : noisyMeanOf(deltas, selectedCount, dp, this.#lastRound);
-    // With a cap, the weights sum to examples / cap; without, to the count.
-    const numExamples = Math.round(
-      config.exampleCap === 0 ? weightSum : weightSum * config.exampleCap,
+    // With a cap, the weights sum to examples / cap. Without one (DP),
+    // the survivors' reported statuses give the examples when all have one.
+    const reported = outcome.survivorIds.map((id) =>
+      this.#host.vehicles.examplesOf(id),
     );
+    const numExamples =
+      config.exampleCap !== 0
+        ? Math.round(weightSum * config.exampleCap)
+        : reported.every((count) => count !== undefined)
+          ? reported.reduce((total: number, count) => total + count!, 0)
+          : Math.round(weightSum);
     return Object.assign(mean, { numExamples });
   }
 

@@ -7,8 +7,14 @@ import {
   FleetError,
   type SecureAggregationConfig,
 } from '../protocol/index.ts';
-import { CompressionKind } from '../protocol/compression/index.ts';
+import {
+  CompressionKind,
+  compressionNameOf,
+} from '../protocol/compression/index.ts';
 import type { ResolvedDifferentialPrivacy } from './privacy-round.ts';
+
+/** Longest phase timeout: setTimeout fires at once above 2^31 - 1 ms. */
+const MAX_PHASE_TIMEOUT_MS = 2 ** 31 - 1;
 
 /** Secure aggregation settings of the aggregator. */
 export interface SecureAggregationOptions {
@@ -60,7 +66,7 @@ export function resolveSecureAggregation(
   context: {
     aggregation: string;
     minUpdates: number;
-    differentialPrivacy?: ResolvedDifferentialPrivacy;
+    differentialPrivacy?: Pick<ResolvedDifferentialPrivacy, 'clipNorm'>;
     updateCompression?: { kind: number };
   },
 ): ResolvedSecureAggregation {
@@ -80,8 +86,8 @@ export function resolveSecureAggregation(
     throw new FleetError(
       ErrorCode.InvalidConfig,
       'aggregator option secureAggregation cannot be combined with ' +
-        `updateCompression kind ${compression}; masked inputs are 32-bit ` +
-        'words whatever the encoding',
+        `updateCompression ${compressionNameOf(compression)}; masked ` +
+        'inputs are 32-bit words whatever the encoding',
     );
   }
   if (context.minUpdates < 2) {
@@ -92,6 +98,18 @@ export function resolveSecureAggregation(
     );
   }
   const dp = context.differentialPrivacy;
+  if (
+    dp !== undefined &&
+    options.clipNorm !== undefined &&
+    options.clipNorm !== dp.clipNorm
+  ) {
+    invalid(
+      'clipNorm',
+      options.clipNorm,
+      `no value with differential privacy, whose clip norm ${dp.clipNorm} ` +
+        'the vehicles use',
+    );
+  }
   const clipNorm = dp?.clipNorm ?? options.clipNorm ?? 10;
   if (!(clipNorm > 0) || !Number.isFinite(clipNorm)) {
     invalid('clipNorm', clipNorm, 'a positive number');
@@ -101,8 +119,16 @@ export function resolveSecureAggregation(
     invalid('thresholdFraction', thresholdFraction, 'a number in [0, 1)');
   }
   const phaseTimeoutMs = options.phaseTimeoutMs ?? 30_000;
-  if (!Number.isSafeInteger(phaseTimeoutMs) || phaseTimeoutMs < 1) {
-    invalid('phaseTimeoutMs', phaseTimeoutMs, 'an integer >= 1');
+  if (
+    !Number.isSafeInteger(phaseTimeoutMs) ||
+    phaseTimeoutMs < 1 ||
+    phaseTimeoutMs > MAX_PHASE_TIMEOUT_MS
+  ) {
+    invalid(
+      'phaseTimeoutMs',
+      phaseTimeoutMs,
+      `an integer from 1 to ${MAX_PHASE_TIMEOUT_MS} ms`,
+    );
   }
   return {
     clipNorm,

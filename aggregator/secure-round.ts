@@ -179,9 +179,13 @@ export class SecureRoundSession {
       this.#uplinkBytes += payload.length;
       this.#apply(message);
     } catch (err) {
-      const code = isFleetError(err) ? err.code : undefined;
+      // A FleetError is bad input, whose stack says nothing; anything else
+      // is a bug, logged with its stack.
+      const detail = isFleetError(err)
+        ? { code: err.code, reason: err.message }
+        : { err };
       log.warn(
-        { ...fields, err, code, phase: this.#phase },
+        { ...fields, ...detail, phase: this.#phase },
         'secure message rejected',
       );
       return;

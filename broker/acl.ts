@@ -18,12 +18,13 @@ export interface TopicRules {
 
 /**
  * Returns the rules of an identity. A vehicle publishes its own updates,
- * status (status is also its last will) and secure aggregation messages,
+ * status (status is also its last will), inference reports and secure
+ * aggregation messages,
  * and subscribes to the round task, the release subtree, its own acks and
  * its own secure aggregation inbox. The aggregator publishes round tasks,
  * releases, every vehicle's acks and secure aggregation inbox, and
- * subscribes to every vehicle's updates, status and secure aggregation
- * messages, and to its own round and release topics so that it can read
+ * subscribes to every vehicle's updates, status, reports and secure
+ * aggregation messages, and to its own round and release topics so that it can read
  * back what it retained.
  */
 export function topicRulesOf(identity: FleetIdentity): TopicRules {
@@ -35,6 +36,7 @@ export function topicRulesOf(identity: FleetIdentity): TopicRules {
       publish: [
         topics.update(vehicleId),
         topics.status(vehicleId),
+        topics.report(vehicleId),
         topics.secureFromVehicle(vehicleId),
       ],
       subscribe: [
@@ -55,6 +57,7 @@ export function topicRulesOf(identity: FleetIdentity): TopicRules {
     subscribe: [
       topics.allUpdates(),
       topics.allStatus(),
+      topics.allReports(),
       topics.allSecureFromVehicles(),
       topics.roundTask(),
       releases,

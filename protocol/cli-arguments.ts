@@ -1,6 +1,11 @@
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { isFleetError } from './errors.ts';
 import type { Logger } from './logger.ts';
+import {
+  loadClientTls,
+  type BrokerClientSecurity,
+  type ClientTlsFiles,
+} from './tls.ts';
 
 /**
  * Parsers of numeric command-line values for commander. Each throws
@@ -58,7 +63,8 @@ export function parseFraction(text: string): number {
 
 /**
  * Reports an error that stops a command at start, and returns the exit
- * code. A FleetError or a bad argument (RangeError, TypeError) is a user
+ * code. A FleetError or a bad argument (RangeError, TypeError, or
+ * commander's InvalidArgumentError from a check across flags) is a user
  * error: one plain line on stderr, a fatal log line with its code and
  * message, and exit code 2. Anything else is logged with its stack, and
  * the exit code is 1.
@@ -70,7 +76,10 @@ export function reportStartError(
   message: string,
 ): number {
   const isUserError =
-    isFleetError(err) || err instanceof RangeError || err instanceof TypeError;
+    isFleetError(err) ||
+    err instanceof RangeError ||
+    err instanceof TypeError ||
+    err instanceof InvalidArgumentError;
   if (!isUserError) {
     log.fatal({ err }, message);
     return 1;
@@ -311,4 +320,45 @@ export function asyncBufferOfFlags(
     maxStaleness: flags.maxStaleness,
     stalenessExponent: flags.stalenessExponent,
   };
+}
+
+/** The broker credential flags of a client command. */
+export interface BrokerClientFlags {
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  username?: string;
+}
+
+/**
+ * Returns the broker credentials from the flags: the three --tls-* files,
+ * else `configTls` (from a --config file), and --username with the
+ * password from $FLEETLEARN_BROKER_PASSWORD. Undefined when none is set.
+ *
+ * @throws {TypeError} when only some of the --tls-* flags are given.
+ */
+export function brokerSecurityOfFlags(
+  flags: BrokerClientFlags,
+  configTls?: ClientTlsFiles,
+): BrokerClientSecurity | undefined {
+  const tlsFlags = [flags.tlsCa, flags.tlsCert, flags.tlsKey];
+  const tlsFlagCount = tlsFlags.filter((flag) => flag !== undefined).length;
+  if (tlsFlagCount !== 0 && tlsFlagCount !== 3) {
+    throw new TypeError('give all of --tls-ca, --tls-cert and --tls-key');
+  }
+  const files =
+    tlsFlagCount === 3
+      ? {
+          caPath: flags.tlsCa!,
+          certPath: flags.tlsCert!,
+          keyPath: flags.tlsKey!,
+        }
+      : configTls;
+  const security: BrokerClientSecurity = {};
+  if (files !== undefined) security.tls = loadClientTls(files);
+  if (flags.username !== undefined) {
+    security.username = flags.username;
+    security.password = process.env.FLEETLEARN_BROKER_PASSWORD;
+  }
+  return Object.keys(security).length === 0 ? undefined : security;
 }

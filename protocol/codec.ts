@@ -8,6 +8,7 @@ import type {
   RoundTask,
   SignedEnvelope,
   UpdateAck,
+  VehicleReport,
   VehicleStatus,
 } from './messages.ts';
 import { schema } from './schema.ts';
@@ -246,9 +247,32 @@ export function decodeModelRelease(bytes: Uint8Array): ModelRelease {
     'releaseSequence',
     object.releaseSequence,
   );
+  // Absent rather than null, so a fleet-wide notice decodes as before.
+  if (object.candidate === null) delete object.candidate;
   const release = object as unknown as ModelRelease;
   checkChunkPlan(release);
+  if (release.candidate !== undefined) checkCandidate(release);
   return release;
+}
+
+/** Checks the cohort share and state of a candidate notice. */
+function checkCandidate(release: ModelRelease): void {
+  const candidate = release.candidate!;
+  const basisPoints = candidate.cohort?.basisPoints ?? -1;
+  if (basisPoints < 0 || basisPoints > 10_000) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `candidate notice of version ${release.version} has cohort share ` +
+        `${basisPoints} basis points, expected 0 to 10000`,
+    );
+  }
+  if (candidate.state < 1 || candidate.state > 3) {
+    throw new FleetError(
+      ErrorCode.MalformedPayload,
+      `candidate notice of version ${release.version} has state ` +
+        `${candidate.state}, expected 1 (active), 2 (withdrawn) or 3 (promoted)`,
+    );
+  }
 }
 
 /**
@@ -305,6 +329,53 @@ export function decodeVehicleStatus(bytes: Uint8Array): VehicleStatus {
   object.updatedAtMs = toSafeInteger('updatedAtMs', object.updatedAtMs);
   object.connectionId = toSafeInteger('connectionId', object.connectionId);
   return object as unknown as VehicleStatus;
+}
+
+/** Encodes a VehicleReport. */
+export function encodeVehicleReport(
+  report: VehicleReport,
+  maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
+): Uint8Array {
+  return encodeWith(schema.VehicleReport, report, maxBytes);
+}
+
+const REPORT_COUNTS = [
+  'inferenceCount',
+  'errorCount',
+  'comparedCount',
+  'agreedCount',
+] as const;
+
+/**
+ * Decodes a VehicleReport and turns its 64-bit counts into numbers.
+ *
+ * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes, a missing vehicle
+ *   id, or a version whose correct or agreed count exceeds its total.
+ */
+export function decodeVehicleReport(bytes: Uint8Array): VehicleReport {
+  const object = decodeWith(schema.VehicleReport, bytes);
+  requireText('VehicleReport', object, ['vehicleId']);
+  object.createdAtMs = toSafeInteger('createdAtMs', object.createdAtMs);
+  const report = object as unknown as VehicleReport;
+  for (const entry of report.versions) {
+    const fields = entry as unknown as Record<string, unknown>;
+    for (const name of REPORT_COUNTS) {
+      fields[name] = toSafeInteger(`versions.${name}`, fields[name]);
+    }
+    if (
+      entry.correctCount > entry.labelledCount ||
+      entry.agreedCount > entry.comparedCount
+    ) {
+      throw new FleetError(
+        ErrorCode.MalformedPayload,
+        `VehicleReport of ${report.vehicleId} has version ${entry.version} ` +
+          `with ${entry.correctCount} correct of ${entry.labelledCount} ` +
+          `labelled and ${entry.agreedCount} agreed of ` +
+          `${entry.comparedCount} compared; a part exceeds its total`,
+      );
+    }
+  }
+  return report;
 }
 
 /** Encodes a ModelWeights file. */

@@ -10,6 +10,7 @@ export {
   decodeSignedUpdate,
   decodeUpdateAck,
   decodeUpdatePayload,
+  decodeVehicleReport,
   decodeVehicleStatus,
   encodeModelRelease,
   encodeModelUpdate,
@@ -19,12 +20,15 @@ export {
   encodeSignedRelease,
   encodeSignedUpdate,
   encodeUpdateAck,
+  encodeVehicleReport,
   encodeVehicleStatus,
   releaseChunkOverheadBytes,
   toSafeInteger,
 } from './codec.ts';
 export { ErrorCode, FleetError, isFleetError } from './errors.ts';
 export type {
+  CandidateRollout,
+  CohortRule,
   LocalMetrics,
   ModelRelease,
   ModelUpdate,
@@ -35,10 +39,25 @@ export type {
   SignedEnvelope,
   TrainingConfig,
   UpdateAck,
+  VehicleReport,
   VehicleStatus,
+  VersionReport,
   WireTensor,
 } from './messages.ts';
-export { AckStatus, TensorEncoding, VehicleState } from './schema.ts';
+export {
+  AckStatus,
+  CandidateState,
+  TensorEncoding,
+  VehicleState,
+  VersionRole,
+} from './schema.ts';
+export {
+  COHORT_BUCKETS,
+  checkCohortRule,
+  cohortBucketOf,
+  isInCohort,
+  parseTags,
+} from './cohort.ts';
 export {
   countElements,
   decodeTensorValues,

@@ -101,6 +101,60 @@ export interface ModelRelease {
    * always carry it.
    */
   releaseSequence?: number;
+  /**
+   * Set only in notices on the candidate topic (staged rollout); null or
+   * absent on the fleet-wide release topic.
+   */
+  candidate?: CandidateRollout | null;
+}
+
+/** Vehicles of a rollout stage; see CohortRule in the .proto file. */
+export interface CohortRule {
+  /** Share of the vehicles matching `tags`, in 1/10,000 (0 to 10,000). */
+  basisPoints: number;
+  hashSalt: string;
+  vehicleIds: string[];
+  /** Tags a vehicle must all have. */
+  tags: Record<string, string>;
+}
+
+/** A staged rollout's instruction to one cohort. */
+export interface CandidateRollout {
+  rolloutId: string;
+  /** A CandidateState value. */
+  state: number;
+  stage: number;
+  cohort: CohortRule;
+  /** Run beside the model in service and report agreement only. */
+  shadow: boolean;
+  stableVersion: number;
+}
+
+/** Inference figures of one model version on one vehicle. */
+export interface VersionReport {
+  version: number;
+  sha256: string;
+  /** A VersionRole value. */
+  role: number;
+  inferenceCount: number;
+  errorCount: number;
+  latencyP50Ms: number;
+  latencyP95Ms: number;
+  meanConfidence: number;
+  labelledCount: number;
+  correctCount: number;
+  comparedCount: number;
+  agreedCount: number;
+}
+
+/** A vehicle's inference report, per model version it runs. */
+export interface VehicleReport {
+  vehicleId: string;
+  createdAtMs: number;
+  modelName: string;
+  tags: Record<string, string>;
+  versions: VersionReport[];
+  rolloutId: string;
 }
 
 /**

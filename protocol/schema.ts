@@ -25,6 +25,7 @@ export const schema = {
   ReleaseChunk: lookup('ReleaseChunk'),
   VehicleStatus: lookup('VehicleStatus'),
   ModelWeights: lookup('ModelWeights'),
+  VehicleReport: lookup('VehicleReport'),
 };
 
 /** Numeric values of the TensorEncoding enum. */
@@ -45,4 +46,20 @@ export const VehicleState = {
   Online: 1,
   Training: 2,
   Offline: 3,
+} as const;
+
+/** Numeric values of the CandidateRollout.State enum. */
+export const CandidateState = {
+  Unspecified: 0,
+  Active: 1,
+  Withdrawn: 2,
+  Promoted: 3,
+} as const;
+
+/** Numeric values of the VersionReport.Role enum. */
+export const VersionRole = {
+  Unspecified: 0,
+  Serving: 1,
+  Previous: 2,
+  Shadow: 3,
 } as const;

@@ -43,6 +43,14 @@ export class FleetTopics {
   }
 
   /**
+   * Retained candidate notice of a staged rollout: a signed ModelRelease
+   * whose `candidate` field names the cohort that may deploy it.
+   */
+  candidateRelease(): string {
+    return `${this.prefix}/releases/candidate`;
+  }
+
+  /**
    * Retained ReleaseChunk `index` of model `version`, for example
    * `fleet/v1/<fleet>/releases/v3/chunks/0`.
    *
@@ -89,6 +97,17 @@ export class FleetTopics {
   status(vehicleId: string): string {
     assertTopicLevel('vehicle id', vehicleId);
     return `${this.prefix}/vehicles/${vehicleId}/status`;
+  }
+
+  /** Retained VehicleReport of one vehicle. */
+  report(vehicleId: string): string {
+    assertTopicLevel('vehicle id', vehicleId);
+    return `${this.prefix}/vehicles/${vehicleId}/report`;
+  }
+
+  /** Subscription filter for every vehicle's report. */
+  allReports(): string {
+    return `${this.prefix}/vehicles/+/report`;
   }
 
   /** Secure aggregation messages from one vehicle, QoS 1. */

@@ -6,15 +6,17 @@
  * fleet with its bytes on the wire. It prints a table and can write JSON.
  */
 import { writeFileSync } from 'node:fs';
-import { Command } from 'commander';
-import { resolveDataDir } from '../models/index.ts';
+import { Command, InvalidArgumentError } from 'commander';
+import { describeFileError } from '../models/registry/index.ts';
 import { parseIntegerAtLeast } from '../protocol/cli-arguments.ts';
+import { isFleetError } from '../protocol/index.ts';
 import { benchCodec } from './bench/codec.ts';
 import { benchFleetRound } from './bench/fleet-round.ts';
 import { benchInference } from './bench/inference.ts';
 import { benchKernel } from './bench/kernel.ts';
 import { machineFacts } from './bench/machine.ts';
 import { benchNumpy, hasNumpy } from './bench/numpy.ts';
+import { checkDataDir, checkJsonPath } from './bench/preflight.ts';
 import { printReport, type BenchReport } from './bench/report.ts';
 
 /** Sizes of each part: the full run, and --quick for tests. */
@@ -33,13 +35,25 @@ const SIZES = {
   },
 };
 
+/** Rejects an empty --json, which would resolve to the working directory. */
+function parseJsonPath(text: string): string {
+  if (text.trim() === '') {
+    throw new InvalidArgumentError('expected a file path, got ""');
+  }
+  return text;
+}
+
 const program = new Command('bench')
   .description(
     'Measure the aggregation kernel, numpy FedAvg, protobuf, inference ' +
       'and a simulated round on this machine.',
   )
   .option('--quick', 'small sizes everywhere, for a test of the command')
-  .option('--json <file>', 'also write the results as JSON to this file')
+  .option(
+    '--json <file>',
+    'also write the results as JSON to this file',
+    parseJsonPath,
+  )
   .option(
     '--data <dir>',
     'GTSRB data directory (default: $FLEETLEARN_DATA, then data/gtsrb32-full, ' +
@@ -59,6 +73,24 @@ const program = new Command('bench')
   .parse();
 
 const flags = program.opts();
+
+/**
+ * Checks the data folder and the JSON path before any measurement. A
+ * failure is a bad argument: one line and exit code 1, as commander's
+ * own argument errors and the other npm scripts exit.
+ */
+async function checkArguments(): Promise<string> {
+  try {
+    if (flags.json !== undefined) checkJsonPath(flags.json);
+    return await checkDataDir(flags.data);
+  } catch (err) {
+    if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
+    console.error(`bench: ${err.message}`);
+    process.exit(1);
+  }
+}
+
+const dataDir = await checkArguments();
 const sizes = flags.quick ? SIZES.quick : SIZES.full;
 const seed: number = flags.seed;
 const report: BenchReport = {
@@ -80,7 +112,6 @@ async function part<T>(name: string, run: () => Promise<T> | T) {
   }
 }
 
-const dataDir = resolveDataDir(flags.data);
 report.kernel = await part('kernel', () =>
   benchKernel({ ...sizes.kernel, seed }),
 );
@@ -100,5 +131,18 @@ report.fleetRound = await part('fleet round', () =>
 );
 
 printReport(report);
-if (flags.json) writeFileSync(flags.json, JSON.stringify(report, null, 2));
-process.exit(Object.keys(report.errors).length > 0 ? 1 : 0);
+let isWritten = true;
+if (flags.json) {
+  try {
+    writeFileSync(flags.json, JSON.stringify(report, null, 2));
+  } catch (err) {
+    // The table above keeps the figures of the run.
+    console.error(
+      `bench: cannot write the JSON report ${flags.json}: ` +
+        describeFileError(err),
+    );
+    isWritten = false;
+  }
+}
+const hasErrors = Object.keys(report.errors).length > 0;
+process.exit(hasErrors || !isWritten ? 1 : 0);

@@ -4,14 +4,18 @@
  * directory. Run `npm run registry -- --help` for the commands.
  */
 import Table from 'cli-table3';
-import { Command } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
 import { MODEL_NAME } from '../models/architecture.ts';
 import {
   ModelRegistry,
   applyPrune,
+  checkOnnx,
   compareVersions,
   exportVersion,
+  oneLine,
   planPrune,
+  type DamagedEntry,
+  type OnnxCheck,
   type RegistryEntry,
   type VersionComparison,
 } from '../models/registry/index.ts';
@@ -24,6 +28,14 @@ const parseVersion = parseIntegerAtLeast(0);
 interface GlobalFlags {
   stateDir: string;
   modelName: string;
+}
+
+/** Rejects an empty --out, which would resolve to the working directory. */
+function parseOutDir(text: string): string {
+  if (text.trim() === '') {
+    throw new InvalidArgumentError('expected a folder path, got ""');
+  }
+  return text;
 }
 
 function openRegistry(command: Command): ModelRegistry {
@@ -43,7 +55,7 @@ function known(value: number | string | null, digits?: number): string {
   return String(value);
 }
 
-function flagsOf(entry: RegistryEntry): string {
+function flagsOf(entry: RegistryEntry | DamagedEntry): string {
   const flags = [
     entry.isCurrent ? 'current' : '',
     entry.pin !== null ? 'pinned' : '',
@@ -52,7 +64,7 @@ function flagsOf(entry: RegistryEntry): string {
   return flags.filter((flag) => flag !== '').join(' ');
 }
 
-function printList(entries: RegistryEntry[]): void {
+function printList(entries: Array<RegistryEntry | DamagedEntry>): void {
   const table = new Table({
     style: { head: [], border: [] },
     head: [
@@ -71,6 +83,11 @@ function printList(entries: RegistryEntry[]): void {
   });
   for (const entry of entries) {
     const m = entry.manifest;
+    if (m === null) {
+      const damaged = { colSpan: 9, content: 'damaged, see below' };
+      table.push([entry.version, damaged, flagsOf(entry)]);
+      continue;
+    }
     table.push([
       m.version,
       known(m.parentVersion),
@@ -86,9 +103,18 @@ function printList(entries: RegistryEntry[]): void {
     ]);
   }
   console.log(table.toString());
+  for (const entry of entries) {
+    if (entry.damage !== null) {
+      console.log(`v${entry.version} damaged: ${entry.damage}`);
+    }
+  }
 }
 
-function printEntry(entry: RegistryEntry, verified: string): void {
+function printEntry(
+  entry: RegistryEntry,
+  verified: string,
+  onnx: OnnxCheck,
+): void {
   const m = entry.manifest;
   const params =
     m.strategyParams === null || Object.keys(m.strategyParams).length === 0
@@ -117,6 +143,12 @@ function printEntry(entry: RegistryEntry, verified: string): void {
     ['latency', latency],
     ['sha256', m.sha256],
     ['size', `${known(m.sizeBytes)} bytes`],
+    [
+      'onnx file',
+      onnx.problem === null
+        ? 'matches the manifest SHA-256'
+        : `damaged: ${onnx.problem}`,
+    ],
     ['created', known(m.createdAt)],
     ['trained tensors', m.trainableTensors?.join(', ') || 'none'],
     ['pinned', entry.pin === null ? 'no' : `yes: ${entry.pin.reason}`],
@@ -147,7 +179,13 @@ function signed(value: number | null, digits: number, unit = ''): string {
 }
 
 function printComparison(result: VersionComparison): void {
-  console.log(`versions ${result.a} -> ${result.b}: ${result.relation}`);
+  const hidden =
+    result.relation === 'unknown'
+      ? ' (a damaged manifest cuts the lineage short)'
+      : '';
+  console.log(
+    `versions ${result.a} -> ${result.b}: ${result.relation}${hidden}`,
+  );
   const fields = new Table({
     style: { head: [], border: [] },
     head: ['field', `v${result.a}`, `v${result.b}`],
@@ -192,11 +230,7 @@ program
   .description('List every stored version, oldest first.')
   .option('--json', 'print JSON instead of a table')
   .action((flags: { json?: boolean }, command: Command) => {
-    const registry = openRegistry(command);
-    const current = registry.currentVersion();
-    const entries = registry
-      .versions()
-      .map((version) => registry.entry(version, current));
+    const entries = openRegistry(command).list();
     if (flags.json === true) printJson(entries);
     else printList(entries);
   });
@@ -224,8 +258,13 @@ program
         registry.verifySignature(version, readPublicKeys(flags.trustedKeys));
         verified = 'verified';
       }
-      if (flags.json === true) printJson({ ...entry, verified });
-      else printEntry(entry, verified);
+      const onnx = checkOnnx(registry, version);
+      if (flags.json === true) printJson({ ...entry, verified, onnx });
+      else printEntry(entry, verified, onnx);
+      if (onnx.problem !== null) {
+        console.error(`error: ${onnx.problem}`);
+        process.exitCode = 1;
+      }
     },
   );
 
@@ -253,7 +292,11 @@ program
       'a version to a new folder.',
   )
   .argument('<version>', 'model version', parseVersion)
-  .requiredOption('--out <dir>', 'folder to create; must not exist')
+  .requiredOption(
+    '--out <dir>',
+    'folder to create; must not exist',
+    parseOutDir,
+  )
   .action((version: number, flags: { out: string }, command: Command) => {
     const exported = exportVersion(openRegistry(command), version, flags.out);
     console.log(`exported model version ${version} to ${exported.dir}`);
@@ -279,6 +322,9 @@ program
     const plan = planPrune(registry, flags.keep);
     for (const { version, reasons } of plan.keep) {
       console.log(`keep    v${version} (${reasons.join(', ')})`);
+    }
+    for (const { version, damage } of plan.damaged) {
+      console.log(`damaged v${version}: ${damage}`);
     }
     if (flags.dryRun === true) {
       for (const version of plan.remove)
@@ -315,10 +361,22 @@ program
     console.log(`unpinned model version ${version}`);
   });
 
+/**
+ * Returns true for errors the command reports as one line: its own
+ * checks, and file system errors (which carry a syscall) that no check
+ * above turned into a FleetError.
+ */
+function isUserError(err: unknown): err is Error {
+  const isFileError =
+    err instanceof Error &&
+    typeof (err as NodeJS.ErrnoException).syscall === 'string';
+  return isFleetError(err) || err instanceof RangeError || isFileError;
+}
+
 try {
   await program.parseAsync();
 } catch (err) {
-  if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
-  console.error(`error: ${err.message}`);
+  if (!isUserError(err)) throw err;
+  console.error(`error: ${oneLine(err.message)}`);
   process.exitCode = 1;
 }

@@ -141,3 +141,51 @@ export function splitSecureSum(
   }
   return { deltas, weightSum };
 }
+
+/**
+ * Checks that the round's unmasked sum [sum(w * delta), sum(w)] could come
+ * from `survivorCount` vehicles that followed the protocol: every weight
+ * in (0, 1] (exactly 1 without an example cap) and every clipped delta at
+ * most C long, so the sum is at most sum(w) * C long. A vehicle that sent
+ * random words or skipped clipping breaks one of these, and the round
+ * must fail rather than release its model. `step` is the quantization
+ * step, whose rounding error the bounds allow for.
+ *
+ * @throws FleetError VALUE_OUT_OF_RANGE for a weight sum out of range,
+ *   UPDATE_NORM_TOO_LARGE for a sum longer than the clip norm allows.
+ */
+export function checkSecureSum(
+  sum: Float64Array,
+  config: SecureAggregationConfig,
+  survivorCount: number,
+  step: number,
+): void {
+  const weightSum = sum[sum.length - 1];
+  const slack = survivorCount * step;
+  const equalWeights = config.exampleCap === 0;
+  const weightValid = equalWeights
+    ? Math.abs(weightSum - survivorCount) <= slack
+    : weightSum > 0 && weightSum <= survivorCount + slack;
+  if (!weightValid) {
+    throw new FleetError(
+      ErrorCode.ValueOutOfRange,
+      `secure sum has total weight ${weightSum}, expected ` +
+        (equalWeights
+          ? `${survivorCount}, one per survivor`
+          : `a value in (0, ${survivorCount}], at most 1 per survivor`) +
+        '; a vehicle sent an input that does not follow the protocol',
+    );
+  }
+  let squares = 0;
+  for (let i = 0; i < sum.length - 1; i++) squares += sum[i] * sum[i];
+  const norm = Math.sqrt(squares);
+  const bound = weightSum * config.clipNorm + Math.sqrt(sum.length) * slack;
+  if (!(norm <= bound)) {
+    throw new FleetError(
+      ErrorCode.UpdateNormTooLarge,
+      `secure sum has L2 norm ${norm}, above ${bound}, the total weight ` +
+        `${weightSum} times the clip norm ${config.clipNorm}; a vehicle ` +
+        'skipped clipping or sent an input that does not follow the protocol',
+    );
+  }
+}

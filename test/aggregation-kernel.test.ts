@@ -189,6 +189,24 @@ describe('exact sums kernel', () => {
     }
   });
 
+  // A kernel that keeps the fraction sums in 64-bit integers must carry
+  // them into another limb, because 2^11 fractions near 1 (2^52 units of
+  // 2^-52 each) reach 2^63. More updates must still give the same bytes.
+  test('kernels match reference past 2048 updates', () => {
+    const updates = plan(13, 16, 3_000);
+    for (const { values } of updates) {
+      values[0] = 1 - 2 ** -24;
+      values[1] = -(1 - 2 ** -24);
+    }
+    const expected = bytesOf(referenceMean(updates));
+
+    for (const kernel of KERNELS) {
+      assert.ok(bytesOf(meanOf(kernel, updates)).equals(expected), kernel);
+      const reversed = [...updates].reverse();
+      assert.ok(bytesOf(meanOf(kernel, reversed)).equals(expected), kernel);
+    }
+  });
+
   test('subtract restores the sums exactly', () => {
     const [first, second] = plan(5, 17_001, 2);
 

@@ -220,3 +220,19 @@ describe('asynchronous options', () => {
     assert.equal(asyncBufferOfFlags({}), undefined);
   });
 });
+
+describe('timer limits', () => {
+  test('round timeout above 2^31 - 1 ms is rejected', () => {
+    assert.throws(
+      () =>
+        resolveOptions({
+          fleetId: 'fleet',
+          brokerUrl: 'mqtt://127.0.0.1:1',
+          stateDir: '/tmp/unused',
+          baseWeightsPath: '/tmp/unused/base.weights.pb',
+          roundTimeoutMs: 2 ** 31,
+        }),
+      hasCode(ErrorCode.InvalidConfig, /roundTimeoutMs is 2147483648/),
+    );
+  });
+});

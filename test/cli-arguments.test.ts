@@ -8,7 +8,9 @@ import {
   parseIntegerAtLeast,
   parseNumberAtLeast,
   parsePositiveNumber,
+  reportStartError,
 } from '../protocol/cli-arguments.ts';
+import { createLogger } from '../protocol/index.ts';
 
 describe('command-line number parsers', () => {
   test('integer parser bounds', () => {
@@ -35,5 +37,32 @@ describe('command-line number parsers', () => {
     assert.throws(() => parsePositiveNumber('Infinity'), InvalidArgumentError);
     assert.throws(() => parseFraction('1'), InvalidArgumentError);
     assert.throws(() => parseFraction('0'), InvalidArgumentError);
+  });
+});
+
+describe('start errors', () => {
+  test('flag conflict is a user error', (t) => {
+    const lines: string[] = [];
+    t.mock.method(console, 'error', (line: string) => lines.push(line));
+    const code = reportStartError(
+      'aggregator',
+      new InvalidArgumentError('--secagg-* options need --secure-aggregation'),
+      createLogger({ level: 'silent' }),
+      'invalid configuration',
+    );
+    assert.equal(code, 2);
+    assert.deepEqual(lines, [
+      'aggregator: --secagg-* options need --secure-aggregation',
+    ]);
+  });
+
+  test('unexpected error exits 1', () => {
+    const code = reportStartError(
+      'aggregator',
+      new Error('disk on fire'),
+      createLogger({ level: 'silent' }),
+      'start failed',
+    );
+    assert.equal(code, 1);
   });
 });

@@ -1,29 +1,44 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
 import { after, describe, test } from 'node:test';
+import { pino } from 'pino';
 import {
   CompressionKind,
   decodeDeltaValues,
   type UpdateCompression,
 } from '../protocol/compression/index.ts';
 import {
+  ErrorCode,
   TensorEncoding,
   createLogger,
   decodeModelUpdate,
   encodeFloat32Tensor,
   encodeModelUpdate,
+  encodeModelWeights,
+  isFleetError,
   type ModelUpdate,
   type RoundTask,
 } from '../protocol/index.ts';
 import {
   ErrorFeedback,
+  MAX_RESIDUAL_ABS_VALUE,
   MAX_RESIDUAL_AGE_VERSIONS,
   compressDeltas,
   compressTrainingOutput,
 } from '../vehicle-agent/error-feedback.ts';
-import type { RoundTrainingOutput } from '../vehicle-agent/trainer.ts';
+import {
+  encodeUpdatePayload,
+  type RoundTrainingOutput,
+} from '../vehicle-agent/trainer.ts';
 
 const log = createLogger({ level: 'silent' });
 const workDir = mkdtempSync(path.join(tmpdir(), 'fleetlearn-feedback-'));
@@ -43,6 +58,46 @@ function delta(values: number[]) {
     name: 'w',
     shape: [values.length],
     values: new Float32Array(values),
+  };
+}
+
+function output(values: number[]): RoundTrainingOutput {
+  const update: ModelUpdate = {
+    updateId: 'u-1',
+    vehicleId: 'veh-1',
+    modelName: 'gtsrb-cnn',
+    baseModelVersion: 2,
+    round: 3,
+    numExamples: 10,
+    deltas: [encodeFloat32Tensor('w', [4], new Float32Array(values))],
+    metrics: {
+      trainLoss: 1,
+      trainAccuracy: 0,
+      trainDurationMs: 1,
+      backend: 'cpu',
+    },
+    createdAtMs: 1,
+  };
+  return {
+    update,
+    payload: encodeModelUpdate(update),
+    result: {} as RoundTrainingOutput['result'],
+    fromLayer: 'dense1',
+  };
+}
+function roundTask(compression: UpdateCompression | undefined): RoundTask {
+  return {
+    fleetId: 'f',
+    round: 3,
+    modelName: 'gtsrb-cnn',
+    modelVersion: 2,
+    selectedVehicles: [],
+    training: {} as RoundTask['training'],
+    openedAtMs: 1,
+    deadlineMs: 0,
+    minUpdates: 1,
+    modelSha256: '',
+    ...(compression === undefined ? {} : { compression }),
   };
 }
 
@@ -184,46 +239,6 @@ describe('ErrorFeedback store', () => {
 });
 
 describe('compressTrainingOutput', () => {
-  function output(values: number[]): RoundTrainingOutput {
-    const update: ModelUpdate = {
-      updateId: 'u-1',
-      vehicleId: 'veh-1',
-      modelName: 'gtsrb-cnn',
-      baseModelVersion: 2,
-      round: 3,
-      numExamples: 10,
-      deltas: [encodeFloat32Tensor('w', [4], new Float32Array(values))],
-      metrics: {
-        trainLoss: 1,
-        trainAccuracy: 0,
-        trainDurationMs: 1,
-        backend: 'cpu',
-      },
-      createdAtMs: 1,
-    };
-    return {
-      update,
-      payload: encodeModelUpdate(update),
-      result: {} as RoundTrainingOutput['result'],
-      fromLayer: 'dense1',
-    };
-  }
-  function roundTask(compression: UpdateCompression | undefined): RoundTask {
-    return {
-      fleetId: 'f',
-      round: 3,
-      modelName: 'gtsrb-cnn',
-      modelVersion: 2,
-      selectedVehicles: [],
-      training: {} as RoundTask['training'],
-      openedAtMs: 1,
-      deadlineMs: 0,
-      minUpdates: 1,
-      modelSha256: '',
-      ...(compression === undefined ? {} : { compression }),
-    };
-  }
-
   test('float32 task returns output unchanged', async () => {
     const trained = output([4, -1, 0.5, 2]);
     const feedback = new ErrorFeedback(undefined, log);
@@ -256,5 +271,163 @@ describe('compressTrainingOutput', () => {
     const stored = new ErrorFeedback(file, log).residual;
     assert.equal(stored?.baseModelVersion, 2);
     assert.deepEqual([...stored!.tensors.get('w')!], [0, -1, 0.5, 2]);
+  });
+});
+
+/** Log lines as parsed objects, from a pino logger writing into memory. */
+function captureLog() {
+  const lines: Array<Record<string, unknown>> = [];
+  const stream = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      for (const line of chunk.toString().split('\n')) {
+        if (line.trim() !== '') lines.push(JSON.parse(line));
+      }
+      done();
+    },
+  });
+  return { log: pino({ level: 'warn' }, stream), lines };
+}
+
+/** Writes an error-feedback file whose tensor `w` contains `values`. */
+function writeResidualFile(name: string, values: number[]): string {
+  const file = path.join(workDir, name, 'error-feedback.pb');
+  mkdirSync(path.dirname(file), { recursive: true });
+  const bytes = encodeModelWeights({
+    modelName: 'gtsrb-cnn',
+    version: 2,
+    tensors: [encodeFloat32Tensor('w', [4], new Float32Array(values))],
+  });
+  writeFileSync(file, bytes);
+  return file;
+}
+
+function sendTopK(values: number[], feedback: ErrorFeedback) {
+  return compressTrainingOutput(
+    output(values),
+    roundTask(TOPK_QUARTER),
+    feedback,
+    (update) => encodeModelUpdate(update),
+  );
+}
+
+describe('error feedback robustness', () => {
+  test('NaN residual file dropped at load', async () => {
+    const file = writeResidualFile('nan', [0, Number.NaN, 1, 2]);
+    const { log: captured, lines } = captureLog();
+
+    const feedback = new ErrorFeedback(file, captured);
+
+    assert.equal(feedback.residual, undefined);
+    const warning = lines.find((line) => line.file === file);
+    assert.equal(warning?.level, 40);
+    assert.equal(warning?.tensor, 'w');
+    assert.equal(warning?.index, 1);
+    assert.equal(warning?.value, 'NaN');
+    assert.equal(existsSync(file), false);
+    const sent = decodeModelUpdate(
+      (await sendTopK([4, -1, 0.5, 2], feedback)).payload,
+    );
+    assert.deepEqual([...decodeDeltaValues(sent.deltas[0])], [4, 0, 0, 0]);
+  });
+
+  test('huge residual file dropped at load', async () => {
+    const file = writeResidualFile('huge', [0, 1, 3e38, -3e38]);
+    const { log: captured, lines } = captureLog();
+
+    const feedback = new ErrorFeedback(file, captured);
+
+    assert.equal(feedback.residual, undefined);
+    assert.equal(lines[0]?.index, 2);
+    assert.equal(Number(lines[0]?.value), Math.fround(3e38));
+    const sent = decodeModelUpdate(
+      (await sendTopK([4, -1, 0.5, 2], feedback)).payload,
+    );
+    assert.deepEqual([...decodeDeltaValues(sent.deltas[0])], [4, 0, 0, 0]);
+  });
+
+  test('residual at the cap kept', () => {
+    const cap = MAX_RESIDUAL_ABS_VALUE;
+    const atCap = writeResidualFile('at-cap', [cap, -cap, 0, 1]);
+    const above = writeResidualFile('above-cap', [cap, -cap * 1.01, 0, 1]);
+
+    assert.equal(MAX_RESIDUAL_ABS_VALUE, 1000);
+    assert.ok(new ErrorFeedback(atCap, log).residual);
+    assert.equal(new ErrorFeedback(above, log).residual, undefined);
+  });
+
+  test('new residual above the cap dropped', async () => {
+    const file = path.join(workDir, 'save-huge', 'error-feedback.pb');
+    const { log: captured, lines } = captureLog();
+    const feedback = new ErrorFeedback(file, captured);
+
+    await feedback.save({
+      modelName: 'gtsrb-cnn',
+      baseModelVersion: 2,
+      tensors: new Map([['w', new Float32Array([0, 2000, 0, 0])]]),
+    });
+
+    assert.equal(feedback.residual, undefined);
+    assert.equal(existsSync(file), false);
+    assert.equal(lines[0]?.value, '2000');
+  });
+
+  test('directory at file path still sends', async () => {
+    const file = path.join(workDir, 'is-a-directory');
+    mkdirSync(file);
+    const { log: captured, lines } = captureLog();
+    const feedback = new ErrorFeedback(file, captured);
+
+    const sent = await sendTopK([4, -1, 0.5, 2], feedback);
+
+    assert.deepEqual(decodeModelUpdate(sent.payload).deltas[0].indices, [0]);
+    assert.deepEqual(
+      [...feedback.residual!.tensors.get('w')!],
+      [0, -1, 0.5, 2],
+    );
+    const notWritten = lines.find((line) =>
+      String(line.msg).includes('not written'),
+    );
+    assert.equal(notWritten?.level, 40);
+    assert.equal(notWritten?.file, file);
+    assert.equal((notWritten?.err as { code?: string })?.code, 'EISDIR');
+  });
+
+  test('encode failure drops the residual', async () => {
+    const file = path.join(workDir, 'encode-failure', 'error-feedback.pb');
+    const { log: captured, lines } = captureLog();
+    const feedback = new ErrorFeedback(file, captured);
+    await sendTopK([4, -1, 0.5, 2], feedback);
+    assert.ok(existsSync(file));
+
+    await assert.rejects(
+      sendTopK([4, Number.NaN, 0.5, 2], feedback),
+      (err: unknown) => isFleetError(err, ErrorCode.NonFiniteValue),
+    );
+
+    assert.equal(feedback.residual, undefined);
+    assert.equal(existsSync(file), false);
+    assert.match(String(lines.at(-1)?.msg), /update encoding failed/);
+    const next = decodeModelUpdate(
+      (await sendTopK([1, 0, 0, 3], feedback)).payload,
+    );
+    assert.deepEqual([...decodeDeltaValues(next.deltas[0])], [0, 0, 0, 3]);
+  });
+
+  test('payload failure drops the residual', async () => {
+    const feedback = new ErrorFeedback(undefined, log);
+    await sendTopK([4, -1, 0.5, 2], feedback);
+
+    await assert.rejects(
+      compressTrainingOutput(
+        output([1, 1, 1, 1]),
+        roundTask(TOPK_QUARTER),
+        feedback,
+        // 16 bytes is below any update's size, as a too small broker limit.
+        (update) => encodeUpdatePayload(update, 16),
+      ),
+      (err: unknown) => isFleetError(err, ErrorCode.PayloadTooLarge),
+    );
+
+    assert.equal(feedback.residual, undefined);
   });
 });

@@ -3,6 +3,7 @@ import { describe, test } from 'node:test';
 import {
   FedAvgAccumulator,
   MAX_EXAMPLES_PER_ADD,
+  MAX_UPDATES,
   applyDeltas,
 } from '../aggregator/fedavg.ts';
 import { checkFinite } from '../aggregator/versions.ts';
@@ -181,6 +182,31 @@ describe('FedAvgAccumulator', () => {
 
   test('invalid tensor size rejected', () => {
     assert.throws(() => new FedAvgAccumulator(new Map([['a', 0]])), RangeError);
+  });
+
+  // Adds the largest whole part (2^36), a fraction just above -1 and a
+  // half at 2^-53, MAX_UPDATES times. The fraction sum then reaches about
+  // 2^68 units of 2^-52, beyond any 64-bit integer, and must stay exact.
+  test('sums stay exact up to MAX_UPDATES', () => {
+    const accumulator = new FedAvgAccumulator(new Map([['w', 3]]));
+    const values = Float32Array.from([2 ** 36, -(1 - 2 ** -24), 2 ** -53]);
+
+    for (let k = 0; k < MAX_UPDATES; k++) {
+      accumulator.add(new Map([['w', values]]), 1);
+    }
+    const mean = accumulator.result().get('w')!;
+
+    // Each product is rounded half up to a multiple of 2^-52 before it is
+    // summed, so 2^-53 counts as 2^-52.
+    assert.deepEqual([...mean], [2 ** 36, -(1 - 2 ** -24), 2 ** -52]);
+    assert.throws(
+      () => accumulator.add(new Map([['w', values]]), 1),
+      (err: unknown) =>
+        err instanceof RangeError &&
+        err.message ===
+          `cannot add more than ${MAX_UPDATES} updates to one aggregate`,
+    );
+    assert.equal(accumulator.count, MAX_UPDATES);
   });
 });
 

@@ -36,11 +36,13 @@ import {
 import {
   ModelRegistry,
   applyPrune,
+  checkOnnx,
   compareVersions,
   exportVersion,
   formatVersions,
   planPrune,
   quantile,
+  readWeights,
   tensorChanges,
 } from '../models/registry/index.ts';
 import {
@@ -198,6 +200,21 @@ function copyState(name: string): string {
   const copy = path.join(root, name);
   cpSync(history.stateDir, copy, { recursive: true, preserveTimestamps: true });
   return copy;
+}
+
+/** Sets the state.json and manifest times the in-progress rule reads. */
+function dateFiles(stateDir: string, extraVersion?: number): void {
+  const stateMs = Date.now() / 1000;
+  utimesSync(path.join(stateDir, 'state.json'), stateMs, stateMs);
+  const dir = path.join(stateDir, 'models', MODEL_NAME);
+  for (const version of [0, 1, 2, 3, 4, 5, 6]) {
+    const time = stateMs - 100 + version;
+    utimesSync(path.join(dir, `v${version}.json`), time, time);
+  }
+  if (extraVersion !== undefined) {
+    const file = path.join(dir, `v${extraVersion}.json`);
+    utimesSync(file, stateMs + 10, stateMs + 10);
+  }
 }
 
 before(async () => {
@@ -502,21 +519,6 @@ describe('exportVersion', () => {
 });
 
 describe('prune', () => {
-  /** Sets the state.json and manifest times the in-progress rule reads. */
-  function dateFiles(stateDir: string, extraVersion?: number): void {
-    const stateMs = Date.now() / 1000;
-    utimesSync(path.join(stateDir, 'state.json'), stateMs, stateMs);
-    const dir = path.join(stateDir, 'models', MODEL_NAME);
-    for (const version of [0, 1, 2, 3, 4, 5, 6]) {
-      const time = stateMs - 100 + version;
-      utimesSync(path.join(dir, `v${version}.json`), time, time);
-    }
-    if (extraVersion !== undefined) {
-      const file = path.join(dir, `v${extraVersion}.json`);
-      utimesSync(file, stateMs + 10, stateMs + 10);
-    }
-  }
-
   test('plan keeps what rollback needs', () => {
     const copy = copyState('plan');
     dateFiles(copy);
@@ -750,5 +752,232 @@ describe('registry command', () => {
     assert.match(noOut.stderr, /required option '--out <dir>'/);
     assert.equal(noKeep.status, 1);
     assert.match(noKeep.stderr, /required option '--keep <count>'/);
+  });
+});
+
+/** Asserts a failed command printed one error line and no stack. */
+function assertOneLineError(result: CliResult, pattern: RegExp): void {
+  assert.equal(result.status, 1, result.stdout);
+  const lines = result.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, result.stderr);
+  assert.match(lines[0], /^error: /);
+  assert.match(lines[0], pattern);
+}
+
+describe('export path errors', () => {
+  test('unwritable folder named in one line', () => {
+    const result = runRegistry(history.stateDir, [
+      'export',
+      '5',
+      '--out',
+      '/proc/fleetlearn-export',
+    ]);
+
+    assertOneLineError(
+      result,
+      /cannot create export folder \/proc\/fleetlearn-export in \/proc: ENOENT/,
+    );
+  });
+
+  test('file in the path named', () => {
+    const file = path.join(root, 'plain-file');
+    writeFileSync(file, 'x');
+
+    const result = runRegistry(history.stateDir, [
+      'export',
+      '5',
+      '--out',
+      path.join(file, 'sub'),
+    ]);
+
+    assertOneLineError(result, /plain-file is a file, not a folder/);
+    assert.throws(
+      () => exportVersion(registry, 5, path.join(file, 'a', 'b')),
+      fleetError(ErrorCode.InvalidConfig, /plain-file is a file/),
+    );
+  });
+
+  test('empty path rejected', () => {
+    // An empty path resolves to the working directory, whose parent
+    // would receive the temporary .partial folder.
+    const parent = path.dirname(REPO_ROOT);
+    const partials = () =>
+      readdirSync(parent).filter((name) => name.endsWith('.partial'));
+    const before = partials();
+
+    const result = runRegistry(history.stateDir, ['export', '5', '--out', '']);
+
+    assert.equal(result.status, 1);
+    assert.match(result.stderr, /--out <dir>.*expected a folder path/);
+    for (const blank of ['', '  ']) {
+      assert.throws(
+        () => exportVersion(registry, 5, blank),
+        fleetError(ErrorCode.InvalidConfig, /empty path/),
+      );
+    }
+    assert.deepEqual(partials(), before);
+  });
+});
+
+describe('damaged store', () => {
+  /** Copies the history and writes `text` to its v1.json. */
+  function withManifest(name: string, text: string): string {
+    const copy = copyState(name);
+    dateFiles(copy);
+    const file = path.join(copy, 'models', MODEL_NAME, 'v1.json');
+    writeFileSync(file, text);
+    utimesSync(file, Date.now() / 1000 - 99, Date.now() / 1000 - 99);
+    return copy;
+  }
+  let garbage: string;
+  let empty: string;
+  before(() => {
+    garbage = withManifest('garbage-manifest', 'garb\nage');
+    empty = withManifest('empty-manifest', '{}');
+  });
+
+  test('missing weights file named', () => {
+    const copy = copyState('no-weights');
+    rmSync(path.join(copy, 'models', MODEL_NAME, 'v1.weights.pb'));
+
+    const result = runRegistry(copy, ['compare', '1', '2']);
+
+    assertOneLineError(result, /no weights file .*v1\.weights\.pb$/);
+    assert.throws(
+      () => readWeights(ModelRegistry.open(copy, MODEL_NAME), 1),
+      fleetError(ErrorCode.InvalidModel, /v1\.weights\.pb/),
+    );
+  });
+
+  test('list marks the damaged version', () => {
+    const listed = ModelRegistry.open(garbage, MODEL_NAME).list();
+
+    assert.deepEqual(
+      listed.map((entry) => entry.version),
+      [0, 1, 2, 3, 4, 5, 6],
+    );
+    assert.equal(listed[1].manifest, null);
+    assert.match(listed[1].damage!, /v1\.json is not valid JSON/);
+    assert.doesNotMatch(listed[1].damage!, /\n/);
+    assert.equal(listed[2].damage, null);
+    assert.equal(listed[6].isCurrent, true);
+  });
+
+  test('damaged notice listed with file', () => {
+    const copy = copyState('damaged-notice');
+    const notice = path.join(copy, 'models', MODEL_NAME, 'v6.release.pb');
+    writeFileSync(notice, Uint8Array.from([0x0f, 0xff, 0xff]));
+
+    const listed = ModelRegistry.open(copy, MODEL_NAME).list();
+
+    assert.match(
+      listed[6].damage!,
+      /^signed notice .*v6\.release\.pb does not decode: /,
+    );
+    assert.equal(listed[6].isCurrent, true);
+    assert.equal(listed[5].damage, null);
+  });
+
+  test('list command shows the reason', () => {
+    const result = runRegistry(empty, ['list']);
+
+    assert.equal(result.status, 0, result.stderr);
+    const rows = result.stdout.split('\n').filter((line) => /^│ \d/.test(line));
+    assert.equal(rows.length, 7);
+    assert.match(rows[1], /^│ 1 +│ damaged, see below/);
+    assert.match(rows[2], /│ 2 +│ 1 +│ 2 +│ trimmed-mean/);
+    assert.match(
+      result.stdout,
+      /^v1 damaged: manifest .*v1\.json has version none, expected 1/m,
+    );
+  });
+
+  test('healthy versions still usable', () => {
+    const out = path.join(root, 'damaged-exports', 'v2');
+
+    const show = runRegistry(garbage, ['show', '2']);
+    const compare = runRegistry(garbage, ['compare', '2', '4']);
+    const exported = exportVersion(
+      ModelRegistry.open(garbage, MODEL_NAME),
+      2,
+      out,
+    );
+
+    assert.equal(show.status, 0, show.stderr);
+    assert.match(show.stdout, /^parent version +1$/m);
+    assert.equal(compare.status, 0, compare.stderr);
+    assert.match(compare.stdout, /^versions 2 -> 4: a-ancestor-of-b$/m);
+    assert.ok(existsSync(path.join(out, `${MODEL_NAME}-v2.onnx`)));
+    assert.equal(exported.version, 2);
+  });
+
+  test('lineage past damage is unknown', () => {
+    const copy = ModelRegistry.open(garbage, MODEL_NAME);
+
+    assert.deepEqual(copy.lineage(6), [6, 5, 4, 2, 1]);
+    assert.equal(compareVersions(copy, 0, 2).relation, 'unknown');
+    assert.equal(compareVersions(copy, 3, 6).relation, 'unrelated');
+  });
+
+  test('damaged version fails in one line', () => {
+    for (const args of [
+      ['show', '1'],
+      ['compare', '1', '2'],
+      ['export', '1', '--out', path.join(root, 'damaged-v1')],
+    ]) {
+      const result = runRegistry(garbage, args);
+
+      assertOneLineError(result, /v1\.json is not valid JSON: .*garb age/);
+    }
+    assert.equal(existsSync(path.join(root, 'damaged-v1')), false);
+  });
+
+  test('prune deletes a damaged version it drops', () => {
+    const copy = withManifest('prune-damaged', '{}');
+
+    const result = runRegistry(copy, ['prune', '--keep', '3']);
+
+    assert.equal(result.status, 0, result.stderr);
+    assert.match(result.stdout, /^damaged v1: manifest .*has version none/m);
+    assert.match(result.stdout, /^deleted v1 \(3 files\)$/m);
+    const left = ModelRegistry.open(copy, MODEL_NAME).versions();
+    assert.deepEqual(left, [0, 4, 5, 6]);
+  });
+
+  test('prune keeping a damaged version refused', () => {
+    const copy = withManifest('prune-refused', 'garb\nage');
+    const copyRegistry = ModelRegistry.open(copy, MODEL_NAME);
+
+    const result = runRegistry(copy, ['prune', '--keep', '5']);
+
+    assertOneLineError(result, /prune deletes nothing .*: v1 \(manifest /);
+    assert.deepEqual(copyRegistry.versions(), [0, 1, 2, 3, 4, 5, 6]);
+    assert.throws(
+      () => planPrune(copyRegistry, 5),
+      fleetError(ErrorCode.InvalidModel, /damaged manifest: v1 /),
+    );
+  });
+
+  test('show reports a truncated ONNX file', () => {
+    const copy = copyState('truncated-onnx');
+    const onnxPath = path.join(copy, 'models', MODEL_NAME, 'v5.onnx');
+    writeFileSync(onnxPath, readFileSync(onnxPath).subarray(0, 1000));
+
+    const damaged = runRegistry(copy, ['show', '5']);
+    const healthy = runRegistry(copy, ['show', '4']);
+
+    assertOneLineError(
+      damaged,
+      /v5\.onnx has SHA-256 [0-9a-f]{64} \(1000 bytes\)/,
+    );
+    assert.match(damaged.stdout, /^version +5$/m);
+    assert.match(damaged.stdout, /^onnx file +damaged: .*\(1000 bytes\), but/m);
+    assert.equal(healthy.status, 0, healthy.stderr);
+    assert.match(healthy.stdout, /^onnx file +matches the manifest SHA-256$/m);
+    const check = checkOnnx(ModelRegistry.open(copy, MODEL_NAME), 5);
+    assert.match(
+      check.problem!,
+      /its manifest records [0-9a-f]{64} \(\d+ bytes\)/,
+    );
   });
 });

@@ -12,11 +12,13 @@ import { connect, type MqttClient } from 'mqtt';
 import {
   Aggregator,
   type RoundClosedEvent,
+  type RoundFailedEvent,
   type SecurePhaseEvent,
 } from '../aggregator/index.ts';
 import type { RunningBroker } from '../broker/index.ts';
 import {
   DEFAULT_TRAINABLE_LAYERS,
+  TENSOR_SPECS,
   tensorNamesOfLayers,
 } from '../models/architecture.ts';
 import { subset } from '../models/data-split.ts';
@@ -29,9 +31,19 @@ import {
 import { endClient } from '../protocol/mqtt-end.ts';
 import { quantize } from '../secure-aggregation/quantize.ts';
 import { quantizationOf } from '../secure-aggregation/update-vector.ts';
-import { decodeFromVehicle } from '../secure-aggregation/wire.ts';
+import {
+  decodeFromVehicle,
+  encodeFromVehicle,
+} from '../secure-aggregation/wire.ts';
 import { VehicleAgent } from '../vehicle-agent/index.ts';
-import { AckStatus, ErrorCode, encodeModelUpdate } from '../protocol/index.ts';
+import {
+  AckStatus,
+  ErrorCode,
+  countElements,
+  decodeRoundTask,
+  encodeModelUpdate,
+  type RoundTask,
+} from '../protocol/index.ts';
 import {
   FLEET_ID,
   TestVehicle,
@@ -391,6 +403,120 @@ describe('secure aggregation with DP-FedAvg', () => {
         }
         offset += base.length;
       }
+    },
+  );
+});
+
+describe('forged masked input', () => {
+  let broker: RunningBroker;
+  let workspace: Workspace;
+  const agents: VehicleAgent[] = [];
+  let forger: MqttClient | undefined;
+  let aggregator: Aggregator | undefined;
+
+  before(async () => {
+    broker = await startTestBroker();
+    workspace = createWorkspace(13);
+  });
+
+  after(async () => {
+    await aggregator?.stop();
+    for (const agent of agents) await agent.stop();
+    if (forger !== undefined) await endClient(forger, 2000);
+    await broker.close();
+    workspace.remove();
+  });
+
+  test(
+    'random words fail the round, model kept',
+    { timeout: 120_000 },
+    async () => {
+      const images = await loadRealImages();
+      const frames = await loadLabelledImages(resolveDataDir(), { limit: 90 });
+      for (let i = 0; i < 3; i++) {
+        const agent = new VehicleAgent({
+          vehicleId: `forged-${i}`,
+          fleetId: FLEET_ID,
+          brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
+          stateDir: join(workspace.dir, `forged-${i}`),
+          frames: subset(
+            frames,
+            Array.from({ length: 30 }, (_, k) => i * 30 + k),
+          ),
+          log: quietLog,
+        });
+        agents.push(agent);
+        await agent.start();
+      }
+      forger = connect(`mqtt://127.0.0.1:${broker.port}`, {
+        protocolVersion: 4,
+        clientId: 'forger',
+      });
+      await new Promise<void>((resolve) =>
+        forger!.once('connect', () => resolve()),
+      );
+
+      aggregator = new Aggregator(
+        testOptions(broker, workspace, images, {
+          minVehiclesOnline: 3,
+          minUpdates: 2,
+          roundTimeoutMs: 20_000,
+          secureAggregation: { phaseTimeoutMs: 10_000 },
+        }),
+      );
+      // The forger reads the retained round task, as any client could.
+      let task: RoundTask | undefined;
+      forger.on('message', (_topic, payload) => {
+        task = decodeRoundTask(payload);
+      });
+      await forger.subscribeAsync(topics.roundTask(), { qos: 1 });
+      const vectorLength =
+        TRAINABLE.map(
+          (name) => TENSOR_SPECS.find((spec) => spec.name === name)!.shape,
+        ).reduce((total, shape) => total + countElements(shape), 0) + 1;
+      // As masking begins, words of the right length but random content go
+      // out in the name of forged-0, ahead of its own masked input.
+      aggregator.on('secure-phase', (event) => {
+        if (event.phase !== 'mask' || task === undefined) return;
+        const words = new Uint32Array(vectorLength);
+        for (let i = 0; i < words.length; i++) {
+          words[i] = Math.floor(Math.random() * 2 ** 32);
+        }
+        const bytes = encodeFromVehicle(
+          {
+            round: event.round,
+            roundOpenedAtMs: task.openedAtMs,
+            vehicleId: 'forged-0',
+            body: {
+              kind: 'masked-input',
+              input: { roundId: '', vehicleId: 'forged-0', maskedWords: words },
+            },
+          },
+          1 << 24,
+        );
+        void forger!.publishAsync(
+          topics.secureFromVehicle('forged-0'),
+          Buffer.from(bytes),
+          { qos: 1 },
+        );
+      });
+      const failed = new Promise<RoundFailedEvent>((resolve, reject) => {
+        aggregator!.once('round-failed', resolve);
+        aggregator!.once('round-closed', () =>
+          reject(new Error('round closed with a forged input')),
+        );
+      });
+      await aggregator.start();
+      const event = await failed;
+
+      assert.ok(task !== undefined);
+      assert.ok(
+        event.reasonCode === ErrorCode.ValueOutOfRange ||
+          event.reasonCode === ErrorCode.UpdateNormTooLarge,
+        `round failed with ${event.reasonCode}`,
+      );
+      assert.equal(event.modelVersion, 0);
+      assert.equal(aggregator.currentModelVersion, 0);
     },
   );
 });

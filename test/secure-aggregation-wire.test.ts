@@ -20,6 +20,7 @@ import { secureAggregationOfFlags } from '../protocol/cli-arguments.ts';
 import { ErrorCode, type SecureAggregationConfig } from '../protocol/index.ts';
 import {
   buildSecureVector,
+  checkSecureSum,
   splitSecureSum,
   weightOf,
 } from '../secure-aggregation/update-vector.ts';
@@ -312,6 +313,51 @@ describe('secure vector', () => {
   });
 });
 
+describe('secure sum check', () => {
+  const step = 1e-6;
+
+  test('sum of honest vectors passes', () => {
+    // Two vehicles: weights 0.5 and 1, deltas of norm 5 under C = 10.
+    const sum = Float64Array.from([1.5 + 3, 2 + 4, 0.5 + 1]);
+    assert.doesNotThrow(() =>
+      checkSecureSum(sum, configOf({ tensorNames: ['a'] }), 2, step),
+    );
+  });
+
+  test('weight above one per survivor is rejected', () => {
+    const sum = Float64Array.from([0, 0, 2.5]);
+    assert.throws(
+      () => checkSecureSum(sum, configOf(), 2, step),
+      hasCode(ErrorCode.ValueOutOfRange),
+    );
+  });
+
+  test('negative weight sum is rejected', () => {
+    const sum = Float64Array.from([0, 0, -0.1]);
+    assert.throws(
+      () => checkSecureSum(sum, configOf(), 2, step),
+      hasCode(ErrorCode.ValueOutOfRange),
+    );
+  });
+
+  test('equal weights must sum to the count', () => {
+    const sum = Float64Array.from([0, 0, 1.5]);
+    assert.throws(
+      () => checkSecureSum(sum, configOf({ exampleCap: 0 }), 2, step),
+      hasCode(ErrorCode.ValueOutOfRange),
+    );
+  });
+
+  test('sum longer than weight times C is rejected', () => {
+    // Total weight 1.5 allows a norm of 15; this one is 50.
+    const sum = Float64Array.from([30, 40, 1.5]);
+    assert.throws(
+      () => checkSecureSum(sum, configOf(), 2, step),
+      hasCode(ErrorCode.UpdateNormTooLarge),
+    );
+  });
+});
+
 describe('secure round configuration', () => {
   const fedavg = { aggregation: 'fedavg', minUpdates: 2 };
 
@@ -356,12 +402,21 @@ describe('secure round configuration', () => {
       noiseSource: 'seeded' as const,
     };
     const settings = resolveSecureAggregation(
-      { clipNorm: 10 },
+      {},
       { ...fedavg, differentialPrivacy: dp },
     );
     assert.equal(settings.clipNorm, 0.5);
     const config = secureConfigFor(['v1'], settings, ['a'], () => 40, 1000);
     assert.equal(config.exampleCap, 0);
+    // A second, different clip norm would be silently ignored.
+    assert.throws(
+      () =>
+        resolveSecureAggregation(
+          { clipNorm: 10 },
+          { ...fedavg, differentialPrivacy: dp },
+        ),
+      /clipNorm is 10, expected no value with differential privacy/,
+    );
   });
 
   test('robust rule is rejected', () => {
@@ -400,7 +455,12 @@ describe('secure round configuration', () => {
     );
     assert.throws(
       () => resolveSecureAggregation({ phaseTimeoutMs: 0.5 }, fedavg),
-      /phaseTimeoutMs is 0.5, expected an integer >= 1/,
+      /phaseTimeoutMs is 0.5, expected an integer from 1 to 2147483647 ms/,
+    );
+    // setTimeout would fire at once for a longer delay.
+    assert.throws(
+      () => resolveSecureAggregation({ phaseTimeoutMs: 2 ** 31 }, fedavg),
+      /phaseTimeoutMs is 2147483648/,
     );
   });
 

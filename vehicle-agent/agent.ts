@@ -52,6 +52,9 @@ import {
 } from './release-download.ts';
 import { Outbox } from './outbox.ts';
 import { RoundRunner } from './round-runner.ts';
+import { CandidateTracker } from './candidate.ts';
+import { InferenceReporter, holdOutFrames } from './evaluation.ts';
+import { SHADOW_DIR, ShadowModel } from './shadow.ts';
 
 /** Time `stop()` waits for the OFFLINE status to be acknowledged. */
 const OFFLINE_PUBLISH_TIMEOUT_MS = 2000;
@@ -102,6 +105,9 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private readonly releaseVerifier: ReleaseVerifier;
   private readonly outbox: Outbox;
   private readonly secure: SecureParticipant;
+  private readonly candidates: CandidateTracker;
+  private readonly shadow: ShadowModel;
+  private reporter: InferenceReporter | undefined;
 
   /**
    * @throws {TypeError} for a missing or wrongly typed option.
@@ -146,7 +152,29 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       stats: this.stats,
       events: this,
       isTraining: () => this.isTraining,
-      onModelChanged: () => this.publishStatus(),
+      onModelChanged: () => this.onModelChanged(),
+    });
+    this.shadow = new ShadowModel(
+      new ReleaseDownloader({
+        stateDir: path.join(this.options.stateDir, SHADOW_DIR),
+        topics: this.topics,
+        transport: mqttChunkTransport(() => this.client),
+        log: this.log,
+        counters: createDownloadCounters(),
+      }),
+      this.log,
+    );
+    this.candidates = new CandidateTracker({
+      vehicleId: this.vehicleId,
+      tags: this.options.tags,
+      stateDir: this.options.stateDir,
+      trustedKeys: this.options.trustedReleaseKeys,
+      offer: (release) => this.releases.offer(release),
+      // A report once the shadow model is in, so its figures need not
+      // wait for the report timer.
+      setShadow: (release) =>
+        void this.shadow.set(release).then(() => this.reporter?.refresh()),
+      log: this.log,
     });
   }
 
@@ -194,7 +222,23 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
    * @throws {FleetError} INVALID_MODEL when no model is deployed.
    */
   classify(images: Float32Array, count: number): Promise<Float32Array> {
-    return this.deployment.classify(images, count);
+    if (this.reporter === undefined) {
+      return this.deployment.classify(images, count);
+    }
+    return this.reporter.classify(images, count);
+  }
+
+  /** Version of the model run in shadow mode, undefined when none. */
+  get shadowVersion(): number | undefined {
+    return this.shadow.model?.version;
+  }
+
+  /**
+   * Evaluates the loaded models on the held-out frames and publishes an
+   * inference report; resolves once it is published or has failed.
+   */
+  async publishReport(): Promise<void> {
+    await this.reporter?.refresh();
   }
 
   /**
@@ -241,7 +285,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private async startSteps(): Promise<void> {
     const started = Date.now();
 
-    this.frames = await this.loadFrames();
+    const split = holdOutFrames(
+      await this.loadFrames(),
+      this.options.evalFrames,
+    );
+    this.frames = split.training;
     this.trainingBackend = await selectTrainingBackend(
       this.log,
       this.options.preferredBackend,
@@ -256,6 +304,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     this.rounds = this.createRoundRunner(this.frames, this.trainingBackend);
     // Counts the entries left by an earlier run and moves corrupt ones aside.
     await this.outbox.list();
+    this.reporter = this.createReporter(split.evaluation);
 
     this.state = 'running';
     this.client = createBrokerClient({
@@ -273,6 +322,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       this.onMessage(topic, payload),
     );
     this.client.on('close', () => this.renewConnectionId());
+    this.reporter.start();
 
     this.log.info(
       {
@@ -307,6 +357,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     const started = Date.now();
     const runStopped = this.rounds?.stop() ?? Promise.resolve();
     const releasesStopped = this.releases.stop();
+    await this.reporter?.stop();
 
     const [runEnded] = await Promise.all([
       settleWithin(runStopped, RUN_STOP_TIMEOUT_MS),
@@ -324,6 +375,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
         'release deployment still running at stop',
       );
     }
+    await this.shadow.close();
     await this.deployment.close();
     this.log.info({ durationMs: Date.now() - started }, 'agent stopped');
   }
@@ -374,10 +426,12 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     // Before the release topic delivers a notice, so that only a download
     // from an earlier connection requests its chunks again.
     this.releases.onConnected();
+    this.shadow.onConnected();
     try {
       await client.subscribeAsync(
         subscriptionsOf([
           this.topics.release(),
+          this.topics.candidateRelease(),
           this.topics.roundTask(),
           this.topics.ack(this.vehicleId),
           this.topics.secureToVehicle(this.vehicleId),
@@ -392,6 +446,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     if (this.state !== 'running') return;
     this.log.info({ brokerUrl: this.options.brokerUrl }, 'agent connected');
     this.emit('connected');
+    void this.reporter?.refresh();
     await this.resendOutbox();
   }
 
@@ -525,9 +580,13 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     if (topic === this.topics.release()) {
       this.stats.bytesReceived += payload.length;
       this.handleRelease(payload);
+    } else if (topic === this.topics.candidateRelease()) {
+      this.stats.bytesReceived += payload.length;
+      this.handleCandidate(payload);
     } else if (chunk !== undefined) {
       this.stats.bytesReceived += payload.length;
       this.releases.handleChunk(chunk.version, chunk.index, payload);
+      this.shadow.handleChunk(chunk.version, chunk.index, payload);
     } else if (topic === this.topics.roundTask()) {
       this.stats.bytesReceived += payload.length;
       this.handleRoundTask(payload);
@@ -560,6 +619,7 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
     let release: ModelRelease;
     try {
       release = this.releaseVerifier.open(payload);
+      this.candidates.checkStable(release);
     } catch (err) {
       if (isFleetError(err, ErrorCode.MalformedPayload)) {
         this.stats.malformedMessages += 1;
@@ -567,7 +627,70 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
       this.releases.reject(err, claimedVersionOf(payload));
       return;
     }
-    this.releases.offer(release);
+    this.candidates.onStable(release);
+  }
+
+  /**
+   * Checks a candidate notice like a release notice, with its own
+   * sequence record, and lets the candidate tracker decide whether this
+   * vehicle is in its cohort.
+   */
+  private handleCandidate(payload: Buffer): void {
+    try {
+      this.candidates.onCandidatePayload(payload);
+      // Fresh figures for the controller's new stage, which counts only
+      // reports made after the stage began.
+      void this.reporter?.refresh();
+    } catch (err) {
+      if (isFleetError(err, ErrorCode.MalformedPayload)) {
+        this.stats.malformedMessages += 1;
+      }
+      this.releases.reject(err, claimedVersionOf(payload));
+    }
+  }
+
+  /** After a deployment or rollback: status, then a fresh report. */
+  private async onModelChanged(): Promise<void> {
+    await this.publishStatus();
+    void this.reporter?.refresh();
+  }
+
+  private createReporter(
+    evaluation: LabelledImages | undefined,
+  ): InferenceReporter {
+    return new InferenceReporter({
+      vehicleId: this.vehicleId,
+      tags: this.options.tags,
+      deployment: this.deployment,
+      shadow: this.shadow,
+      frames: evaluation,
+      intervalMs: this.options.reportIntervalMs,
+      publish: (bytes) =>
+        this.publishRetained(this.topics.report(this.vehicleId), bytes),
+      rolloutId: () => this.candidates.rolloutId,
+      events: this,
+      log: this.log,
+    });
+  }
+
+  /** Publishes a retained QoS 1 message, bounded like a status publish. */
+  private async publishRetained(
+    topic: string,
+    bytes: Uint8Array,
+  ): Promise<void> {
+    const client = this.client;
+    if (client === undefined || this.state !== 'running') return;
+    const published = client.publishAsync(
+      topic,
+      Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+      { qos: 1, retain: true },
+    );
+    if (!(await settleWithin(published, STATUS_PUBLISH_TIMEOUT_MS))) {
+      this.log.debug(
+        { topic, timeoutMs: STATUS_PUBLISH_TIMEOUT_MS },
+        'report not acknowledged in time',
+      );
+    }
   }
 
   private handleRoundTask(payload: Buffer): void {

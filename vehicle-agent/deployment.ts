@@ -255,6 +255,30 @@ export class ModelDeployment {
     return slot.session.predict(images, count);
   }
 
+  /**
+   * Classifies with `model` while it is current or previous, so that an
+   * evaluation can run both on the same frames. A model retired in the
+   * meantime finishes its running calls before its session closes.
+   *
+   * @throws {FleetError} INVALID_MODEL when `model` is no longer loaded.
+   */
+  async classifyWith(
+    model: DeployedModel,
+    images: Float32Array,
+    count: number,
+  ): Promise<Float32Array> {
+    const slot = [this.currentSlot, this.previousSlot].find(
+      (candidate) => candidate?.model === model,
+    );
+    if (slot === undefined) {
+      throw new FleetError(
+        ErrorCode.InvalidModel,
+        `model version ${model.version} is no longer loaded`,
+      );
+    }
+    return slot.session.predict(images, count);
+  }
+
   /** Closes both sessions. */
   async close(): Promise<void> {
     const slots = [this.currentSlot, this.previousSlot];

@@ -5,7 +5,7 @@
  * never. The residual is kept in a file so that a restart does not lose
  * it.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import {
   decodeModelWeights,
@@ -34,6 +34,14 @@ import type { RoundTrainingOutput } from './trainer.ts';
  * not a measured optimum.
  */
 export const MAX_RESIDUAL_AGE_VERSIONS = 20;
+
+/**
+ * Largest magnitude a kept residual value may have: the aggregator's
+ * default maxAbsDeltaValue (1000). The aggregator rejects a larger value
+ * as VALUE_OUT_OF_RANGE, so a residual above it would get every later
+ * update of the vehicle rejected.
+ */
+export const MAX_RESIDUAL_ABS_VALUE = 1000;
 
 /** Unsent part of the last top-k update, by tensor name. */
 export interface Residual {
@@ -108,6 +116,9 @@ export class ErrorFeedback {
   /**
    * Reads `file` if it exists. A file that cannot be read or decoded is
    * logged and ignored, which costs only the unsent part of one update.
+   * A file with a value that is not finite or above
+   * MAX_RESIDUAL_ABS_VALUE is logged at warn with the first such value,
+   * and deleted.
    * Without `file` the residual lives in memory only.
    */
   constructor(file: string | undefined, log: Logger) {
@@ -165,24 +176,105 @@ export class ErrorFeedback {
   /**
    * Keeps `residual` (or nothing when it is undefined or empty) and
    * writes it through a temporary file and a rename, or deletes the file.
+   * A residual with a value that is not finite or above
+   * MAX_RESIDUAL_ABS_VALUE is dropped and logged instead. A file that
+   * cannot be written or deleted is logged at warn, not thrown, and the
+   * residual is then kept in memory only, so the update that left it can
+   * still be sent.
    */
   async save(residual: Residual | undefined): Promise<void> {
-    const isEmpty = residual === undefined || residual.tensors.size === 0;
-    this.#residual = isEmpty ? undefined : residual;
-    if (this.#file === undefined) return;
-    if (isEmpty) {
-      await rm(this.#file, { force: true });
+    let next = residual;
+    const bad = next === undefined ? undefined : findBadValue(next.tensors);
+    if (bad !== undefined) {
+      this.#log.warn(
+        { ...describeBadValue(bad), file: this.#file },
+        'error feedback residual dropped: value not finite or too large',
+      );
+      next = undefined;
+    }
+    if (next === undefined || next.tensors.size === 0) {
+      this.#residual = undefined;
+      await this.#removeFile();
       return;
     }
+    this.#residual = next;
+    if (this.#file === undefined) return;
     const bytes = encodeModelWeights({
-      modelName: residual.modelName,
-      version: residual.baseModelVersion,
-      tensors: [...residual.tensors].map(([name, values]) =>
+      modelName: next.modelName,
+      version: next.baseModelVersion,
+      tensors: [...next.tensors].map(([name, values]) =>
         encodeFloat32Tensor(name, [values.length], values),
       ),
     });
-    await writeFileAtomic(this.#file, bytes);
+    try {
+      await writeFileAtomic(this.#file, bytes);
+    } catch (err) {
+      this.#log.warn(
+        { err, file: this.#file },
+        'error feedback file not written, residual kept in memory only',
+      );
+      // An older residual left in the file would come back at restart.
+      await this.#removeFile();
+    }
   }
+
+  /**
+   * Drops the residual after the update it was added to failed to
+   * encode, so that a residual that caused the failure does not fail the
+   * next rounds too.
+   */
+  async dropAfterFailure(err: unknown, round: number): Promise<void> {
+    if (this.#residual === undefined) return;
+    this.#log.warn(
+      { err, round, file: this.#file },
+      'error feedback residual dropped: update encoding failed',
+    );
+    await this.save(undefined);
+  }
+
+  async #removeFile(): Promise<void> {
+    if (this.#file === undefined) return;
+    try {
+      await rm(this.#file, { force: true });
+    } catch (err) {
+      this.#log.warn(
+        { err, file: this.#file },
+        'error feedback file not removed',
+      );
+    }
+  }
+}
+
+/** First value of a residual that may not be kept. */
+interface BadValue {
+  tensor: string;
+  index: number;
+  value: number;
+}
+
+function findBadValue(
+  tensors: ReadonlyMap<string, Float32Array>,
+): BadValue | undefined {
+  for (const [tensor, values] of tensors) {
+    for (let index = 0; index < values.length; index++) {
+      const value = values[index];
+      // Written so that NaN fails the check too.
+      if (!(Math.abs(value) <= MAX_RESIDUAL_ABS_VALUE)) {
+        return { tensor, index, value };
+      }
+    }
+  }
+  return undefined;
+}
+
+/** Log fields of a bad value; String() keeps NaN, which JSON turns to null. */
+function describeBadValue(bad: BadValue) {
+  return {
+    tensor: bad.tensor,
+    index: bad.index,
+    value: String(bad.value),
+    maxAbsValue: MAX_RESIDUAL_ABS_VALUE,
+  };
 }
 
 function readResidual(file: string, log: Logger): Residual | undefined {
@@ -194,6 +286,7 @@ function readResidual(file: string, log: Logger): Residual | undefined {
     log.warn({ err, file }, 'error feedback file not readable, ignored');
     return undefined;
   }
+  let residual: Residual;
   try {
     const weights = decodeModelWeights(bytes);
     const tensors = new Map(
@@ -202,7 +295,7 @@ function readResidual(file: string, log: Logger): Residual | undefined {
         decodeTensorValues(tensor).slice(),
       ]),
     );
-    return {
+    residual = {
       modelName: weights.modelName,
       baseModelVersion: weights.version,
       tensors,
@@ -211,12 +304,26 @@ function readResidual(file: string, log: Logger): Residual | undefined {
     log.warn({ err, file }, 'error feedback file not decodable, ignored');
     return undefined;
   }
+  const bad = findBadValue(residual.tensors);
+  if (bad === undefined) return residual;
+  log.warn(
+    { ...describeBadValue(bad), file },
+    'error feedback file dropped: value not finite or too large',
+  );
+  try {
+    rmSync(file, { force: true });
+  } catch (err) {
+    log.warn({ err, file }, 'error feedback file not removed');
+  }
+  return undefined;
 }
 
 /**
  * Re-encodes a trained update in the task's compression, with error
  * feedback, and stores the new residual before returning. A float32 round
- * without a residual returns `output` unchanged.
+ * without a residual returns `output` unchanged. When compression or
+ * `encodePayload` fails, the residual is dropped before the error is
+ * rethrown, so the next round starts without it.
  *
  * @param encodePayload encodes (and signs) the changed update.
  * @throws {FleetError} INVALID_CONFIG for a compression the task cannot
@@ -243,12 +350,26 @@ export async function compressTrainingOutput(
     return output;
   }
 
-  const compressed = compressDeltas(deltas, compression, residual);
+  let tensors: ModelUpdate['deltas'];
+  let left: Map<string, Float32Array>;
+  let update: ModelUpdate;
+  let payload: Uint8Array;
+  try {
+    ({ tensors, residual: left } = compressDeltas(
+      deltas,
+      compression,
+      residual,
+    ));
+    update = { ...output.update, deltas: tensors };
+    payload = encodePayload(update);
+  } catch (err) {
+    await feedback.dropAfterFailure(err, task.round);
+    throw err;
+  }
   await feedback.save({
     modelName: task.modelName,
     baseModelVersion: task.modelVersion,
-    tensors: compressed.residual,
+    tensors: left,
   });
-  const update = { ...output.update, deltas: compressed.tensors };
-  return { ...output, update, payload: encodePayload(update) };
+  return { ...output, update, payload };
 }

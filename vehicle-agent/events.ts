@@ -1,5 +1,5 @@
 /** Events and counters a VehicleAgent exposes, for the simulator. */
-import type { UpdateAck } from '../protocol/index.ts';
+import type { UpdateAck, VehicleReport } from '../protocol/index.ts';
 
 /** Payload of the 'update-sent' event. */
 export interface UpdateSentEvent {
@@ -78,6 +78,8 @@ export type AgentEvents = {
   'release-rejected': [ReleaseRejectedEvent];
   'training-started': [TrainingStartedEvent];
   'training-finished': [TrainingFinishedEvent];
+  /** An inference report was published on the vehicle's report topic. */
+  'report-published': [VehicleReport];
   /** Subscribed and ONLINE status published, after each connection. */
   connected: [];
 };

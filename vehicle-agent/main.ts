@@ -14,6 +14,7 @@ import {
   createLogger,
   defaultLogLevel,
   isFleetError,
+  parseTags,
   readClientConfig,
   readSigningConfig,
   type ClientTlsFiles,
@@ -40,6 +41,19 @@ function parsePositiveInteger(text: string): number {
     throw new InvalidArgumentError(`expected a positive integer, got ${text}`);
   }
   return value;
+}
+
+function parseNonNegativeInteger(text: string): number {
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new InvalidArgumentError(`expected an integer >= 0, got ${text}`);
+  }
+  return value;
+}
+
+/** Collects repeated --tag flags; the values are checked by parseTags. */
+function collectTag(text: string, previous: string[]): string[] {
+  return [...previous, text];
 }
 
 function parseSeed(text: string): number {
@@ -70,6 +84,9 @@ interface RunFlags {
   backend?: string;
   maxMessageBytes?: number;
   seed: number;
+  tag: string[];
+  evalFrames?: number;
+  reportIntervalMs?: number;
   logLevel: string;
 }
 
@@ -149,6 +166,9 @@ async function runAgent(flags: RunFlags): Promise<void> {
       preferredBackend: flags.backend,
       maxMessageBytes: flags.maxMessageBytes,
       seed: flags.seed,
+      tags: parseTags(flags.tag),
+      evalFrames: flags.evalFrames,
+      reportIntervalMs: flags.reportIntervalMs,
       log,
     });
   } catch (err) {
@@ -208,9 +228,14 @@ function exitQuietlyOnClosedStdout(): void {
   });
 }
 
-async function classifyCommand(
-  image: string,
-  flags: { stateDir?: string; model?: string; top: number },
+/**
+ * Runs a command that reads one model, named by exactly one of
+ * --state-dir and --model. A FleetError or RangeError from `action` is a
+ * user error: one line on stderr and exit code 1.
+ */
+async function runWithModel(
+  flags: { stateDir?: string; model?: string },
+  action: () => Promise<void>,
 ): Promise<void> {
   exitQuietlyOnClosedStdout();
   if ((flags.stateDir === undefined) === (flags.model === undefined)) {
@@ -221,6 +246,19 @@ async function classifyCommand(
     return;
   }
   try {
+    await action();
+  } catch (err) {
+    if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
+    console.error(`error: ${err.message}`);
+    process.exitCode = 1;
+  }
+}
+
+async function classifyCommand(
+  image: string,
+  flags: { stateDir?: string; model?: string; top: number },
+): Promise<void> {
+  await runWithModel(flags, async () => {
     const result = await classifyImageFile({
       image,
       stateDir: flags.stateDir,
@@ -228,11 +266,7 @@ async function classifyCommand(
       top: flags.top,
     });
     printClassification(result);
-  } catch (err) {
-    if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
-    console.error(`error: ${err.message}`);
-    process.exitCode = 1;
-  }
+  });
 }
 
 interface ExplainFlags {
@@ -273,15 +307,7 @@ async function explainCommand(
   image: string,
   flags: ExplainFlags,
 ): Promise<void> {
-  exitQuietlyOnClosedStdout();
-  if ((flags.stateDir === undefined) === (flags.model === undefined)) {
-    console.error(
-      'error: give exactly one of --state-dir DIR and --model FILE.onnx',
-    );
-    process.exitCode = 1;
-    return;
-  }
-  try {
+  await runWithModel(flags, async () => {
     const result = await explainImageFile({
       image,
       stateDir: flags.stateDir,
@@ -296,11 +322,7 @@ async function explainCommand(
       scale: flags.scale,
     });
     console.log(JSON.stringify(result, null, 2));
-  } catch (err) {
-    if (!isFleetError(err) && !(err instanceof RangeError)) throw err;
-    console.error(`error: ${err.message}`);
-    process.exitCode = 1;
-  }
+  });
 }
 
 const program = new Command('vehicle-agent').description(
@@ -375,6 +397,22 @@ program
     parsePositiveInteger,
   )
   .option('--seed <integer>', 'base seed of local training', parseSeed, 0)
+  .option(
+    '--tag <key=value>',
+    'tag of this vehicle for staged rollouts, for example region=eu; repeat for more',
+    collectTag,
+    [],
+  )
+  .option(
+    '--eval-frames <count>',
+    'frames held out of training to measure on-device accuracy; default 0',
+    parseNonNegativeInteger,
+  )
+  .option(
+    '--report-interval-ms <ms>',
+    'time between inference reports; 0 reports only after deployments',
+    parseNonNegativeInteger,
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(LOG_LEVELS)

@@ -68,6 +68,19 @@ export interface VehicleAgentOptions {
    * robust aggregation rules. Never set it on a real vehicle.
    */
   attack?: UpdateAttack;
+  /**
+   * Tags of this vehicle, for example `{ region: 'eu', type: 'van' }`.
+   * Staged rollouts can address cohorts by tag; reports carry them.
+   */
+  tags?: Record<string, string>;
+  /**
+   * Frames held out of training and used to measure the accuracy of the
+   * deployed models after each deployment and on the report timer;
+   * default 0, which reports no accuracy.
+   */
+  evalFrames?: number;
+  /** Time between inference reports in ms; 0 reports only after deployments. Default 60,000. */
+  reportIntervalMs?: number;
   /** Parent logger; the agent takes a child with component "agent". */
   log?: Logger;
 }
@@ -92,6 +105,45 @@ export interface ResolvedAgentOptions {
   trustedReleaseKeys: PublicKeySet | undefined;
   /** Simulation and testing only; undefined sends honest updates. */
   attack: UpdateAttack | undefined;
+  tags: Record<string, string>;
+  evalFrames: number;
+  reportIntervalMs: number;
+}
+
+/** Default time between inference reports. */
+export const DEFAULT_REPORT_INTERVAL_MS = 60_000;
+
+/** Checks the tags option: string keys and values, none empty. */
+function checkTags(tags: unknown): Record<string, string> {
+  if (tags === undefined) return {};
+  if (tags === null || typeof tags !== 'object' || Array.isArray(tags)) {
+    throw new TypeError('option tags must be an object of strings');
+  }
+  const checked: Record<string, string> = {};
+  for (const [key, value] of Object.entries(tags)) {
+    if (key.length === 0 || typeof value !== 'string' || value.length === 0) {
+      throw new TypeError(
+        `option tags has ${JSON.stringify(key)}=${JSON.stringify(value)}; ` +
+          'expected non-empty string keys and values',
+      );
+    }
+    checked[key] = value;
+  }
+  return checked;
+}
+
+function checkNonNegativeInteger(
+  name: string,
+  value: number | undefined,
+  fallback: number,
+): number {
+  if (value === undefined) return fallback;
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new RangeError(
+      `option ${name} must be an integer >= 0, received ${value}`,
+    );
+  }
+  return value;
 }
 
 const BROKER_PROTOCOLS = ['mqtt:', 'mqtts:', 'tcp:', 'tls:', 'ws:', 'wss:'];
@@ -284,5 +336,12 @@ export function resolveAgentOptions(
         ? undefined
         : readTrustedReleaseKeys(options.trustedReleaseKeysPath),
     attack: options.attack === undefined ? undefined : { ...options.attack },
+    tags: checkTags(options.tags),
+    evalFrames: checkNonNegativeInteger('evalFrames', options.evalFrames, 0),
+    reportIntervalMs: checkNonNegativeInteger(
+      'reportIntervalMs',
+      options.reportIntervalMs,
+      DEFAULT_REPORT_INTERVAL_MS,
+    ),
   };
 }

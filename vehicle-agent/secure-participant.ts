@@ -32,6 +32,14 @@ import {
 } from '../secure-aggregation/wire.ts';
 import type { AgentEvents } from './events.ts';
 
+/**
+ * Log fields of a caught error: code and message for a FleetError (bad
+ * input, whose stack says nothing), the error with its stack otherwise.
+ */
+function errorFields(err: unknown): Record<string, unknown> {
+  return isFleetError(err) ? { code: err.code, reason: err.message } : { err };
+}
+
 export interface SecureParticipantOptions {
   vehicleId: string;
   fleetId: string;
@@ -145,7 +153,10 @@ export class SecureParticipant {
     try {
       message = decodeToVehicle(payload, fleetId);
     } catch (err) {
-      log.warn({ err, bytes: payload.length }, 'secure message rejected');
+      log.warn(
+        { ...errorFields(err), bytes: payload.length },
+        'secure message rejected',
+      );
       return;
     }
     const active = this.#active;
@@ -218,8 +229,7 @@ export class SecureParticipant {
         this.#options.maxMessageBytes,
       );
     } catch (err) {
-      const code = isFleetError(err) ? err.code : undefined;
-      log.warn({ ...fields, err, code }, 'secure round step failed');
+      log.warn({ ...fields, ...errorFields(err) }, 'secure round step failed');
       return;
     }
     this.#options.publish(bytes).then(

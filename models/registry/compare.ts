@@ -6,6 +6,7 @@
 import { ErrorCode, FleetError } from '../../protocol/index.ts';
 import type { RegistryManifest } from './manifest.ts';
 import type { ModelRegistry } from './store.ts';
+import { readWeights } from './version-files.ts';
 
 /** Change of one weight tensor from version A to version B. */
 export interface TensorChange {
@@ -29,8 +30,12 @@ export interface FieldDifference {
 export interface VersionComparison {
   a: number;
   b: number;
-  /** Relation of the two versions through parentVersion. */
-  relation: 'same' | 'a-ancestor-of-b' | 'b-ancestor-of-a' | 'unrelated';
+  /**
+   * Relation of the two versions through parentVersion; unknown when a
+   * damaged manifest cuts a chain short before the other version.
+   */
+  relation:
+    'same' | 'a-ancestor-of-b' | 'b-ancestor-of-a' | 'unrelated' | 'unknown';
   fields: FieldDifference[];
   tensors: TensorChange[];
   /** L2 norm of B - A over every tensor. */
@@ -109,9 +114,28 @@ function relationOf(
   b: number,
 ): VersionComparison['relation'] {
   if (a === b) return 'same';
-  if (registry.lineage(b).includes(a)) return 'a-ancestor-of-b';
-  if (registry.lineage(a).includes(b)) return 'b-ancestor-of-a';
-  return 'unrelated';
+  const ancestorsOfB = registry.lineage(b);
+  if (ancestorsOfB.includes(a)) return 'a-ancestor-of-b';
+  const ancestorsOfA = registry.lineage(a);
+  if (ancestorsOfA.includes(b)) return 'b-ancestor-of-a';
+  const isHidden =
+    isCutShortAbove(registry, ancestorsOfB, a) ||
+    isCutShortAbove(registry, ancestorsOfA, b);
+  return isHidden ? 'unknown' : 'unrelated';
+}
+
+/**
+ * Returns true when `chain` ends at a damaged manifest above `version`,
+ * so `version` may be an ancestor the chain could not reach. Ancestors
+ * are always older, so a chain cut short below `version` cannot hide it.
+ */
+function isCutShortAbove(
+  registry: ModelRegistry,
+  chain: number[],
+  version: number,
+): boolean {
+  const last = chain[chain.length - 1];
+  return last > version && registry.damageOf(last) !== null;
 }
 
 /**
@@ -128,8 +152,8 @@ export function compareVersions(
   const manifestA = registry.manifest(a);
   const manifestB = registry.manifest(b);
   const tensors = tensorChanges(
-    registry.readWeights(a),
-    registry.readWeights(b),
+    readWeights(registry, a),
+    readWeights(registry, b),
   );
   const totalSquared = tensors.reduce((sum, t) => sum + t.l2Norm ** 2, 0);
   return {

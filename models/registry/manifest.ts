@@ -4,6 +4,7 @@
  * command line shows as "unknown".
  */
 import { ErrorCode, FleetError } from '../../protocol/index.ts';
+import { oneLine } from './file-errors.ts';
 import type { ReleaseLatency } from './latency.ts';
 
 /** One stored version's manifest, every optional fact null when absent. */
@@ -62,6 +63,13 @@ function latencyOrNull(value: unknown): ReleaseLatency | null {
   return isLatency ? (latency as ReleaseLatency) : null;
 }
 
+/** Shows a field's value in an error message: JSON, on one line, short. */
+function quoted(value: unknown): string {
+  if (value === undefined) return 'none';
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
+}
+
 function tensorsOrNull(value: unknown): string[] | null {
   const isList =
     Array.isArray(value) && value.every((name) => typeof name === 'string');
@@ -85,15 +93,23 @@ export function parseManifest(
   } catch (err) {
     throw new FleetError(
       ErrorCode.InvalidModel,
-      `manifest ${file} is not valid JSON: ${(err as Error).message}`,
+      `manifest ${file} is not valid JSON: ${oneLine((err as Error).message)}`,
       { cause: err },
     );
   }
-  const fields = (typeof parsed === 'object' ? parsed : null) as Fields | null;
-  if (fields === null || fields.version !== version) {
+  const isObject =
+    typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed);
+  if (!isObject) {
     throw new FleetError(
       ErrorCode.InvalidModel,
-      `manifest ${file} has version ${String(fields?.version)}, expected ` +
+      `manifest ${file} holds ${quoted(parsed)}, expected a JSON object`,
+    );
+  }
+  const fields = parsed as Fields;
+  if (fields.version !== version) {
+    throw new FleetError(
+      ErrorCode.InvalidModel,
+      `manifest ${file} has version ${quoted(fields.version)}, expected ` +
         `${version} as its file name says`,
     );
   }
@@ -101,7 +117,7 @@ export function parseManifest(
   if (typeof sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(sha256)) {
     throw new FleetError(
       ErrorCode.InvalidModel,
-      `manifest ${file} has sha256 ${String(sha256)}, expected 64 hex digits`,
+      `manifest ${file} has sha256 ${quoted(sha256)}, expected 64 hex digits`,
     );
   }
   return {

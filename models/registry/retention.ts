@@ -14,10 +14,18 @@
  *
  * Versions above the current one that are older than state.json were
  * withdrawn by a rollback and are deleted like any other.
+ *
+ * A version whose manifest is damaged is deleted only when the rules
+ * above delete it whatever the manifest contains: it is not the current
+ * version, version 0, pinned, retained or within the `keep` nearest
+ * ancestors. Otherwise prune deletes nothing and names it, because
+ * deciding would need the lost manifest (its parent, for the lineage),
+ * or the operator may still repair it.
  */
 import { existsSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { ErrorCode, FleetError } from '../../protocol/index.ts';
+import { describeFileError } from './file-errors.ts';
 import { VERSION_FILE_KINDS } from './layout.ts';
 import type { ModelRegistry } from './store.ts';
 
@@ -35,6 +43,8 @@ export interface PrunePlan {
   current: number;
   keep: Array<{ version: number; reasons: KeepReason[] }>;
   remove: number[];
+  /** Versions in `remove` whose manifest is damaged, with the reason. */
+  damaged: Array<{ version: number; damage: string }>;
 }
 
 /** One deleted version. */
@@ -65,7 +75,7 @@ function requireCurrent(registry: ModelRegistry): number {
  * @throws {RangeError} when `keepCount` is not an integer >= 1.
  * @throws {FleetError} INVALID_CONFIG without state.json or with a
  *   damaged pins.json, INVALID_MODEL when the current version is not
- *   stored.
+ *   stored or a version that would be kept has a damaged manifest.
  */
 export function planPrune(
   registry: ModelRegistry,
@@ -88,7 +98,7 @@ export function planPrune(
 
   const stored = registry.versions();
   add(current, 'current');
-  for (const version of registry.lineage(current).slice(1, keepCount)) {
+  for (const version of registry.lineage(current, keepCount).slice(1)) {
     add(version, 'lineage');
   }
   if (stored.includes(0)) add(0, 'base');
@@ -103,18 +113,46 @@ export function planPrune(
     if (savedMs >= stateWrittenMs) add(version, 'in-progress');
   }
 
+  const damaged = findDamaged(registry, stored);
+  const keptDamaged = damaged.filter(({ version }) => reasons.has(version));
+  if (keptDamaged.length > 0) {
+    const list = keptDamaged
+      .map(({ version, damage }) => `v${version} (${damage})`)
+      .join('; ');
+    throw new FleetError(
+      ErrorCode.InvalidModel,
+      'prune deletes nothing while a version it would keep has a ' +
+        `damaged manifest: ${list}; restore those manifests first`,
+    );
+  }
   return {
     current,
     keep: [...reasons]
       .sort(([a], [b]) => a - b)
       .map(([version, why]) => ({ version, reasons: why })),
     remove: stored.filter((version) => !reasons.has(version)),
+    damaged,
   };
+}
+
+function findDamaged(
+  registry: ModelRegistry,
+  versions: number[],
+): PrunePlan['damaged'] {
+  return versions
+    .map((version) => ({ version, damage: registry.damageOf(version) }))
+    .filter(
+      (entry): entry is { version: number; damage: string } =>
+        entry.damage !== null,
+    );
 }
 
 /**
  * Deletes the versions `plan` removes, each manifest first, so that a
  * version stops counting as stored before its other files go.
+ *
+ * @throws {FleetError} INVALID_CONFIG naming the file that could not be
+ *   deleted; the versions before it are already gone.
  */
 export function applyPrune(
   registry: ModelRegistry,
@@ -127,7 +165,16 @@ export function applyPrune(
       const file = registry.pathOf(version, kind);
       if (!existsSync(file)) continue;
       bytes += statSync(file).size;
-      rmSync(file);
+      try {
+        rmSync(file);
+      } catch (err) {
+        throw new FleetError(
+          ErrorCode.InvalidConfig,
+          `cannot delete ${file} of model version ${version}: ` +
+            describeFileError(err),
+          { cause: err },
+        );
+      }
       files.push(file);
     }
     return { version, files, bytes };

@@ -10,13 +10,12 @@ import {
   FleetError,
   decodeModelRelease,
   decodeSignedRelease,
+  isFleetError,
   verifyEnvelope,
   type PublicKeySet,
   type SignedEnvelope,
 } from '../../protocol/index.ts';
-import type { WeightMap } from '../architecture.ts';
-import { sha256Hex } from '../runtime.ts';
-import { readWeightsFile } from '../weights-file.ts';
+import { damagedNotice, fileReadError, oneLine } from './file-errors.ts';
 import {
   VERSION_FILE_KINDS,
   modelDirOf,
@@ -41,6 +40,9 @@ export interface SignatureRecord {
 
 /** Facts the registry collects about one version. */
 export interface RegistryEntry {
+  version: number;
+  /** Always null here; a damaged version is a {@link DamagedEntry}. */
+  damage: null;
   manifest: RegistryManifest;
   isCurrent: boolean;
   pin: Pin | null;
@@ -48,6 +50,21 @@ export interface RegistryEntry {
   signature: SignatureRecord | null;
   /** Files of the version that exist, with their sizes in bytes. */
   files: Array<{ kind: VersionFileKind; path: string; bytes: number }>;
+}
+
+/**
+ * A stored version whose manifest or kept notice cannot be read: what
+ * `list` shows instead of a {@link RegistryEntry}.
+ */
+export interface DamagedEntry {
+  version: number;
+  /** Reason the version cannot be read, on one line, naming the file. */
+  damage: string;
+  manifest: null;
+  isCurrent: boolean;
+  pin: Pin | null;
+  signature: null;
+  files: RegistryEntry['files'];
 }
 
 /** Formats version numbers as ranges: 0-3, 7, 9-10. */
@@ -123,11 +140,36 @@ export class ModelRegistry {
     );
   }
 
-  /** Reads the manifest of a stored version. */
+  /**
+   * Reads the manifest of a stored version.
+   *
+   * @throws {FleetError} INVALID_MODEL when it is not stored, cannot be
+   *   read or is damaged, naming the file.
+   */
   manifest(version: number): RegistryManifest {
     this.requireVersion(version);
     const file = this.pathOf(version, 'json');
-    return parseManifest(readFileSync(file, 'utf8'), file, version);
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      throw fileReadError(ErrorCode.InvalidModel, 'manifest', file, err);
+    }
+    return parseManifest(text, file, version);
+  }
+
+  /**
+   * Returns why the manifest of stored `version` cannot be used, as one
+   * line naming the file, or null when it can.
+   */
+  damageOf(version: number): string | null {
+    try {
+      this.manifest(version);
+      return null;
+    } catch (err) {
+      if (!isFleetError(err, ErrorCode.InvalidModel)) throw err;
+      return err.message;
+    }
   }
 
   /**
@@ -226,9 +268,15 @@ export class ModelRegistry {
   signature(version: number): SignatureRecord | null {
     const envelope = this.#readEnvelope(version);
     if (envelope === undefined) return null;
-    const release = decodeModelRelease(envelope.signedBytes);
+    const file = this.pathOf(version, 'release.pb');
+    let release: ReturnType<typeof decodeModelRelease>;
+    try {
+      release = decodeModelRelease(envelope.signedBytes);
+    } catch (err) {
+      throw damagedNotice(file, err);
+    }
     return {
-      file: this.pathOf(version, 'release.pb'),
+      file,
       keyId: envelope.keyId,
       releaseSequence: release.releaseSequence ?? 0,
       signatureHex: Buffer.from(envelope.signature).toString('hex'),
@@ -272,7 +320,18 @@ export class ModelRegistry {
     this.requireVersion(version);
     const file = this.pathOf(version, 'release.pb');
     if (!existsSync(file)) return undefined;
-    const envelope = decodeSignedRelease(new Uint8Array(readFileSync(file)));
+    let bytes: Uint8Array;
+    try {
+      bytes = new Uint8Array(readFileSync(file));
+    } catch (err) {
+      throw fileReadError(ErrorCode.MalformedPayload, 'notice', file, err);
+    }
+    let envelope: SignedEnvelope | undefined;
+    try {
+      envelope = decodeSignedRelease(bytes);
+    } catch (err) {
+      throw damagedNotice(file, err);
+    }
     if (envelope === undefined) {
       throw new FleetError(
         ErrorCode.MalformedPayload,
@@ -283,71 +342,85 @@ export class ModelRegistry {
   }
 
   /**
-   * Reads the ONNX file of `version` and checks it against the manifest.
-   *
-   * @throws {FleetError} INVALID_MODEL when it is missing or its digest
-   *   differs.
-   */
-  readOnnx(version: number): Uint8Array {
-    const { sha256 } = this.manifest(version);
-    const file = this.pathOf(version, 'onnx');
-    if (!existsSync(file)) {
-      throw new FleetError(
-        ErrorCode.InvalidModel,
-        `model version ${version} has a manifest but no ONNX file ${file}`,
-      );
-    }
-    const onnx = new Uint8Array(readFileSync(file));
-    const digest = sha256Hex(onnx);
-    if (digest !== sha256) {
-      throw new FleetError(
-        ErrorCode.InvalidModel,
-        `${file} has SHA-256 ${digest}, but its manifest records ${sha256}`,
-      );
-    }
-    return onnx;
-  }
-
-  /** Reads the weights of a stored version. */
-  readWeights(version: number): WeightMap {
-    this.requireVersion(version);
-    return readWeightsFile(this.pathOf(version, 'weights.pb'));
-  }
-
-  /**
    * Returns `version` and its stored ancestors, newest first, following
-   * parentVersion. The chain stops at version 0, at a parent that is not
-   * stored (pruned) or unknown, and at a parent that is not older.
+   * parentVersion, at most `maxLength` versions. The chain stops at
+   * version 0, at a parent that is not stored (pruned) or unknown, at a
+   * parent that is not older, and after a version whose manifest is
+   * damaged, which ends the chain because its parent is unknown.
    */
-  lineage(version: number): number[] {
+  lineage(version: number, maxLength = Number.POSITIVE_INFINITY): number[] {
     const chain = [version];
-    let parent = this.manifest(version).parentVersion;
-    while (
-      parent !== null &&
-      parent < chain[chain.length - 1] &&
-      existsSync(this.pathOf(parent, 'json'))
-    ) {
+    while (chain.length < maxLength) {
+      const last = chain[chain.length - 1];
+      if (this.damageOf(last) !== null) break;
+      const parent = this.manifest(last).parentVersion;
+      const isStoredAncestor =
+        parent !== null &&
+        parent < last &&
+        existsSync(this.pathOf(parent, 'json'));
+      if (!isStoredAncestor) break;
       chain.push(parent);
-      parent = this.manifest(parent).parentVersion;
     }
     return chain;
   }
 
-  /** Collects the manifest, state and files of one version. */
-  entry(version: number, current = this.currentVersion()): RegistryEntry {
-    const manifest = this.manifest(version);
-    const files = VERSION_FILE_KINDS.map((kind) => ({
+  /**
+   * Collects the manifest, state and files of one version.
+   *
+   * @throws {FleetError} INVALID_MODEL when the version is not stored or
+   *   its manifest is damaged, MALFORMED_PAYLOAD when its kept notice is.
+   */
+  entry(
+    version: number,
+    current = this.currentVersion(),
+    pins = this.pins(),
+  ): RegistryEntry {
+    return {
+      version,
+      damage: null,
+      manifest: this.manifest(version),
+      isCurrent: version === current,
+      pin: pins.get(version) ?? null,
+      signature: this.signature(version),
+      files: this.#filesOf(version),
+    };
+  }
+
+  /**
+   * Collects every stored version, oldest first. A version whose
+   * manifest or kept notice cannot be read is listed as a DamagedEntry
+   * with the reason, so that one damaged file does not hide the others.
+   *
+   * @throws {FleetError} INVALID_CONFIG when state.json or pins.json is
+   *   damaged.
+   */
+  list(): Array<RegistryEntry | DamagedEntry> {
+    const current = this.currentVersion();
+    const pins = this.pins();
+    return this.versions().map((version) => {
+      try {
+        return this.entry(version, current, pins);
+      } catch (err) {
+        if (!isFleetError(err)) throw err;
+        return {
+          version,
+          damage: oneLine(err.message),
+          manifest: null,
+          isCurrent: version === current,
+          pin: pins.get(version) ?? null,
+          signature: null,
+          files: this.#filesOf(version),
+        };
+      }
+    });
+  }
+
+  #filesOf(version: number): RegistryEntry['files'] {
+    return VERSION_FILE_KINDS.map((kind) => ({
       kind,
       path: this.pathOf(version, kind),
     }))
       .filter((file) => existsSync(file.path))
       .map((file) => ({ ...file, bytes: statSync(file.path).size }));
-    return {
-      manifest,
-      isCurrent: version === current,
-      pin: this.pins().get(version) ?? null,
-      signature: this.signature(version),
-      files,
-    };
   }
 }

@@ -42,6 +42,7 @@ import { trainCentralized } from './centralized.ts';
 import { prepareFleetData, unionOf } from './data.ts';
 import type { FaultKind } from './faults.ts';
 import { runFleet } from './fleet-run.ts';
+import { resolveSecureAggregation } from '../../aggregator/secure-options.ts';
 import { formatDeliveryLine } from './ledger.ts';
 import { RoundProgress } from './progress.ts';
 import {
@@ -136,6 +137,13 @@ export async function runSimulation(
         'speak plain MQTT',
     );
   }
+  if (options.secureAggregation !== undefined && options.faults.length > 0) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      '--secure-aggregation cannot be combined with --faults: the fault ' +
+        'kinds act on plain updates, which secure rounds do not send',
+    );
+  }
   if (options.attackers > options.vehicles) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
@@ -149,6 +157,15 @@ export async function runSimulation(
       `--min-updates ${minUpdates} is above --vehicles ${options.vehicles}; ` +
         'the quorum could never be met',
     );
+  }
+  if (options.secureAggregation !== undefined) {
+    // Checked before the data loads, as the aggregator would at start.
+    resolveSecureAggregation(options.secureAggregation, {
+      aggregation: options.aggregation,
+      minUpdates,
+      differentialPrivacy: options.differentialPrivacy,
+      updateCompression: options.updateCompression,
+    });
   }
   const stateDir =
     options.stateDir ??
