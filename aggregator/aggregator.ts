@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import type { MqttClient } from 'mqtt';
+import type { IPublishPacket, MqttClient } from 'mqtt';
 import {
   ErrorCode,
   FleetTopics,
@@ -12,7 +12,7 @@ import {
 import { endClient, settleWithin } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
-import type { AggregatorEvents } from './events.ts';
+import type { AggregatorEvents, StagedReleaseEvents } from './events.ts';
 import { receiveUpdate } from './ingress.ts';
 import { buildAck } from './messages.ts';
 import type { SecureRoundSession } from './secure-round.ts';
@@ -31,7 +31,12 @@ import { ReleaseSigner } from './release-signer.ts';
 import type { FleetContext } from './round.ts';
 import type { RoundHost } from './round-runner.ts';
 import { RoundLoop } from './round-loop.ts';
-import { rollbackSteps, selectStartModel } from './rollback.ts';
+import {
+  rollbackSteps,
+  selectStartModel,
+  type RollbackHost,
+} from './rollback.ts';
+import { StagedRelease } from './staged-release.ts';
 import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
 import {
@@ -72,9 +77,12 @@ type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
  * current one again.
  *
  * Events: 'round-opened', 'round-closed', 'round-failed',
- * 'update-decided', 'release-published' (see events.ts).
+ * 'update-decided', 'release-published', and with the option
+ * stagedReleases 'version-held' (see events.ts).
  */
-export class Aggregator extends EventEmitter<AggregatorEvents> {
+export class Aggregator extends EventEmitter<
+  AggregatorEvents & StagedReleaseEvents
+> {
   /** Options with defaults filled in. */
   readonly options: ResolvedOptions;
   readonly #log: Logger;
@@ -104,6 +112,8 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   #secureSession: SecureRoundSession | undefined;
   /** Web page, JSON API and metrics, when the option liveViewPort is set. */
   #liveView: LiveView | undefined;
+  /** Follows the fleet-wide release; set with the option stagedReleases. */
+  readonly #staged: StagedRelease | undefined;
 
   /**
    * Checks and stores the options. Nothing connects until `start()`.
@@ -127,6 +137,15 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       hostFor: (signal, maxRounds) => this.#roundHost(signal, maxRounds),
     });
     const signingKey = this.options.releaseSigningKey;
+    this.#staged = this.options.stagedReleases
+      ? new StagedRelease({
+          topics: this.#topics,
+          stateDir: this.options.stateDir,
+          store: this.#store,
+          log: this.#log,
+          signingKey,
+        })
+      : undefined;
     this.#publisher = new ReleasePublisher({
       stateDir: this.options.stateDir,
       topics: this.#topics,
@@ -233,7 +252,16 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
     }
 
     await this.#connect();
-    await this.#publishRelease(served);
+    // With staged releases the fleet-wide notice, when there is one,
+    // decides the version; the first round adopts it.
+    const staged = this.#staged;
+    const version = served.manifest.version;
+    if (
+      staged === undefined ||
+      (await staged.shouldPublishAtStart(version, this.#stopping.signal))
+    ) {
+      await this.#publishRelease(served);
+    }
     if (this.#phase !== 'starting') {
       throw new Error('aggregator stopped while starting');
     }
@@ -278,22 +306,22 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       );
     }
     await this.#rounds.switchRunner(
-      rollbackSteps(
-        {
-          store: this.#store,
-          stateDir: this.options.stateDir,
-          log: this.#log,
-          reportFailedRound: (event) => {
-            this.emit('round-failed', event);
-            this.#notifyRoundListeners();
-          },
-          publishRoundTask: (bytes, round) =>
-            this.#publishRoundTask(bytes, round),
-          publishRelease: (model) => this.#publishRelease(model),
-        },
-        version,
-      ),
+      rollbackSteps(this.#rollbackHost(), version),
     );
+  }
+
+  #rollbackHost(): RollbackHost {
+    return {
+      store: this.#store,
+      stateDir: this.options.stateDir,
+      log: this.#log,
+      reportFailedRound: (event) => {
+        this.emit('round-failed', event);
+        this.#notifyRoundListeners();
+      },
+      publishRoundTask: (bytes, round) => this.#publishRoundTask(bytes, round),
+      publishRelease: (model) => this.#publishRelease(model),
+    };
   }
 
   /**
@@ -388,7 +416,9 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
   /** What the live view may read: events and a few accessors. */
   #liveViewSource(): LiveViewSource {
     return {
-      events: this,
+      // The live view listens to AggregatorEvents only; eventNames() is
+      // the one method whose type differs.
+      events: this as EventEmitter<AggregatorEvents>,
       fleetId: this.options.fleetId,
       quorum: this.options.minUpdates,
       maxRounds: this.options.maxRounds,
@@ -404,6 +434,7 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
 
   /** Host of one round runner, with its own signal and round budget. */
   #roundHost(signal: AbortSignal, maxRounds: number): RoundHost {
+    const staged = this.#staged;
     return {
       options: { ...this.options, maxRounds },
       log: this.#log,
@@ -411,7 +442,18 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       vehicles: this.#vehicles,
       signal,
       publishRoundTask: (bytes, round) => this.#publishRoundTask(bytes, round),
-      publishRelease: (model) => this.#publishRelease(model),
+      publishRelease: (model) =>
+        staged === undefined
+          ? this.#publishRelease(model)
+          : this.#holdRelease(staged, model),
+      awaitFleetRelease:
+        staged === undefined
+          ? undefined
+          : (model) =>
+              staged.gate(model, signal, {
+                rollback: this.#rollbackHost(),
+                switchRunner: (steps) => this.#rounds.switchRunner(steps),
+              }),
       publishSecure: (vehicleId, bytes) =>
         this.#publishSecure(vehicleId, bytes),
       setSecureSession: (session) => {
@@ -432,8 +474,12 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         ...(this.options.secureAggregation === undefined
           ? []
           : [this.#topics.allSecureFromVehicles()]),
+        ...(this.#staged?.subscriptions ?? []),
       ],
-      onMessage: (topic, payload) => this.#onMessage(topic, payload),
+      // mqtt.js passes the packet too; its retain flag tells a replayed
+      // release notice from a new one.
+      onMessage: (topic: string, payload: Buffer, packet?: IPublishPacket) =>
+        this.#onMessage(topic, payload, packet?.retain === true),
       signal: this.#stopping.signal,
       log: this.#log,
       security: this.options.security,
@@ -459,18 +505,28 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
       { modelVersion: model.manifest.version, round: runner.lastRound },
       'broker session lost, publishing release and round task again',
     );
-    this.#publishRelease(model).catch((err: unknown) => {
-      const modelVersion = model.manifest.version;
-      this.#log.error({ err, modelVersion }, 'release publish failed');
-    });
+    // With staged releases the rollout controller owns the fleet-wide
+    // release, which may be newer than what this aggregator published.
+    if (this.#staged !== undefined) {
+      this.#log.info(
+        { modelVersion: model.manifest.version },
+        'staged releases: fleet-wide release left to the rollout controller',
+      );
+    } else {
+      this.#publishRelease(model).catch((err: unknown) => {
+        const modelVersion = model.manifest.version;
+        this.#log.error({ err, modelVersion }, 'release publish failed');
+      });
+    }
     const task = this.#lastRoundTask;
     if (task !== undefined && runner.openRound?.isOpen === true) {
       this.#publishRoundTask(task.bytes, task.round);
     }
   }
 
-  #onMessage(topic: string, payload: Buffer): void {
+  #onMessage(topic: string, payload: Buffer, isRetained = false): void {
     try {
+      if (this.#staged?.receive(topic, payload, isRetained) === true) return;
       const vehicleId = this.#topics.vehicleIdOf(topic);
       if (vehicleId === undefined) return;
       if (topic === this.#topics.update(vehicleId)) {
@@ -657,6 +713,17 @@ export class Aggregator extends EventEmitter<AggregatorEvents> {
         this.#log.error({ err, round, topic }, 'round task publish failed');
       },
     );
+  }
+
+  /** Stores nothing more: the version is held, not published. */
+  async #holdRelease(staged: StagedRelease, model: StoredModel): Promise<void> {
+    const { version: modelVersion, round } = model.manifest;
+    staged.hold(modelVersion);
+    this.emit('version-held', {
+      modelVersion,
+      round,
+      fleetVersion: staged.fleetVersion,
+    });
   }
 
   /** Publishes the chunks and retained notice of `model`. */

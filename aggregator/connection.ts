@@ -2,7 +2,7 @@ import { connect, type MqttClient } from 'mqtt';
 import {
   ErrorCode,
   FleetError,
-  clientIdOf,
+  clientIdsOf,
   identitiesOfCertificate,
   toMqttSecurityOptions,
   type BrokerClientSecurity,
@@ -36,7 +36,7 @@ function assertCertificateMatches(
 ): void {
   const tls = security?.tls;
   if (tls === undefined) return;
-  const clientIds = identitiesOfCertificate(tls.cert).map(clientIdOf);
+  const clientIds = identitiesOfCertificate(tls.cert).flatMap(clientIdsOf);
   if (clientIds.includes(clientId)) return;
   throw new FleetError(
     ErrorCode.InvalidConfig,

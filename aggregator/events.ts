@@ -104,6 +104,17 @@ export interface ReleasePublishedEvent {
   bytes: number;
 }
 
+/**
+ * Payload of 'version-held': with stagedReleases, a round stored
+ * `modelVersion` without publishing it fleet-wide.
+ */
+export interface VersionHeldEvent {
+  modelVersion: number;
+  round: number;
+  /** Version the fleet-wide release names; undefined before a notice. */
+  fleetVersion: number | undefined;
+}
+
 /** Events of the Aggregator, for the simulator and tests. */
 export interface AggregatorEvents {
   'round-opened': [RoundOpenedEvent];
@@ -112,4 +123,12 @@ export interface AggregatorEvents {
   'update-decided': [UpdateDecidedEvent];
   'release-published': [ReleasePublishedEvent];
   'secure-phase': [SecurePhaseEvent];
+}
+
+/**
+ * Events of the Aggregator with stagedReleases. Apart from
+ * AggregatorEvents, whose every event the live view must handle.
+ */
+export interface StagedReleaseEvents {
+  'version-held': [VersionHeldEvent];
 }

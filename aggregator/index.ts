@@ -9,7 +9,14 @@ export type {
   RoundNormBound,
   RoundPrivacy,
   UpdateDecidedEvent,
+  StagedReleaseEvents,
+  VersionHeldEvent,
 } from './events.ts';
+export {
+  HOLD_FILE,
+  STARTUP_NOTICE_WAIT_MS,
+  StagedRelease,
+} from './staged-release.ts';
 export {
   ClippedSum,
   PrivacyAccountant,

@@ -253,6 +253,11 @@ const program = new Command('aggregator')
       '127.0.0.1 at this port, 0 for any free port; off by default',
     parseLiveViewPort,
   )
+  .option(
+    '--staged-releases',
+    'store and hold each new version instead of publishing it; rounds ' +
+      'wait until the rollout controller promotes or pins a stored version',
+  )
   .addOption(
     new Option('--log-level <level>', 'pino log level')
       .choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -310,6 +315,7 @@ interface Flags extends ServerOptimizerFlags, NormBoundFlags {
   releaseSigningKey?: string;
   vehicleKeys?: string;
   liveViewPort?: number;
+  stagedReleases?: boolean;
   logLevel: string;
 }
 
@@ -409,6 +415,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     exportToleranceAbs: flags.exportToleranceAbs,
     rollbackToVersion: flags.rollbackTo,
     liveViewPort: flags.liveViewPort,
+    stagedReleases: flags.stagedReleases,
     differentialPrivacy: differentialPrivacyOfFlags(flags satisfies DpFlags),
     secureAggregation: secureAggregationOfFlags(
       flags satisfies SecureAggregationFlags,

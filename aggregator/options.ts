@@ -232,6 +232,13 @@ export interface AggregatorOptions {
    * port. Off when undefined (default).
    */
   liveViewPort?: number;
+  /**
+   * Leave `releases/current` to the rollout controller: each new version
+   * is stored and held, and no round opens until the fleet-wide release
+   * names a stored version, which the next round trains from (see
+   * staged-release.ts). Default false: every version is published.
+   */
+  stagedReleases?: boolean;
 }
 
 /** Options with defaults filled in and checked. */
@@ -375,6 +382,7 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
     security: options.security,
     rollbackToVersion: options.rollbackToVersion,
     liveViewPort: options.liveViewPort,
+    stagedReleases: options.stagedReleases ?? false,
     ...resolveProbe(options),
     releaseSigningKey:
       options.releaseSigningKeyPath === undefined

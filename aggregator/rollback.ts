@@ -14,14 +14,19 @@ import { saveState, type AggregatorState } from './state.ts';
  * Loads the target of a rollback from the store, after checking that it
  * is stored and older than the current version.
  *
+ * `allowNewer` also accepts a newer stored version, for a staged release
+ * that adopts whatever version the fleet runs.
+ *
  * @throws {RangeError} when `target` is not an integer >= 0.
  * @throws {FleetError} INVALID_MODEL when the target is not stored or its
- *   files are damaged, INVALID_CONFIG when it is not older than `current`.
+ *   files are damaged, INVALID_CONFIG when it is not older than `current`
+ *   (or, with `allowNewer`, when it is `current`).
  */
 export function loadRollbackTarget(
   store: ModelStore,
   target: number,
   current: number,
+  allowNewer = false,
 ): StoredModel {
   if (!Number.isSafeInteger(target) || target < 0) {
     throw new RangeError(
@@ -29,7 +34,7 @@ export function loadRollbackTarget(
         'integer >= 0',
     );
   }
-  if (target >= current) {
+  if (allowNewer ? target === current : target >= current) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
       `cannot roll back to model version ${target}: the current version ` +
@@ -92,14 +97,17 @@ export interface RollbackHost {
  * Steps that replace the round runner with one that starts from stored
  * model `target`: check, save state, report the abandoned round with
  * ROLLED_BACK, clear the retained round task and publish the release.
+ * `allowNewer` is that of {@link loadRollbackTarget}.
  */
 export function rollbackSteps(
   host: RollbackHost,
   target: number,
+  allowNewer = false,
 ): RunnerSwitch {
   return {
     check: (current) => {
-      loadRollbackTarget(host.store, target, current.model.manifest.version);
+      const version = current.model.manifest.version;
+      loadRollbackTarget(host.store, target, version, allowNewer);
     },
     prepare: (stopped) => {
       // The runner built from the returned model resets the server
@@ -110,6 +118,7 @@ export function rollbackSteps(
         host.store,
         target,
         stopped.model.manifest.version,
+        allowNewer,
       );
       saveState(host.stateDir, {
         round: stopped.lastRound,

@@ -62,6 +62,11 @@ export interface RoundHost {
   setSecureSession(session: SecureRoundSession | undefined): void;
   /** Publishes the retained release of `model`. */
   publishRelease(model: StoredModel, bytes: Uint8Array): Promise<void>;
+  /**
+   * With stagedReleases: resolves true when the next round may train
+   * from `model`, false when the runner must end (see staged-release.ts).
+   */
+  awaitFleetRelease?(model: StoredModel): Promise<boolean>;
   /** The aggregator's `emit`. */
   emit: EventEmitter<AggregatorEvents>['emit'];
   /** Called after every closed or failed round and when the loop ends. */
@@ -166,6 +171,9 @@ export class RoundRunner {
   async run(): Promise<void> {
     const { options, log, signal } = this.#host;
     while (!signal.aborted && !this.isRoundLimitReached) {
+      if ((await this.#host.awaitFleetRelease?.(this.#model)) === false) {
+        break;
+      }
       const online = await waitForVehicles(this.#host.vehicles, {
         target: Math.max(options.minVehiclesOnline, options.minUpdates),
         minimum: options.minUpdates,

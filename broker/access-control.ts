@@ -14,6 +14,7 @@ import type {
 } from 'aedes';
 import {
   clientIdOf,
+  clientIdsOf,
   formatIdentityUri,
   type FleetIdentity,
   type FleetRole,
@@ -169,7 +170,7 @@ export class AccessControl {
     const uri = formatIdentityUri(found.identity);
     const fields = { clientId: client.id, identity: uri };
     const expectedClientId = clientIdOf(found.identity);
-    if (client.id !== expectedClientId) {
+    if (!clientIdsOf(found.identity).includes(client.id)) {
       this.#warn(
         { ...fields, expectedClientId },
         'client rejected, client id does not match identity',

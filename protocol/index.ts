@@ -71,6 +71,7 @@ export {
   assertCertificateIdentity,
   assertPrivateKeyFile,
   clientIdOf,
+  clientIdsOf,
   formatIdentityUri,
   identitiesOfCertificate,
   isTlsBrokerUrl,

@@ -130,6 +130,19 @@ export function clientIdOf(identity: FleetIdentity): string {
 }
 
 /**
+ * Returns every client id an identity may connect with: clientIdOf, and
+ * for the aggregator identity also `aggregator-<fleet>-rollout`, the id
+ * of the rollout controller, which runs with the aggregator's
+ * credentials beside the aggregator.
+ */
+export function clientIdsOf(identity: FleetIdentity): string[] {
+  const primary = clientIdOf(identity);
+  return identity.role === 'vehicle'
+    ? [primary]
+    : [primary, `${primary}-rollout`];
+}
+
+/**
  * Returns the fleet identities in the URI subject alternative names of a
  * certificate (PEM or DER). A certificate from `provision` has exactly one.
  */

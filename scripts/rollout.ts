@@ -44,7 +44,17 @@ async function withController(
 ): Promise<void> {
   const flags = command.optsWithGlobals<GlobalFlags>();
   const log = createLogger({ level: flags.logLevel, name: 'rollout' });
-  const controller = new RolloutController(controllerOptionsOf(flags, log));
+  const options = controllerOptionsOf(flags, log);
+  if (options.signingKey === undefined) {
+    // Vehicles with trusted release keys ignore unsigned notices, so the
+    // rollout would change nothing on them while its state says it did.
+    const warning =
+      'no --release-signing-key: notices go out unsigned, and vehicles ' +
+      'with trusted release keys ignore them';
+    log.warn({ fleetId: options.fleetId }, warning);
+    console.error(`rollout: warning: ${warning}`);
+  }
+  const controller = new RolloutController(options);
   const abort = new AbortController();
   const stop = (): void => abort.abort();
   process.once('SIGINT', stop);

@@ -438,6 +438,22 @@ describe('broker acl over mutual tls', () => {
     await outcome.client.endAsync(true);
   });
 
+  test('rollout id accepted for aggregator', async () => {
+    const rollout = await tryConnect(url, {
+      clientId: `aggregator-${FLEET_ID}-rollout`,
+      ...tlsClientOptions(pki.aggregator),
+    });
+    assert.equal(rollout.connected, true, String(rollout.error));
+    await endClient(rollout.client, 2000);
+
+    const other = await tryConnect(url, {
+      clientId: `aggregator-${FLEET_ID}-other`,
+      ...tlsClientOptions(pki.aggregator),
+    });
+    assert.equal(other.connected, false);
+    assert.equal(other.error?.code, 2);
+  });
+
   test('client id must match certificate', async () => {
     const outcome = await tryConnect(url, {
       clientId: 'vehicle-someone-else',

@@ -176,6 +176,20 @@ describe('broker nodes sharing redis', () => {
     );
   });
 
+  test('non-numeric database rejected', async () => {
+    await assert.rejects(
+      startBroker({
+        port: 0,
+        log: quietLog,
+        redisUrl: 'redis://127.0.0.1:6379/abc',
+      }),
+      (err: unknown) =>
+        err instanceof FleetError &&
+        err.code === ErrorCode.InvalidConfig &&
+        /names database "abc"/.test(err.message),
+    );
+  });
+
   test('close ends when redis is gone', async () => {
     const ownRedis = await startTestRedis();
     const node = await startNode(ownRedis);

@@ -24,6 +24,7 @@ import {
   type VersionReport,
 } from '../protocol/index.ts';
 import { RolloutController } from '../scripts/rollout/controller.ts';
+import { parseList } from '../scripts/rollout/cli-options.ts';
 import {
   DEFAULT_GATES,
   checkGates,
@@ -463,5 +464,15 @@ describe('rollout controller restart', () => {
       await endClient(client, 2000);
       await broker.close();
     }
+  });
+});
+
+describe('rollout vehicle list', () => {
+  test('ids with topic wildcards are rejected', () => {
+    assert.deepEqual(parseList('veh-001, veh-002'), ['veh-001', 'veh-002']);
+    for (const bad of ['a/b', '#', 'veh-+']) {
+      assert.throws(() => parseList(bad), /invalid vehicle id/);
+    }
+    assert.throws(() => parseList('veh-001,,veh-002'), /without empty entries/);
   });
 });

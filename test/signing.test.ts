@@ -238,6 +238,22 @@ describe('signed envelopes', () => {
 });
 
 describe('release verifier', () => {
+  test('rejected notice keeps the sequence', () => {
+    const verifier = verifierFor([fleetKey]);
+    const refuse = (): void => {
+      throw new FleetError(ErrorCode.MalformedPayload, 'not for this topic');
+    };
+
+    assert.throws(
+      () => verifier.open(signRelease(fleetKey, release(3), 50), refuse),
+      assertCode(ErrorCode.MalformedPayload),
+    );
+    // A genuine notice with a lower sequence is still accepted.
+    const opened = verifier.open(signRelease(fleetKey, release(1), 10));
+    assert.equal(opened.version, 1);
+    assert.equal(verifier.highestSequence, 10);
+  });
+
   test('trusted signed notice accepted', () => {
     const verifier = verifierFor([fleetKey]);
 

@@ -618,8 +618,11 @@ export class VehicleAgent extends EventEmitter<AgentEvents> {
   private handleRelease(payload: Buffer): void {
     let release: ModelRelease;
     try {
-      release = this.releaseVerifier.open(payload);
-      this.candidates.checkStable(release);
+      // The cohort check runs before the sequence is recorded, so that a
+      // candidate notice copied onto this topic cannot advance it.
+      release = this.releaseVerifier.open(payload, (notice) =>
+        this.candidates.checkStable(notice),
+      );
     } catch (err) {
       if (isFleetError(err, ErrorCode.MalformedPayload)) {
         this.stats.malformedMessages += 1;

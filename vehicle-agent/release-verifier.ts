@@ -82,14 +82,18 @@ export class ReleaseVerifier {
   /**
    * Checks `payload` from the release topic and returns its notice. A
    * signed notice with a higher sequence is recorded on disk before it is
-   * returned.
+   * returned. `check` runs on the decoded notice before anything is
+   * recorded, so a notice it rejects cannot advance the sequence.
    *
    * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes, NOT_SIGNED for a
    *   bare notice when keys are trusted, UNKNOWN_KEY or INVALID_SIGNATURE
    *   from the signature check, RELEASE_REPLAYED for a sequence below the
    *   highest accepted, or an equal one with another manifest.
    */
-  open(payload: Uint8Array): ModelRelease {
+  open(
+    payload: Uint8Array,
+    check: (release: ModelRelease) => void = () => undefined,
+  ): ModelRelease {
     const trustedKeys = this.#options.trustedKeys;
     const envelope = decodeSignedRelease(payload);
     if (envelope === undefined) {
@@ -100,14 +104,19 @@ export class ReleaseVerifier {
             `notices signed with one of its ${trustedKeys.size} trusted keys`,
         );
       }
-      return decodeModelRelease(payload);
+      const bare = decodeModelRelease(payload);
+      check(bare);
+      return bare;
     }
     if (trustedKeys === undefined) {
-      return decodeModelRelease(envelope.signedBytes);
+      const unchecked = decodeModelRelease(envelope.signedBytes);
+      check(unchecked);
+      return unchecked;
     }
 
     verifyEnvelope('release', envelope, trustedKeys);
     const release = decodeModelRelease(envelope.signedBytes);
+    check(release);
     const manifestSha256 = createHash('sha256')
       .update(envelope.signedBytes)
       .digest('hex');

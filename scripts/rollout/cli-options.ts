@@ -8,6 +8,7 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   loadSigningKey,
   parseTags,
+  assertTopicLevel,
   readClientConfig,
   readSigningConfig,
   type Logger,
@@ -56,6 +57,13 @@ export function parseList(text: string): string[] {
       `expected a comma-separated list without empty entries, got "${text}"`,
     );
   }
+  for (const item of items) {
+    try {
+      assertTopicLevel('vehicle id', item);
+    } catch (err) {
+      throw new InvalidArgumentError((err as Error).message);
+    }
+  }
   return items;
 }
 
@@ -85,7 +93,11 @@ export function addGlobalOptions(program: Command): Command {
     )
     .option('--fleet-id <id>', 'fleet id', 'default')
     .option('--broker-url <url>', 'broker URL', 'mqtt://127.0.0.1:1883')
-    .option('--client-id <id>', 'MQTT client id; default rollout-<fleet>')
+    .option(
+      '--client-id <id>',
+      'MQTT client id; default aggregator-<fleet>-rollout, which the broker ' +
+        'accepts with the aggregator certificate',
+    )
     .option('--tls-ca <file>', 'fleet CA certificate (PEM)')
     .option('--tls-cert <file>', 'client certificate (PEM)')
     .option('--tls-key <file>', 'client private key (PEM, mode 0600)')

@@ -114,7 +114,10 @@ export class RolloutController {
           );
     this.client = await connectToBroker({
       brokerUrl: this.options.brokerUrl,
-      clientId: this.options.clientId ?? `rollout-${this.options.fleetId}`,
+      // The id the broker accepts for the aggregator identity's second
+      // client, so that the controller can use the aggregator's files.
+      clientId:
+        this.options.clientId ?? `aggregator-${this.options.fleetId}-rollout`,
       subscriptions: [this.topics.allReports(), this.topics.release()],
       onMessage: (topic, payload) => this.onMessage(topic, payload),
       signal: this.abort.signal,
