@@ -77,26 +77,26 @@ export function parseRedisUrl(text: string): URL {
   } catch {
     url = undefined;
   }
-  const shown = JSON.stringify(redactRedisUrl(text));
+  const quoted = JSON.stringify(redactRedisUrl(text));
   if (url === undefined) {
-    // new URL also rejects a port above 65535, so say what may be wrong.
+    // new URL also rejects a port above 65535, so the message names both.
     throw new FleetError(
       ErrorCode.InvalidConfig,
-      `redis url ${shown} is not a valid URL (check the host and a port ` +
+      `redis url ${quoted} is not a valid URL (check the host and a port ` +
         'from 1 to 65535), for example redis://127.0.0.1:6379',
     );
   }
   if (!['redis:', 'rediss:'].includes(url.protocol)) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
-      `redis url ${shown} is not a redis:// or rediss:// URL, for ` +
+      `redis url ${quoted} is not a redis:// or rediss:// URL, for ` +
         'example redis://127.0.0.1:6379',
     );
   }
   if (!/^\/?(\d{1,5})?$/.test(url.pathname)) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
-      `redis url ${shown} names database ${JSON.stringify(url.pathname.slice(1))}; ` +
+      `redis url ${quoted} names database ${JSON.stringify(url.pathname.slice(1))}; ` +
         'expected a database number such as /0, or none',
     );
   }

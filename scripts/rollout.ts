@@ -47,7 +47,7 @@ async function withController(
   const options = controllerOptionsOf(flags, log);
   if (options.signingKey === undefined) {
     // Vehicles with trusted release keys ignore unsigned notices, so the
-    // rollout would change nothing on them while its state says it did.
+    // rollout would change nothing on them while its state records it.
     const warning =
       'no --release-signing-key: notices go out unsigned, and vehicles ' +
       'with trusted release keys ignore them';

@@ -22,7 +22,7 @@ import { createQuantization, type Quantization } from './quantize.ts';
  */
 const CLIP_MARGIN = 1 - 1e-6;
 
-/** What a vehicle masks, and facts about it for its own logs. */
+/** The vector a vehicle masks, with facts about it for its own logs. */
 export interface SecureVector {
   values: Float32Array;
   weight: number;
@@ -31,7 +31,7 @@ export interface SecureVector {
   clipped: boolean;
 }
 
-/** The quantization of every vector in a round with `config`. */
+/** Returns the quantization of every vector in a round with `config`. */
 export function quantizationOf(config: SecureAggregationConfig): Quantization {
   return createQuantization(
     Math.max(config.clipNorm, 1),
@@ -39,7 +39,7 @@ export function quantizationOf(config: SecureAggregationConfig): Quantization {
   );
 }
 
-/** A vehicle's weight: min(numExamples, cap) / cap, or 1 without a cap. */
+/** Returns a vehicle's weight: min(numExamples, cap) / cap, or 1 without a cap. */
 export function weightOf(
   numExamples: number,
   config: SecureAggregationConfig,
