@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import path from 'node:path';
 import type { IPublishPacket, MqttClient } from 'mqtt';
 import {
   ErrorCode,
@@ -425,6 +426,12 @@ export class Aggregator extends EventEmitter<
       currentRound: () => this.currentRound,
       currentModelVersion: () => this.currentModelVersion,
       onlineVehicles: () => this.#vehicles.onlineStatuses(),
+      // Where `npm run rollout` keeps its state by default.
+      rolloutStatePath: path.join(
+        this.options.stateDir,
+        'rollout',
+        'rollout.json',
+      ),
     };
   }
 

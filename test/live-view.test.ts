@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { request } from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
@@ -509,6 +510,72 @@ describe('live view', () => {
       assert.deepEqual(consoleErrors, []);
     },
   );
+
+  test('rollout state shown', async () => {
+    const dir = join(workspace.dir, 'state', 'rollout');
+    mkdirSync(dir, { recursive: true });
+    const file = join(dir, 'rollout.json');
+    writeFileSync(
+      file,
+      JSON.stringify({
+        rolloutId: 'r-test',
+        version: 2,
+        stableVersion: 1,
+        status: 'active',
+        stageIndex: 1,
+        stages: [
+          { percent: 10, shadow: false },
+          { percent: 50, shadow: false },
+          { percent: 100, shadow: false },
+        ],
+        stageStartedAtMs: 1,
+        cohortTags: { region: 'eu' },
+        vehicleIds: [],
+        lastEvaluation: {
+          atMs: 2,
+          stage: 1,
+          decision: 'wait',
+          reason: 'too few reports',
+          reportedVehicles: 1,
+          required: 2,
+          cohortVehicles: 3,
+          failures: [],
+          candidate: { vehicles: 1, accuracy: 0.9, p95Ms: 3.5 },
+          stable: null,
+        },
+      }),
+    );
+    try {
+      const fleet = await fleetWhen((f) => f.rollout !== null);
+      assert.equal(fleet.rollout?.rolloutId, 'r-test');
+      assert.equal(fleet.rollout?.stageIndex, 1);
+      assert.deepEqual(
+        fleet.rollout?.stages.map((stage) => stage.percent),
+        [10, 50, 100],
+      );
+      assert.equal(fleet.rollout?.lastEvaluation?.decision, 'wait');
+      assert.equal(fleet.rollout?.lastEvaluation?.candidate?.accuracy, 0.9);
+      if (page !== undefined) {
+        await page.waitForFunction(
+          () =>
+            document
+              .getElementById('rollout')
+              ?.textContent?.includes('version 2 over stable 1') === true,
+          undefined,
+          { timeout: WAIT_MS },
+        );
+        const text = await page.textContent('#rollout');
+        assert.match(text ?? '', /10% → \[50%\] → 100%/);
+      }
+
+      // A damaged file shows no rollout and breaks nothing.
+      writeFileSync(file, '{"stages": ');
+      const damaged = await fleetWhen((f) => f.rollout === null);
+      assert.equal(damaged.rollout, null);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 
   test('unknown path gets 404', async () => {
     const response = await httpRequest(`${baseUrl}api/nothing`);

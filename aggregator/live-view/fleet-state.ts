@@ -3,7 +3,11 @@
  * and accessors, and the JSON shape `/api/fleet` serves. Fields without a
  * value are null, so that every key is present in the JSON.
  */
-import { VehicleState, type VehicleStatus } from '../../protocol/index.ts';
+import {
+  VehicleState,
+  type Logger,
+  type VehicleStatus,
+} from '../../protocol/index.ts';
 import type {
   AggregatorEvents,
   ReleasePublishedEvent,
@@ -13,6 +17,7 @@ import type {
   SecurePhaseEvent,
   UpdateDecidedEvent,
 } from '../events.ts';
+import { readRolloutView, type RolloutView } from './rollout-view.ts';
 import type { LiveViewSource } from './source.ts';
 
 /** Rounds kept for the chart and table. Older ones are dropped. */
@@ -109,8 +114,11 @@ export interface FleetSnapshot {
     recent: UpdateView[];
   };
   lastRelease: (ReleasePublishedEvent & { publishedAtMs: number }) | null;
-  /** Staged rollout with its gate values, or null while none is running. */
-  rollout: null;
+  /**
+   * The last staged rollout with its stages and gate values, from the
+   * controller's state file, or null when there is none.
+   */
+  rollout: RolloutView | null;
 }
 
 type Listeners = {
@@ -123,6 +131,9 @@ type Listeners = {
  */
 export class FleetState {
   readonly #source: LiveViewSource;
+  readonly #log: Logger | undefined;
+  /** Message of the last rollout file error logged, to log each once. */
+  #lastRolloutError: string | undefined;
   readonly #listeners: Listeners;
   #round: CurrentRoundView;
   readonly #rounds: RoundView[] = [];
@@ -139,8 +150,9 @@ export class FleetState {
   #lastOnline = new Map<string, VehicleView>();
   #lastRelease: FleetSnapshot['lastRelease'] = null;
 
-  constructor(source: LiveViewSource) {
+  constructor(source: LiveViewSource, log?: Logger) {
     this.#source = source;
+    this.#log = log;
     this.#round = {
       round: source.currentRound(),
       state: 'waiting',
@@ -203,8 +215,24 @@ export class FleetState {
         recent: this.#recentUpdates.map((update) => ({ ...update })),
       },
       lastRelease: this.#lastRelease,
-      rollout: null,
+      rollout:
+        this.#source.rolloutStatePath === undefined
+          ? null
+          : readRolloutView(this.#source.rolloutStatePath, (err) =>
+              this.#onRolloutError(err),
+            ),
     };
+  }
+
+  /** Logs an unreadable rollout file once per distinct error. */
+  #onRolloutError(err: unknown): void {
+    const message = err instanceof Error ? err.message : String(err);
+    if (message === this.#lastRolloutError) return;
+    this.#lastRolloutError = message;
+    this.#log?.warn(
+      { path: this.#source.rolloutStatePath, reason: message },
+      'rollout state not readable, live view shows no rollout',
+    );
   }
 
   /** The last round that produced a version, if any is kept. */

@@ -146,9 +146,49 @@
       box.textContent = 'no rollout in progress';
       return;
     }
-    box.textContent = rollout.stages
-      .map((stage) => `${stage.name}: ${JSON.stringify(stage.gates ?? {})}`)
-      .join('; ');
+    const stages = rollout.stages
+      .map((stage, index) => {
+        const label = `${stage.percent}%${stage.shadow ? ' shadow' : ''}`;
+        return index === rollout.stageIndex ? `[${label}]` : label;
+      })
+      .join(' → ');
+    const lines = [
+      `rollout ${rollout.rolloutId}: version ${rollout.version} over ` +
+        `stable ${rollout.stableVersion}, ${rollout.status}`,
+      `stages ${stages}`,
+    ];
+    const evaluation = rollout.lastEvaluation;
+    if (evaluation !== null) {
+      lines.push(
+        `last gate check: ${evaluation.decision} (${evaluation.reason}); ` +
+          `${evaluation.reportedVehicles} of ${evaluation.required} ` +
+          'required vehicles reported',
+      );
+      for (const [name, figures] of [
+        ['candidate', evaluation.candidate],
+        ['stable', evaluation.stable],
+      ]) {
+        if (figures === null) continue;
+        const shown = Object.entries(figures)
+          .map(([key, value]) =>
+            value === null
+              ? `${key} -`
+              : `${key} ${Number.isInteger(value) ? value : value.toFixed(3)}`,
+          )
+          .join(', ');
+        lines.push(`${name}: ${shown}`);
+      }
+      if (evaluation.failures.length > 0) {
+        lines.push(`failing gates: ${evaluation.failures.join('; ')}`);
+      }
+    }
+    box.replaceChildren(
+      ...lines.map((line) => {
+        const row = document.createElement('div');
+        row.textContent = line;
+        return row;
+      }),
+    );
   }
 
   function svgElement(name, attributes) {

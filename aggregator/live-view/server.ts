@@ -79,7 +79,7 @@ export async function startLiveView(
     );
   }
   const log = options.log.child({ component: 'live-view' });
-  const state = new FleetState(source);
+  const state = new FleetState(source, log);
   const metrics = new FleetMetrics(source, state);
   const server = createServer((request, response) => {
     handleRequest(request, response, { state, metrics, log }).catch(

@@ -21,4 +21,6 @@ export interface LiveViewSource {
   currentModelVersion(): number;
   /** Latest status of each online vehicle, in any order. */
   onlineVehicles(): VehicleStatus[];
+  /** The rollout controller's state file, if rollouts may run. */
+  rolloutStatePath?: string;
 }
