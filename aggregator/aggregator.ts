@@ -414,7 +414,7 @@ export class Aggregator extends EventEmitter<
     await this.#loop;
   }
 
-  /** What the live view may read: events and a few accessors. */
+  /** The events and accessors the live view reads. */
   #liveViewSource(): LiveViewSource {
     return {
       // The live view listens to AggregatorEvents only; eventNames() is
@@ -426,7 +426,7 @@ export class Aggregator extends EventEmitter<
       currentRound: () => this.currentRound,
       currentModelVersion: () => this.currentModelVersion,
       onlineVehicles: () => this.#vehicles.onlineStatuses(),
-      // Where `npm run rollout` keeps its state by default.
+      // The default state file of `npm run rollout`.
       rolloutStatePath: path.join(
         this.options.stateDir,
         'rollout',
@@ -483,7 +483,7 @@ export class Aggregator extends EventEmitter<
           : [this.#topics.allSecureFromVehicles()]),
         ...(this.#staged?.subscriptions ?? []),
       ],
-      // mqtt.js passes the packet too; its retain flag tells a replayed
+      // mqtt.js passes the packet too. Its retain flag separates a replayed
       // release notice from a new one.
       onMessage: (topic: string, payload: Buffer, packet?: IPublishPacket) =>
         this.#onMessage(topic, payload, packet?.retain === true),
@@ -625,7 +625,7 @@ export class Aggregator extends EventEmitter<
   }
 
   /**
-   * Asynchronous mode: holds an update that arrives while one buffer is
+   * Asynchronous mode: keeps an update that arrives while one buffer is
    * being merged and the next is not open yet, so that it counts in the
    * next buffer instead of being rejected as late. Returns whether it was
    * held; at most MAX_HELD_UPDATES wait.

@@ -24,7 +24,7 @@ export interface RoundClosedEvent extends RoundStats {
   epsilon: number | undefined;
   /** DP-FedAvg details of the round; undefined without DP. */
   privacy: RoundPrivacy | undefined;
-  /** What the norm bound did; undefined without the normBound option. */
+  /** Outcome of the norm bound; undefined without the normBound option. */
   normBound: RoundNormBound | undefined;
 }
 
@@ -56,7 +56,7 @@ export interface RoundPrivacy {
   samplingRate: number;
   /**
    * Accepted updates whose norm was above clipNorm. Undefined in secure
-   * rounds, where vehicles clip and the aggregator sees no single norm.
+   * rounds, where vehicles clip and the aggregator receives no single norm.
    */
   clippedUpdates: number | undefined;
   /** Median L2 norm of the accepted updates before clipping; likewise. */

@@ -54,6 +54,7 @@ import type {
   NormBoundOptions,
   ServerOptimizerConfig,
 } from './strategies/index.ts';
+import { MAX_TIMER_MS } from '../protocol/mqtt-end.ts';
 
 const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
 
@@ -287,9 +288,6 @@ function requireInteger(option: string, value: number, min: number): void {
     invalid(option, value, `an integer >= ${min}`);
   }
 }
-
-/** Longest delay setTimeout honours; a longer one fires at once. */
-export const MAX_TIMER_MS = 2 ** 31 - 1;
 
 function requireDuration(option: string, value: number, min: number): void {
   if (!Number.isSafeInteger(value) || value < min || value > MAX_TIMER_MS) {

@@ -44,7 +44,7 @@ function isAtLeast(
 /**
  * Checks the option against the rest of the configuration.
  *
- * Secure aggregation is rejected because the aggregator sees only the
+ * Secure aggregation is rejected because the aggregator receives only the
  * round's sum, never one update, and its vehicles already clip to
  * secureAggregation.clipNorm before masking. Differential privacy is
  * rejected because a bound relative to the median makes the clip of each
@@ -76,7 +76,7 @@ export function resolveNormBound(
     throw new FleetError(
       ErrorCode.InvalidConfig,
       'aggregator option normBound cannot be combined with ' +
-        'secureAggregation: the aggregator sees only the masked sum, never ' +
+        'secureAggregation: the aggregator receives only the masked sum, never ' +
         'one update. Vehicles in secure rounds clip to ' +
         'secureAggregation.clipNorm before masking.',
     );

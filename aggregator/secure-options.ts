@@ -11,10 +11,8 @@ import {
   CompressionKind,
   compressionNameOf,
 } from '../protocol/compression/index.ts';
+import { MAX_TIMER_MS } from '../protocol/mqtt-end.ts';
 import type { ResolvedDifferentialPrivacy } from './privacy-round.ts';
-
-/** Longest phase timeout: setTimeout fires at once above 2^31 - 1 ms. */
-const MAX_PHASE_TIMEOUT_MS = 2 ** 31 - 1;
 
 /** Secure aggregation settings of the aggregator. */
 export interface SecureAggregationOptions {
@@ -122,12 +120,12 @@ export function resolveSecureAggregation(
   if (
     !Number.isSafeInteger(phaseTimeoutMs) ||
     phaseTimeoutMs < 1 ||
-    phaseTimeoutMs > MAX_PHASE_TIMEOUT_MS
+    phaseTimeoutMs > MAX_TIMER_MS
   ) {
     invalid(
       'phaseTimeoutMs',
       phaseTimeoutMs,
-      `an integer from 1 to ${MAX_PHASE_TIMEOUT_MS} ms`,
+      `an integer from 1 to ${MAX_TIMER_MS} ms`,
     );
   }
   return {
@@ -138,7 +136,7 @@ export function resolveSecureAggregation(
   };
 }
 
-/** The Shamir threshold for `vehicleCount` vehicles. */
+/** Returns the Shamir threshold for `vehicleCount` vehicles. */
 export function thresholdFor(
   vehicleCount: number,
   settings: Pick<ResolvedSecureAggregation, 'thresholdFraction'>,
@@ -147,7 +145,7 @@ export function thresholdFor(
 }
 
 /**
- * The round task's configuration for `selected` vehicles. The example cap
+ * Returns the round task's configuration for `selected` vehicles. The example cap
  * is the largest numExamples the selected vehicles reported, so that the
  * largest vehicle has weight 1 and small weights do not drown in the
  * quantization step.

@@ -2,7 +2,7 @@
  * One secure aggregation round over MQTT, on the aggregator: it drives the
  * SecAggServer state machine through its four phases, routes messages to
  * and from the vehicles, and ends with the sum of the survivors' vectors
- * [sum(w * delta), sum(w)]. It never holds one vehicle's update in the
+ * [sum(w * delta), sum(w)]. It never receives one vehicle's update in the
  * clear.
  *
  * Each phase ends early once every expected vehicle responded, otherwise at
@@ -13,7 +13,7 @@
  */
 import { setTimeout as delay } from 'node:timers/promises';
 import {
-  isFleetError,
+  errorLogFields,
   type Logger,
   type SecureAggregationConfig,
 } from '../protocol/index.ts';
@@ -31,7 +31,7 @@ import {
   type ToVehicleBody,
 } from '../secure-aggregation/wire.ts';
 
-/** What the session needs from the aggregator process. */
+/** The parts of the aggregator process that the session uses. */
 export interface SecureRoundHost {
   readonly log: Logger;
   readonly fleetId: string;
@@ -179,13 +179,8 @@ export class SecureRoundSession {
       this.#uplinkBytes += payload.length;
       this.#apply(message);
     } catch (err) {
-      // A FleetError is bad input, whose stack says nothing; anything else
-      // is a bug, logged with its stack.
-      const detail = isFleetError(err)
-        ? { code: err.code, reason: err.message }
-        : { err };
       log.warn(
-        { ...fields, ...detail, phase: this.#phase },
+        { ...fields, ...errorLogFields(err), phase: this.#phase },
         'secure message rejected',
       );
       return;

@@ -18,14 +18,15 @@ export interface TopicRules {
 
 /**
  * Returns the rules of an identity. A vehicle publishes its own updates,
- * status (status is also its last will), inference reports and secure
- * aggregation messages,
- * and subscribes to the round task, the release subtree, its own acks and
- * its own secure aggregation inbox. The aggregator publishes round tasks,
- * releases, every vehicle's acks and secure aggregation inbox, and
- * subscribes to every vehicle's updates, status, reports and secure
- * aggregation messages, and to its own round and release topics so that it can read
- * back what it retained.
+ * status (also its last will), inference reports and secure aggregation
+ * messages. It subscribes to the round task, the release subtree, its own
+ * acks and its own secure aggregation inbox.
+ *
+ * The aggregator publishes round tasks, releases, and every vehicle's
+ * acks and secure aggregation inbox. It subscribes to every vehicle's
+ * updates, status, reports and secure aggregation messages, and to its
+ * own round and release topics, so that it can read back what it
+ * retained.
  */
 export function topicRulesOf(identity: FleetIdentity): TopicRules {
   const topics = new FleetTopics(identity.fleetId);

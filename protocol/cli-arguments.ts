@@ -230,7 +230,7 @@ export interface SecureAggregationFlags {
 }
 
 /**
- * The aggregator's secureAggregation option from the flags; undefined
+ * Returns the aggregator's secureAggregation option from the flags; undefined
  * without --secure-aggregation.
  *
  * @throws {InvalidArgumentError} for a --secagg-* flag without
@@ -293,7 +293,7 @@ export interface AsyncBufferFlags {
 }
 
 /**
- * The aggregator's asyncBuffer option from the flags; undefined without
+ * Returns the aggregator's asyncBuffer option from the flags; undefined without
  * --async-buffer-size.
  *
  * @throws {InvalidArgumentError} for --max-staleness or

@@ -64,7 +64,12 @@ export {
   encodeFloat32Tensor,
 } from './tensor.ts';
 export { FleetTopics, assertTopicLevel } from './topics.ts';
-export { LOG_LEVEL_NAMES, createLogger, defaultLogLevel } from './logger.ts';
+export {
+  LOG_LEVEL_NAMES,
+  createLogger,
+  defaultLogLevel,
+  errorLogFields,
+} from './logger.ts';
 export type { Logger } from './logger.ts';
 export {
   TLS_BROKER_PROTOCOLS,

@@ -1,5 +1,7 @@
 import { pino, type Logger } from 'pino';
 
+import { isFleetError } from './errors.ts';
+
 export type { Logger };
 
 /**
@@ -41,4 +43,13 @@ export function defaultLogLevel(): string {
       `${LOG_LEVEL_NAMES.join(', ')}; using info`,
   );
   return 'info';
+}
+
+/**
+ * Returns the log fields of a caught error: code and message for a
+ * FleetError, which is bad input whose stack is of no use, and the error
+ * with its stack for anything else, which is a bug.
+ */
+export function errorLogFields(err: unknown): Record<string, unknown> {
+  return isFleetError(err) ? { code: err.code, reason: err.message } : { err };
 }

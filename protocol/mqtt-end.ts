@@ -42,3 +42,6 @@ export async function settleWithin(
     clearTimeout(timer);
   }
 }
+
+/** Longest delay setTimeout honours: a longer one fires at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;

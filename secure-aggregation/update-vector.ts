@@ -144,8 +144,8 @@ export function splitSecureSum(
 
 /**
  * Checks that the round's unmasked sum [sum(w * delta), sum(w)] could come
- * from `survivorCount` vehicles that followed the protocol: every weight
- * in (0, 1] (exactly 1 without an example cap) and every clipped delta at
+ * from `survivorCount` vehicles that followed the protocol. Each weight is
+ * in (0, 1], exactly 1 without an example cap. Each clipped delta is at
  * most C long, so the sum is at most sum(w) * C long. A vehicle that sent
  * random words or skipped clipping breaks one of these, and the round
  * must fail rather than release its model. `step` is the quantization

@@ -47,7 +47,7 @@ export function secureRoundId(
   return `${fleetId}/${round}@${openedAtMs}`;
 }
 
-/** Where a secure aggregation message belongs. */
+/** The round a secure aggregation message belongs to. */
 export interface SecureRoundRef {
   round: number;
   roundOpenedAtMs: number;
@@ -132,7 +132,7 @@ export function bytesToWords(bytes: Uint8Array): Uint32Array {
   return words;
 }
 
-/** A Uint8Array view of a decoded bytes field (protobufjs gives Buffers). */
+/** Returns a Uint8Array view of a decoded bytes field, which protobufjs gives as a Buffer. */
 function plain(bytes: Uint8Array): Uint8Array {
   return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }

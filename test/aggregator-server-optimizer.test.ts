@@ -149,7 +149,7 @@ function storedWeights(stateDir: string, version: number): WeightMap {
 }
 
 /**
- * The FedAvgM step written out: m = β m + Δ, then w = w + η m, in float64
+ * Computes the FedAvgM step by hand: m = β m + Δ, then w = w + η m, in float64
  * and in the order the optimizer computes it, rounded to float32 once.
  */
 function fedAvgMStep(

@@ -105,6 +105,27 @@ function signed(words: Uint32Array): Int32Array {
   return new Int32Array(words.buffer, words.byteOffset, words.length);
 }
 
+/** Creates a quiet agent that trains on `count` frames from `start`. */
+function createAgent(
+  broker: RunningBroker,
+  workspace: Workspace,
+  vehicleId: string,
+  frames: LabelledImages,
+  slice: { start: number; count: number },
+): VehicleAgent {
+  return new VehicleAgent({
+    vehicleId,
+    fleetId: FLEET_ID,
+    brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
+    stateDir: join(workspace.dir, vehicleId),
+    frames: subset(
+      frames,
+      Array.from({ length: slice.count }, (_, k) => slice.start + k),
+    ),
+    log: quietLog,
+  });
+}
+
 describe('secure aggregation over MQTT', () => {
   let broker: RunningBroker;
   let workspace: Workspace;
@@ -161,18 +182,9 @@ describe('secure aggregation over MQTT', () => {
       for (let i = 0; i < VEHICLES; i++) {
         const vehicleId = `veh-${String(i).padStart(2, '0')}`;
         // Unequal shares of the images, so that the weights differ.
-        const count = IMAGES_PER_VEHICLE - 2 * i;
-        const start = i * IMAGES_PER_VEHICLE;
-        const agent = new VehicleAgent({
-          vehicleId,
-          fleetId: FLEET_ID,
-          brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
-          stateDir: join(workspace.dir, vehicleId),
-          frames: subset(
-            frames,
-            Array.from({ length: count }, (_, k) => start + k),
-          ),
-          log: quietLog,
+        const agent = createAgent(broker, workspace, vehicleId, frames, {
+          start: i * IMAGES_PER_VEHICLE,
+          count: IMAGES_PER_VEHICLE - 2 * i,
         });
         agent.on('secure-input-ready', (event) => {
           vectors.set(vehicleId, event.values);
@@ -317,16 +329,9 @@ describe('secure aggregation with DP-FedAvg', () => {
       const vectors = new Map<string, Float32Array>();
       for (let i = 0; i < 4; i++) {
         const vehicleId = `dp-${i}`;
-        const agent = new VehicleAgent({
-          vehicleId,
-          fleetId: FLEET_ID,
-          brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
-          stateDir: join(workspace.dir, vehicleId),
-          frames: subset(
-            frames,
-            Array.from({ length: 30 }, (_, k) => i * 30 + k),
-          ),
-          log: quietLog,
+        const agent = createAgent(broker, workspace, vehicleId, frames, {
+          start: i * 30,
+          count: 30,
         });
         agent.on('secure-input-ready', (event) =>
           vectors.set(vehicleId, event.values),
@@ -434,16 +439,9 @@ describe('forged masked input', () => {
       const images = await loadRealImages();
       const frames = await loadLabelledImages(resolveDataDir(), { limit: 90 });
       for (let i = 0; i < 3; i++) {
-        const agent = new VehicleAgent({
-          vehicleId: `forged-${i}`,
-          fleetId: FLEET_ID,
-          brokerUrl: `mqtt://127.0.0.1:${broker.port}`,
-          stateDir: join(workspace.dir, `forged-${i}`),
-          frames: subset(
-            frames,
-            Array.from({ length: 30 }, (_, k) => i * 30 + k),
-          ),
-          log: quietLog,
+        const agent = createAgent(broker, workspace, `forged-${i}`, frames, {
+          start: i * 30,
+          count: 30,
         });
         agents.push(agent);
         await agent.start();

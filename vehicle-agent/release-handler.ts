@@ -17,8 +17,7 @@ import {
 import type { DeployedModel, ModelDeployment } from './deployment.ts';
 import type { AgentCounters, AgentEvents } from './events.ts';
 import type { ReleaseDownloader } from './release-download.ts';
-
-const MAX_TIMER_MS = 2 ** 31 - 1;
+import { MAX_TIMER_MS } from '../protocol/mqtt-end.ts';
 
 /** Callbacks and shared state the release handler uses. */
 export interface ReleaseHandlerOptions {

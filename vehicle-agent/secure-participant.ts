@@ -11,7 +11,7 @@
  */
 import type { EventEmitter } from 'node:events';
 import {
-  isFleetError,
+  errorLogFields,
   type Logger,
   type RoundTask,
   type SecureAggregationConfig,
@@ -31,14 +31,6 @@ import {
   type ToVehicleMessage,
 } from '../secure-aggregation/wire.ts';
 import type { AgentEvents } from './events.ts';
-
-/**
- * Log fields of a caught error: code and message for a FleetError (bad
- * input, whose stack says nothing), the error with its stack otherwise.
- */
-function errorFields(err: unknown): Record<string, unknown> {
-  return isFleetError(err) ? { code: err.code, reason: err.message } : { err };
-}
 
 export interface SecureParticipantOptions {
   vehicleId: string;
@@ -154,7 +146,7 @@ export class SecureParticipant {
       message = decodeToVehicle(payload, fleetId);
     } catch (err) {
       log.warn(
-        { ...errorFields(err), bytes: payload.length },
+        { ...errorLogFields(err), bytes: payload.length },
         'secure message rejected',
       );
       return;
@@ -229,7 +221,10 @@ export class SecureParticipant {
         this.#options.maxMessageBytes,
       );
     } catch (err) {
-      log.warn({ ...fields, ...errorFields(err) }, 'secure round step failed');
+      log.warn(
+        { ...fields, ...errorLogFields(err) },
+        'secure round step failed',
+      );
       return;
     }
     this.#options.publish(bytes).then(

@@ -19,7 +19,7 @@ export interface NumpyResult {
   secondsAll: number[];
 }
 
-/** Whether python3 can import numpy. */
+/** Returns whether python3 can import numpy. */
 export function hasNumpy(): boolean {
   const probe = spawnSync(PYTHON, ['-c', 'import numpy'], { stdio: 'ignore' });
   return probe.status === 0;

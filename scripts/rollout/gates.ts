@@ -295,10 +295,10 @@ function failuresOf(
 }
 
 /**
- * Evaluates the gates of the current stage. Enough reports and a broken
- * threshold roll back at once; enough reports, every gate passing and
- * the minimum stage time over promote; too few reports after the stage
- * timeout roll back; anything else waits.
+ * Evaluates the gates of the current stage. With enough reports, a broken
+ * threshold rolls back at once, and every gate passing promotes once the
+ * minimum stage time is over. Too few reports after the stage timeout
+ * roll back. Anything else waits.
  */
 export function evaluateGates(input: GateInput): GateEvaluation {
   const { gates, nowMs, stageStartedAtMs, shadow } = input;

@@ -26,7 +26,7 @@ export interface RolloutStage {
   shadow: boolean;
 }
 
-/** What happened, for `status` and the audit trail. */
+/** One event of a rollout, for `status` and the audit trail. */
 export interface RolloutEvent {
   atMs: number;
   event: 'started' | 'stage' | 'promoted' | 'rolled-back' | 'pinned';
@@ -35,7 +35,7 @@ export interface RolloutEvent {
   reason?: string;
 }
 
-/** Where a rollout stands. */
+/** The state of a rollout. */
 export type RolloutStatus = 'active' | 'promoted' | 'rolled-back' | 'pinned';
 
 /** Contents of the state file. */

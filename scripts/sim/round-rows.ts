@@ -107,7 +107,7 @@ export class RoundRecorder {
     agent.on('update-resent', (event) =>
       increment(this.#resentByRound, event.round),
     );
-    // A secure round's masked input stands in for the update.
+    // A secure round's masked input takes the place of the update.
     agent.on('secure-input-ready', (event) => {
       increment(this.#sentByRound, event.round);
       this.#progress.updateSent();
