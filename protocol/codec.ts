@@ -44,7 +44,7 @@ const TO_OBJECT: protobuf.IConversionOptions = {
   arrays: true,
 };
 
-function encodeWith(
+export function encodeWith(
   type: protobuf.Type,
   message: object,
   maxBytes: number,
@@ -67,7 +67,7 @@ function encodeWith(
   return bytes;
 }
 
-function decodeWith(
+export function decodeWith(
   type: protobuf.Type,
   bytes: Uint8Array,
 ): Record<string, unknown> {
@@ -86,7 +86,7 @@ function decodeWith(
   }
 }
 
-function requireText(
+export function requireText(
   type: string,
   object: Record<string, unknown>,
   fields: string[],

@@ -25,14 +25,20 @@ export {
   releaseChunkOverheadBytes,
   toSafeInteger,
 } from './codec.ts';
+export {
+  decodePartialAggregate,
+  encodePartialAggregate,
+} from './partial-codec.ts';
 export { ErrorCode, FleetError, isFleetError } from './errors.ts';
 export type {
   CandidateRollout,
   CohortRule,
+  DepotUpdateEntry,
   LocalMetrics,
   ModelRelease,
   ModelUpdate,
   ModelWeights,
+  PartialAggregate,
   ReleaseChunk,
   RoundTask,
   SecureAggregationConfig,

@@ -66,6 +66,29 @@ export interface ModelUpdate {
   createdAtMs: number;
 }
 
+/** One vehicle update merged into a depot's partial. */
+export interface DepotUpdateEntry {
+  vehicleId: string;
+  updateId: string;
+  numExamples: number;
+}
+
+/** A depot aggregator's merged updates of one round. */
+export interface PartialAggregate {
+  partialId: string;
+  depotId: string;
+  modelName: string;
+  baseModelVersion: number;
+  round: number;
+  /** One entry per vehicle, sorted by vehicle id. */
+  updates: DepotUpdateEntry[];
+  /** Sum of the entries' numExamples: the FedAvg weight of the partial. */
+  numExamples: number;
+  /** Example-weighted mean of the merged deltas, float32 tensors. */
+  meanDeltas: WireTensor[];
+  createdAtMs: number;
+}
+
 export interface UpdateAck {
   updateId: string;
   round: number;

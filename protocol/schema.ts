@@ -26,6 +26,7 @@ export const schema = {
   VehicleStatus: lookup('VehicleStatus'),
   ModelWeights: lookup('ModelWeights'),
   VehicleReport: lookup('VehicleReport'),
+  PartialAggregate: lookup('PartialAggregate'),
 };
 
 /** Numeric values of the TensorEncoding enum. */

@@ -127,6 +127,34 @@ export class FleetTopics {
     return `${this.prefix}/vehicles/+/secagg`;
   }
 
+  /** PartialAggregate from one depot aggregator, QoS 1. */
+  depotPartial(depotId: string): string {
+    assertTopicLevel('depot id', depotId);
+    return `${this.prefix}/depots/${depotId}/partial`;
+  }
+
+  /** UpdateAck of a depot's partial, to that depot, QoS 1. */
+  depotAck(depotId: string): string {
+    assertTopicLevel('depot id', depotId);
+    return `${this.prefix}/depots/${depotId}/ack`;
+  }
+
+  /** Subscription filter for every depot's partials. */
+  allDepotPartials(): string {
+    return `${this.prefix}/depots/+/partial`;
+  }
+
+  /**
+   * Returns the depot id of a depot topic of this fleet, or undefined
+   * when the topic is not one.
+   */
+  depotIdOf(topic: string): string | undefined {
+    const head = `${this.prefix}/depots/`;
+    if (!topic.startsWith(head)) return undefined;
+    const id = topic.slice(head.length).split('/')[0];
+    return id.length > 0 ? id : undefined;
+  }
+
   /** Subscription filter for every vehicle's updates. */
   allUpdates(): string {
     return `${this.prefix}/vehicles/+/updates`;
