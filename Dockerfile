@@ -15,11 +15,13 @@ ARG BASE_IMAGE=node:20-bookworm-slim
 FROM ${BASE_IMAGE}
 
 # CUDA base images have no Node.js; install it from the distribution there.
-RUN if ! command -v node >/dev/null; then \
-      apt-get update && \
-      apt-get install -y --no-install-recommends nodejs npm ca-certificates && \
-      rm -rf /var/lib/apt/lists/*; \
-    fi
+# python3, make and g++ build the native aggregation kernel (node-gyp).
+RUN apt-get update && \
+    if ! command -v node >/dev/null; then \
+      apt-get install -y --no-install-recommends nodejs npm ca-certificates; \
+    fi && \
+    apt-get install -y --no-install-recommends python3 make g++ && \
+    rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 COPY package.json package-lock.json ./
@@ -31,6 +33,9 @@ RUN npm ci --no-audit --no-fund --omit=dev --include=optional || \
     npm ci --no-audit --no-fund --omit=dev --omit=optional
 
 COPY . .
+# The install script above ran before binding.gyp was copied, so build the
+# native kernel now; without it the aggregator uses the WebAssembly kernel.
+RUN npm run build:native || echo "native kernel not built; using WebAssembly"
 # The processes write their state under /app by default.
 RUN mkdir -p /app/state /app/runs /app/data && \
     chown node:node /app/state /app/runs /app/data

@@ -13,8 +13,9 @@ import {
 import { endClient, settleWithin } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME, TENSOR_SPECS } from '../models/architecture.ts';
 import { connectToBroker } from './connection.ts';
+import { DepotPartials } from './depot-partials.ts';
 import type { AggregatorEvents, StagedReleaseEvents } from './events.ts';
-import { receiveUpdate } from './ingress.ts';
+import { receiveUpdate, type IngressState } from './ingress.ts';
 import { buildAck } from './messages.ts';
 import type { SecureRoundSession } from './secure-round.ts';
 import { ModelStore, type StoredModel } from './model-store.ts';
@@ -40,6 +41,7 @@ import {
 import { StagedRelease } from './staged-release.ts';
 import { loadCurrentModel } from './versions.ts';
 import { VehicleRegistry } from './vehicles.ts';
+import { aggregationKernelName } from './kernel/index.ts';
 import {
   startLiveView,
   type LiveView,
@@ -77,6 +79,9 @@ type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
  * release-publisher.ts). `rollbackTo` makes an older stored version the
  * current one again.
  *
+ * With the option depots it also counts depot aggregators' partial
+ * aggregates (see depot-partials.ts).
+ *
  * Events: 'round-opened', 'round-closed', 'round-failed',
  * 'update-decided', 'release-published', and with the option
  * stagedReleases 'version-held' (see events.ts).
@@ -104,7 +109,7 @@ export class Aggregator extends EventEmitter<
    * Acks decided before `#client` is set. A persistent session delivers
    * queued updates while the connection is still being set up.
    */
-  #pendingAcks: Array<{ vehicleId: string; ack: Uint8Array }> = [];
+  #pendingAcks: Array<{ topic: string; ack: Uint8Array }> = [];
   readonly #rounds: RoundLoop;
   #loop: Promise<void> | undefined;
   /** Asynchronous mode: updates that arrived between two buffers. */
@@ -115,6 +120,8 @@ export class Aggregator extends EventEmitter<
   #liveView: LiveView | undefined;
   /** Follows the fleet-wide release; set with the option stagedReleases. */
   readonly #staged: StagedRelease | undefined;
+  /** Takes depots' partials; set with the option depots. */
+  readonly #depotPartials: DepotPartials | undefined;
 
   /**
    * Checks and stores the options. Nothing connects until `start()`.
@@ -157,6 +164,17 @@ export class Aggregator extends EventEmitter<
           ? undefined
           : new ReleaseSigner(signingKey, this.options.stateDir, this.#log),
     });
+    this.#depotPartials =
+      this.options.depots.length === 0
+        ? undefined
+        : new DepotPartials({
+            depots: this.options.depots,
+            topics: this.#topics,
+            log: this.#log,
+            publishAck: (topic, ack) => this.#publishAckTo(topic, ack),
+            ingressState: () => this.#ingressState(),
+            rememberAccepted: (id, round) => this.#rememberAccepted(id, round),
+          });
     const trainable = TENSOR_SPECS.filter((spec) =>
       this.options.trainableTensors.includes(spec.name),
     );
@@ -277,6 +295,8 @@ export class Aggregator extends EventEmitter<
         trainableTensors: this.options.trainableTensors,
         releaseKeyId: this.options.releaseSigningKey?.keyId,
         vehicleKeys: this.options.vehicleKeys?.size,
+        depots: this.options.depots,
+        aggregationKernel: aggregationKernelName(),
       },
       'aggregator started',
     );
@@ -482,6 +502,7 @@ export class Aggregator extends EventEmitter<
           ? []
           : [this.#topics.allSecureFromVehicles()]),
         ...(this.#staged?.subscriptions ?? []),
+        ...(this.#depotPartials?.subscriptions ?? []),
       ],
       // mqtt.js passes the packet too. Its retain flag separates a replayed
       // release notice from a new one.
@@ -493,7 +514,7 @@ export class Aggregator extends EventEmitter<
     });
     const pending = this.#pendingAcks;
     this.#pendingAcks = [];
-    for (const { vehicleId, ack } of pending) this.#publishAck(vehicleId, ack);
+    for (const { topic, ack } of pending) this.#publishAckTo(topic, ack);
     this.#client.on('connect', (connack) => {
       if (!connack.sessionPresent) this.#republishRetained();
     });
@@ -534,6 +555,7 @@ export class Aggregator extends EventEmitter<
   #onMessage(topic: string, payload: Buffer, isRetained = false): void {
     try {
       if (this.#staged?.receive(topic, payload, isRetained) === true) return;
+      if (this.#depotPartials?.receive(topic, payload) === true) return;
       const vehicleId = this.#topics.vehicleIdOf(topic);
       if (vehicleId === undefined) return;
       if (topic === this.#topics.update(vehicleId)) {
@@ -668,46 +690,60 @@ export class Aggregator extends EventEmitter<
       return;
     }
     if (this.#holdBetweenBuffers(vehicleId, payload)) return;
-    const runner = this.#rounds.runner;
-    if (runner === undefined) return;
+    const state = this.#ingressState();
+    if (state === undefined) return;
     const { ack, event, decision } = receiveUpdate(
       vehicleId,
       payload,
-      {
-        fleet: {
-          ...this.#fleetContext,
-          lastRound: runner.lastRound,
-          earlierAccepted: this.#acceptedUpdates,
-        },
-        round: runner.openRound,
-        currentModelVersion: runner.model.manifest.version,
-      },
+      state,
       this.#log,
     );
     if (decision.accepted) {
-      const { updateId, round } = decision.update;
-      this.#acceptedUpdates.set(updateId, round);
-      if (this.#acceptedUpdates.size > MAX_REMEMBERED_UPDATES) {
-        const oldest = this.#acceptedUpdates.keys().next().value as string;
-        this.#acceptedUpdates.delete(oldest);
-      }
+      this.#rememberAccepted(decision.update.updateId, decision.update.round);
     }
 
     this.#publishAck(vehicleId, ack);
     this.emit('update-decided', event);
   }
 
+  /** The round state an update or partial arriving now is judged against. */
+  #ingressState(): IngressState | undefined {
+    const runner = this.#rounds.runner;
+    if (runner === undefined) return undefined;
+    return {
+      fleet: {
+        ...this.#fleetContext,
+        lastRound: runner.lastRound,
+        earlierAccepted: this.#acceptedUpdates,
+      },
+      round: runner.openRound,
+      currentModelVersion: runner.model.manifest.version,
+    };
+  }
+
+  #rememberAccepted(updateId: string, round: number): void {
+    this.#acceptedUpdates.set(updateId, round);
+    if (this.#acceptedUpdates.size > MAX_REMEMBERED_UPDATES) {
+      const oldest = this.#acceptedUpdates.keys().next().value as string;
+      this.#acceptedUpdates.delete(oldest);
+    }
+  }
+
   #publishAck(vehicleId: string, ack: Uint8Array): void {
+    this.#publishAckTo(this.#topics.ack(vehicleId), ack);
+  }
+
+  /** Publishes an ack with QoS 1, or queues it until the client is set. */
+  #publishAckTo(topic: string, ack: Uint8Array): void {
     const client = this.#client;
     if (client === undefined) {
-      this.#pendingAcks.push({ vehicleId, ack });
+      this.#pendingAcks.push({ topic, ack });
       return;
     }
-    const topic = this.#topics.ack(vehicleId);
     client
       .publishAsync(topic, Buffer.from(ack), { qos: 1 })
       .catch((err: unknown) => {
-        this.#log.warn({ err, vehicleId, topic }, 'ack publish failed');
+        this.#log.warn({ err, topic }, 'ack publish failed');
       });
   }
 

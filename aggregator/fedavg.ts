@@ -11,8 +11,9 @@
  * the integer part, then two 26-bit fractional parts. Integer sums below
  * 2^53 are exact in float64 whatever the order. The split drops the part
  * of each product below 2^-52, far below the float32 resolution of the mean.
- * The sums run in kernel/ (WebAssembly SIMD, or a JavaScript loop where
- * that is missing); both give the same limbs.
+ * The sums run in kernel/ (a native addon, WebAssembly SIMD, or a
+ * JavaScript loop, picked in that order by what is available); all give
+ * the same limbs.
  */
 import { ErrorCode, FleetError } from '../protocol/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
@@ -27,12 +28,22 @@ export const MAX_ABS_WEIGHTED_DELTA = 2 ** 36;
 /** Largest number of updates, so that with the bound above sums stay below 2^53. */
 export const MAX_UPDATES = 2 ** 16;
 
+/** An update waiting in FedAvgAccumulator.queue for its batch. */
+interface QueuedUpdate {
+  deltas: ReadonlyMap<string, Float32Array>;
+  numExamples: number;
+}
+
 /** Accumulates weighted deltas; `result()` returns their weighted mean. */
 export class FedAvgAccumulator {
   readonly #sizes: ReadonlyMap<string, number>;
   readonly #sums: ExactSums;
   #totalExamples = 0;
   #count = 0;
+  /** Updates queued for the next batched add, at most the batch size. */
+  #pending: QueuedUpdate[] = [];
+  /** Error of a queued update whose values failed the check. */
+  #queueFailure: RangeError | undefined;
 
   /**
    * @param tensorSizes element count of each tensor an update must carry.
@@ -50,9 +61,14 @@ export class FedAvgAccumulator {
     this.#sums = createExactSums([...tensorSizes.values()]);
   }
 
-  /** Implementation of the sums: 'wasm-simd' or 'js'. */
+  /** Implementation of the sums: 'native', 'wasm-simd' or 'js'. */
   get kernel(): ExactSums['kernel'] {
     return this.#sums.kernel;
+  }
+
+  /** Updates that `queue` collects before it sums them in one pass. */
+  get batchSize(): number {
+    return this.#sums.batchSize;
   }
 
   /** Sum of numExamples over the added updates. */
@@ -77,6 +93,73 @@ export class FedAvgAccumulator {
    *   MAX_ABS_WEIGHTED_DELTA.
    */
   add(deltas: ReadonlyMap<string, Float32Array>, numExamples: number): void {
+    this.#checkShape(deltas, numExamples);
+    this.#addChecked(deltas, numExamples);
+    this.#totalExamples += numExamples;
+    this.#count += 1;
+  }
+
+  /**
+   * Adds an update whose values the caller has already checked, as the
+   * aggregator's ingress does: every |value| * numExamples at most
+   * MAX_ABS_WEIGHTED_DELTA. Where the kernel sums batches (the native
+   * one), the update waits until `batchSize` updates are queued or
+   * `result` is called, and the deltas must not change until then.
+   * Otherwise it is added at once, as by `add`.
+   *
+   * The batch still checks every value. If a queued value fails that
+   * check, the other updates are added, that one is left out, and
+   * `result` throws its error, so a round fails instead of averaging it.
+   *
+   * @throws {RangeError} at once for the errors `add` reports, except
+   *   bad values in a queued update.
+   */
+  queue(deltas: ReadonlyMap<string, Float32Array>, numExamples: number): void {
+    if (this.#sums.batchSize <= 1) {
+      this.add(deltas, numExamples);
+      return;
+    }
+    this.#checkShape(deltas, numExamples);
+    this.#pending.push({ deltas, numExamples });
+    this.#totalExamples += numExamples;
+    this.#count += 1;
+    if (this.#pending.length >= this.#sums.batchSize) this.flush();
+  }
+
+  /**
+   * Returns the weighted mean delta, sum(n_k * delta_k) / sum(n_k), as
+   * float32 tensors; with `divisor`, the weighted sum divided by it.
+   *
+   * @throws {FleetError} EMPTY_AGGREGATE when no examples were added.
+   * @throws {RangeError} for a divisor that is not a positive number, or
+   *   the error of a queued update whose values failed the check.
+   */
+  result(divisor = this.#totalExamples): WeightMap {
+    this.flush();
+    if (this.#queueFailure !== undefined) throw this.#queueFailure;
+    if (this.#totalExamples === 0) {
+      throw new FleetError(
+        ErrorCode.EmptyAggregate,
+        'cannot average zero updates: the accumulator has 0 examples',
+      );
+    }
+    if (!(divisor > 0) || !Number.isFinite(divisor)) {
+      throw new RangeError(`divisor must be a positive number, got ${divisor}`);
+    }
+    const mean: WeightMap = new Map();
+    let tensor = 0;
+    for (const name of this.#sizes.keys()) {
+      mean.set(name, this.#sums.divide(tensor, divisor));
+      tensor += 1;
+    }
+    return mean;
+  }
+
+  /** Checks numExamples, the update count, tensor names and sizes. */
+  #checkShape(
+    deltas: ReadonlyMap<string, Float32Array>,
+    numExamples: number,
+  ): void {
     if (
       !Number.isSafeInteger(numExamples) ||
       numExamples <= 0 ||
@@ -95,35 +178,47 @@ export class FedAvgAccumulator {
     if (!this.#hasExpectedTensors(deltas)) {
       this.#checkTensors(deltas, numExamples);
     }
-    this.#addChecked(deltas, numExamples);
-    this.#totalExamples += numExamples;
-    this.#count += 1;
   }
 
   /**
-   * Returns the weighted mean delta, sum(n_k * delta_k) / sum(n_k), as
-   * float32 tensors; with `divisor`, the weighted sum divided by it.
-   *
-   * @throws {FleetError} EMPTY_AGGREGATE when no examples were added.
-   * @throws {RangeError} for a divisor that is not a positive number.
+   * Sums the queued updates now, in one batched add per tensor; `result`
+   * calls it, so callers need it only to time the sums. When a value
+   * fails the check, the tensors already added are taken back, the other
+   * updates are added one by one, and the failure is kept for `result`.
    */
-  result(divisor = this.#totalExamples): WeightMap {
-    if (this.#totalExamples === 0) {
-      throw new FleetError(
-        ErrorCode.EmptyAggregate,
-        'cannot average zero updates: the accumulator has 0 examples',
-      );
+  flush(): void {
+    const pending = this.#pending;
+    if (pending.length === 0) return;
+    this.#pending = [];
+    const names = [...this.#sizes.keys()];
+    const examples = Float64Array.from(pending, (entry) => entry.numExamples);
+    const limits = examples.map((n) => MAX_ABS_WEIGHTED_DELTA / n);
+    for (let tensor = 0; tensor < names.length; tensor++) {
+      const values = pending.map((entry) => entry.deltas.get(names[tensor])!);
+      const failure = this.#sums.addBatch(tensor, values, examples, limits);
+      if (failure === -1) continue;
+      for (let added = 0; added < tensor; added++) {
+        for (const entry of pending) {
+          const delta = entry.deltas.get(names[added])!;
+          this.#sums.subtract(added, delta, entry.numExamples);
+        }
+      }
+      this.#addOneByOne(pending);
+      return;
     }
-    if (!(divisor > 0) || !Number.isFinite(divisor)) {
-      throw new RangeError(`divisor must be a positive number, got ${divisor}`);
+  }
+
+  /** Adds each update on its own; keeps the first failure for `result`. */
+  #addOneByOne(updates: QueuedUpdate[]): void {
+    for (const { deltas, numExamples } of updates) {
+      try {
+        this.#addChecked(deltas, numExamples);
+      } catch (err) {
+        this.#totalExamples -= numExamples;
+        this.#count -= 1;
+        this.#queueFailure ??= err as RangeError;
+      }
     }
-    const mean: WeightMap = new Map();
-    let tensor = 0;
-    for (const name of this.#sizes.keys()) {
-      mean.set(name, this.#sums.divide(tensor, divisor));
-      tensor += 1;
-    }
-    return mean;
   }
 
   /**

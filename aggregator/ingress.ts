@@ -43,21 +43,7 @@ export function receiveUpdate(
   log: Logger,
 ): ReceivedUpdate {
   const { round, fleet } = state;
-  const context: RoundContext =
-    round === undefined
-      ? {
-          ...fleet,
-          openRound: undefined,
-          modelVersion: state.currentModelVersion,
-          selectedVehicles: new Set(),
-          seenUpdateIds: new Set(),
-          acceptedVehicles: new Set(),
-          acceptedExamples: 0,
-        }
-      : {
-          ...round.contextFor(fleet),
-          updateCompression: compressionOfRound(round),
-        };
+  const context = roundContextOf(state);
   const decision = validateUpdate(vehicleId, payload, context);
   if (round?.isOpen) round.record(payload.byteLength, decision);
 
@@ -81,6 +67,30 @@ export function receiveUpdate(
         ? decision.update.metrics.trainLoss
         : undefined,
     },
+  };
+}
+
+/**
+ * Returns the validation context of a message arriving now. It is the
+ * open round's context, or between rounds one in which every update is
+ * late.
+ */
+export function roundContextOf(state: IngressState): RoundContext {
+  const { round, fleet } = state;
+  if (round === undefined) {
+    return {
+      ...fleet,
+      openRound: undefined,
+      modelVersion: state.currentModelVersion,
+      selectedVehicles: new Set(),
+      seenUpdateIds: new Set(),
+      acceptedVehicles: new Set(),
+      acceptedExamples: 0,
+    };
+  }
+  return {
+    ...round.contextFor(fleet),
+    updateCompression: compressionOfRound(round),
   };
 }
 

@@ -254,6 +254,11 @@ const program = new Command('aggregator')
     parseLiveViewPort,
   )
   .option(
+    '--depots <ids>',
+    'comma-separated ids of the depot aggregators whose partial ' +
+      'aggregates count in the rounds; off by default',
+  )
+  .option(
     '--staged-releases',
     'store and hold each new version instead of publishing it; rounds ' +
       'wait until the rollout controller promotes or pins a stored version',
@@ -316,6 +321,7 @@ interface Flags extends ServerOptimizerFlags, NormBoundFlags {
   vehicleKeys?: string;
   liveViewPort?: number;
   stagedReleases?: boolean;
+  depots?: string;
   logLevel: string;
 }
 
@@ -416,6 +422,7 @@ function optionsOf(flags: Flags, log: Logger): AggregatorOptions {
     rollbackToVersion: flags.rollbackTo,
     liveViewPort: flags.liveViewPort,
     stagedReleases: flags.stagedReleases,
+    depots: flags.depots?.split(',').map((id) => id.trim()),
     differentialPrivacy: differentialPrivacyOfFlags(flags satisfies DpFlags),
     secureAggregation: secureAggregationOfFlags(
       flags satisfies SecureAggregationFlags,

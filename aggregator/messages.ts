@@ -14,7 +14,6 @@ import {
 } from '../protocol/compression/index.ts';
 import type { ResolvedOptions } from './options.ts';
 import type { OpenRound } from './round.ts';
-import type { UpdateDecision } from './validate.ts';
 
 /**
  * Update id of acks for payloads that did not decode. The ack codec needs
@@ -96,9 +95,18 @@ function buildPlainTask(
   };
 }
 
-/** Builds the ack of one decided update. */
+/**
+ * Decision on an update or a depot's partial, with the fields its ack
+ * reads. For a partial, `update.updateId` is the partialId. `update` is
+ * unset when the message did not decode.
+ */
+export type AckedDecision = {
+  update?: { updateId: string; round: number };
+} & ({ accepted: true } | { accepted: false; code: string; reason: string });
+
+/** Builds the ack of one decided update or depot partial. */
 export function buildAck(
-  decision: UpdateDecision,
+  decision: AckedDecision,
   current: { round: number; modelVersion: number },
 ): UpdateAck {
   const update = decision.update;

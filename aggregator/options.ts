@@ -46,6 +46,7 @@ import {
   MAX_UPDATES,
 } from './fedavg.ts';
 import { resolveNormBound } from './round-norm-bound.ts';
+import { resolveDepots } from './depot-options.ts';
 import {
   resolveServerOptimizer,
   type ServerOptimizerOptions,
@@ -240,6 +241,14 @@ export interface AggregatorOptions {
    * staged-release.ts). Default false: every version is published.
    */
   stagedReleases?: boolean;
+  /**
+   * Ids of the depot aggregators whose partial aggregates this aggregator
+   * counts, each one MQTT topic level (see aggregator/depot-partials.ts).
+   * Only with aggregation fedavg, without differential privacy, secure
+   * aggregation, a norm bound, the asynchronous buffer or vehicle keys.
+   * Default empty: hierarchical aggregation is off.
+   */
+  depots?: readonly string[];
 }
 
 /** Options with defaults filled in and checked. */
@@ -431,11 +440,19 @@ export function resolveOptions(options: AggregatorOptions): ResolvedOptions {
             normBound: options.normBound,
           }),
     trainableTensors: resolveTrainableTensors(resolved.trainableLayers),
+    depots: resolveDepots(options.depots, {
+      aggregation: resolved.aggregation,
+      differentialPrivacy,
+      secureAggregation: options.secureAggregation,
+      normBound: options.normBound,
+      asyncBuffer: options.asyncBuffer,
+      vehicleKeysPath: options.vehicleKeysPath,
+    }),
   };
 }
 
 function checkNumbers(
-  options: Omit<ResolvedOptions, 'trainableTensors'>,
+  options: Omit<ResolvedOptions, 'trainableTensors' | 'depots'>,
 ): void {
   requireInteger('localEpochs', options.localEpochs, 1);
   requireInteger('batchSize', options.batchSize, 1);

@@ -251,7 +251,7 @@ export function averageUpdates(updates: readonly VehicleUpdate[]): WeightMap {
   }
   const accumulator = new FedAvgAccumulator(tensorSizes);
   for (const { deltas, numExamples } of updates) {
-    accumulator.add(deltas, numExamples);
+    accumulator.queue(deltas, numExamples);
   }
   return accumulator.result();
 }

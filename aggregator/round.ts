@@ -40,7 +40,25 @@ export interface RoundStats {
   numExamples: number;
   /** Vehicles with an accepted update. */
   numVehicles: number;
+  /**
+   * Depot partials counted (see OpenRound.recordPartial). Each of their
+   * vehicles also counts in `accepted`, `numExamples` and `numVehicles`.
+   * OpenRound.stats() always sets it.
+   */
+  partials?: number;
   durationMs: number;
+}
+
+/** A depot's partial that passed every check, as a round counts it. */
+export interface CountedPartial {
+  /** Depot id and partial id, unique per round. */
+  key: string;
+  /** The vehicles' updates it merged. */
+  entries: ReadonlyArray<{ vehicleId: string; updateId: string }>;
+  /** Sum of the entries' numExamples, its FedAvg weight. */
+  numExamples: number;
+  /** Example-weighted mean of the entries' deltas. */
+  meanDeltas: WeightMap;
 }
 
 /** Round-independent part of the validation context. */
@@ -78,6 +96,8 @@ export class OpenRound {
   /** acceptedKeyOf of every accepted update. */
   readonly #acceptedKeys = new Set<string>();
   readonly #rejectedByReason: Record<string, number> = {};
+  /** Update ids of each counted depot partial's entries, by its key. */
+  readonly #countedPartials = new Map<string, readonly string[]>();
   readonly #keptUpdates: VehicleUpdate[] | undefined;
   readonly #clippedSum: ClippedSum | undefined;
   #accepted = 0;
@@ -197,7 +217,7 @@ export class OpenRound {
     }
 
     const { vehicleId, numExamples } = decision.update;
-    this.accumulator.add(decision.deltas, this.#weightOf(decision.update));
+    this.accumulator.queue(decision.deltas, this.#weightOf(decision.update));
     this.#examples += numExamples;
     this.#clippedSum?.add(decision.deltas);
     this.#keptUpdates?.push({
@@ -205,14 +225,70 @@ export class OpenRound {
       numExamples,
       deltas: decision.deltas,
     });
-    this.#accepted += 1;
-    this.#acceptedVehicles.add(decision.update.vehicleId);
-    this.#acceptedKeys.add(
-      acceptedKeyOf(decision.update, {
-        maxStaleness: this.#asyncBuffer?.maxStaleness,
-      }),
+    this.#countAccepted(decision.update);
+    this.#closeWhenComplete();
+  }
+
+  /**
+   * Returns the update ids of the entries of the partial counted under
+   * `key`, in entry order, or undefined when no such partial was counted.
+   */
+  countedPartial(key: string): readonly string[] | undefined {
+    return this.#countedPartials.get(key);
+  }
+
+  /**
+   * Counts an accepted depot partial of `bytes`. Its mean delta goes into
+   * the FedAvg sum with weight numExamples, so the round's mean is the
+   * example-weighted mean over every vehicle. Each entry counts as that
+   * vehicle's accepted update, and the round closes as after `record`.
+   *
+   * @throws {Error} when the partial was counted already, or when the
+   *   round keeps updates, clips them or is asynchronous: those rounds
+   *   need each vehicle's own update, which a partial does not carry.
+   */
+  recordPartial(bytes: number, partial: CountedPartial): void {
+    if (
+      this.#keptUpdates !== undefined ||
+      this.#clippedSum !== undefined ||
+      this.#asyncBuffer !== undefined
+    ) {
+      throw new Error(
+        `round ${this.round} keeps, clips or buffers single updates, so ` +
+          'it cannot count a depot partial',
+      );
+    }
+    if (this.#countedPartials.has(partial.key)) {
+      throw new Error(`partial ${partial.key} was already counted`);
+    }
+
+    this.accumulator.queue(partial.meanDeltas, partial.numExamples);
+    this.#uplinkBytes += bytes;
+    this.#examples += partial.numExamples;
+    this.#countedPartials.set(
+      partial.key,
+      partial.entries.map((entry) => entry.updateId),
     );
-    this.#seenUpdateIds.add(decision.update.updateId);
+    for (const entry of partial.entries) {
+      this.#countAccepted({ ...entry, round: this.round });
+    }
+    this.#closeWhenComplete();
+  }
+
+  #countAccepted(update: {
+    vehicleId: string;
+    updateId: string;
+    round: number;
+  }): void {
+    this.#accepted += 1;
+    this.#acceptedVehicles.add(update.vehicleId);
+    this.#acceptedKeys.add(
+      acceptedKeyOf(update, { maxStaleness: this.#asyncBuffer?.maxStaleness }),
+    );
+    this.#seenUpdateIds.add(update.updateId);
+  }
+
+  #closeWhenComplete(): void {
     if (this.#asyncBuffer !== undefined) {
       if (this.#accepted >= this.#asyncBuffer.bufferSize) {
         this.close('buffer-full');
@@ -293,6 +369,7 @@ export class OpenRound {
       uplinkBytes: this.#uplinkBytes,
       numExamples: this.#secureExamples ?? this.#examples,
       numVehicles: this.#acceptedVehicles.size,
+      partials: this.#countedPartials.size,
       durationMs: nowMs - this.openedAtMs,
     };
   }

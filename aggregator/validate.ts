@@ -5,24 +5,14 @@
  */
 import {
   ErrorCode,
-  countElements,
   decodeModelUpdate,
   isFleetError,
   type ModelUpdate,
   type PublicKeySet,
-  type WireTensor,
 } from '../protocol/index.ts';
-import {
-  CompressionKind,
-  NO_COMPRESSION,
-  decodeDeltaValues,
-  describeCompression,
-  describeEncoding,
-  encodingOf,
-  topkCount,
-  type UpdateCompression,
-} from '../protocol/compression/index.ts';
+import type { UpdateCompression } from '../protocol/compression/index.ts';
 import type { WeightMap } from '../models/architecture.ts';
+import { decodeDeltaTensors } from './delta-tensors.ts';
 import { checkSigner, openUpdatePayload } from './update-signature.ts';
 
 /** Round state that an update is validated against. */
@@ -93,6 +83,20 @@ export interface RejectedUpdate {
 
 export type UpdateDecision = AcceptedUpdate | RejectedUpdate;
 
+/**
+ * Fields of an update that the round, model, duplicate and example-count
+ * checks read. A depot's partial gives one per merged vehicle update.
+ */
+export type UpdateHeader = Pick<
+  ModelUpdate,
+  | 'updateId'
+  | 'vehicleId'
+  | 'round'
+  | 'modelName'
+  | 'baseModelVersion'
+  | 'numExamples'
+>;
+
 function reject(
   code: ErrorCode,
   reason: string,
@@ -138,15 +142,33 @@ export function validateUpdate(
   const problem =
     checkSigner(opened, update) ??
     checkSender(topicVehicleId, update) ??
-    checkRound(update, context) ??
-    checkModel(update, context) ??
-    checkDuplicate(update, context) ??
-    checkExampleCount(update, context);
+    checkUpdateHeader(update, context);
   if (problem !== undefined) return { ...problem, update };
 
-  const decoded = decodeDeltas(update, context);
+  const decoded = decodeDeltaTensors(
+    update.deltas,
+    `update ${update.updateId}`,
+    { ...context, round: update.round },
+  );
   if (!(decoded instanceof Map)) return { ...decoded, update };
   return { accepted: true, update, deltas: decoded };
+}
+
+/**
+ * Checks `header` against the open round in the order of validateUpdate:
+ * round and selection, model, duplicates, example count. Returns the
+ * first failure, or undefined when every check passes.
+ */
+export function checkUpdateHeader(
+  header: UpdateHeader,
+  context: RoundContext,
+): RejectedUpdate | undefined {
+  return (
+    checkRound(header, context) ??
+    checkModel(header, context) ??
+    checkDuplicate(header, context) ??
+    checkExampleCount(header, context)
+  );
 }
 
 function checkSender(
@@ -162,7 +184,7 @@ function checkSender(
 }
 
 function checkRound(
-  update: ModelUpdate,
+  update: UpdateHeader,
   context: RoundContext,
 ): RejectedUpdate | undefined {
   const current =
@@ -207,7 +229,7 @@ function checkRound(
 }
 
 function checkModel(
-  update: ModelUpdate,
+  update: UpdateHeader,
   context: RoundContext,
 ): RejectedUpdate | undefined {
   if (context.maxStaleness !== undefined) {
@@ -242,7 +264,7 @@ function checkModel(
 }
 
 function checkDuplicate(
-  update: ModelUpdate,
+  update: UpdateHeader,
   context: RoundContext,
 ): RejectedUpdate | undefined {
   if (context.seenUpdateIds.has(update.updateId)) {
@@ -276,7 +298,7 @@ export function acceptedKeyOf(
 }
 
 function checkExampleCount(
-  update: ModelUpdate,
+  update: UpdateHeader,
   context: RoundContext,
 ): RejectedUpdate | undefined {
   const { numExamples, updateId } = update;
@@ -299,119 +321,4 @@ function checkExampleCount(
     );
   }
   return undefined;
-}
-
-/** Returns the decoded deltas, or the first tensor problem found. */
-function decodeDeltas(
-  update: ModelUpdate,
-  context: RoundContext,
-): WeightMap | RejectedUpdate {
-  const shapes = context.trainableShapes;
-  const names = update.deltas.map((tensor) => tensor.name);
-  const expected = [...shapes.keys()];
-  const isSameSet =
-    names.length === expected.length &&
-    new Set(names).size === names.length &&
-    names.every((name) => shapes.has(name));
-  if (!isSameSet) {
-    return reject(
-      ErrorCode.WrongTensors,
-      `update ${update.updateId} carries tensors [${names.join(', ')}], ` +
-        `expected exactly [${expected.join(', ')}]`,
-    );
-  }
-
-  const deltas: WeightMap = new Map();
-  const compression = context.updateCompression ?? NO_COMPRESSION;
-  for (const tensor of update.deltas) {
-    const problem = checkEncoding(tensor, compression, update.round);
-    if (problem !== undefined) return problem;
-    const values = decodeDelta(
-      tensor,
-      shapes.get(tensor.name)!,
-      context.maxAbsDeltaValue,
-    );
-    if (!(values instanceof Float32Array)) return values;
-    deltas.set(tensor.name, values);
-  }
-  return deltas;
-}
-
-/**
- * Rejects a tensor whose encoding is not the one the round announced, and
- * a top-k tensor with more values than the round's density allows. Both
- * would let a vehicle send more bytes than the round budgets for.
- */
-function checkEncoding(
-  tensor: WireTensor,
-  compression: UpdateCompression,
-  round: number,
-): RejectedUpdate | undefined {
-  const expected = encodingOf(compression);
-  if (tensor.encoding !== expected) {
-    return reject(
-      ErrorCode.UnsupportedEncoding,
-      `tensor ${tensor.name} has encoding ` +
-        `${describeEncoding(tensor.encoding)}, but round ${round} expects ` +
-        `encoding ${describeEncoding(expected)} for ` +
-        `${describeCompression(compression)} compression`,
-    );
-  }
-  if (compression.kind !== CompressionKind.TopK) return undefined;
-  const maxCount = topkCount(
-    countElements(tensor.shape),
-    compression.topkDensity,
-  );
-  if (tensor.indices.length <= maxCount) return undefined;
-  return reject(
-    ErrorCode.UnsupportedEncoding,
-    `top-k tensor ${tensor.name} carries ${tensor.indices.length} values, ` +
-      `but round ${round} allows at most ${maxCount} for its ` +
-      `${countElements(tensor.shape)} elements ` +
-      `(${describeCompression(compression)})`,
-  );
-}
-
-function decodeDelta(
-  tensor: WireTensor,
-  shape: readonly number[],
-  maxAbsValue: number,
-): Float32Array | RejectedUpdate {
-  const isSameShape =
-    tensor.shape.length === shape.length &&
-    tensor.shape.every((dim, i) => dim === shape[i]);
-  if (!isSameShape) {
-    return reject(
-      ErrorCode.WrongShape,
-      `tensor ${tensor.name} has shape [${tensor.shape.join(', ')}], ` +
-        `expected [${shape.join(', ')}] (${countElements(shape)} values)`,
-    );
-  }
-
-  let values: Float32Array;
-  try {
-    values = decodeDeltaValues(tensor);
-  } catch (err) {
-    if (!isFleetError(err)) throw err;
-    return reject(err.code, err.message);
-  }
-  const bad = values.findIndex((value) => !Number.isFinite(value));
-  if (bad >= 0) {
-    return reject(
-      ErrorCode.NonFiniteValue,
-      `tensor ${tensor.name} has value ${values[bad]} at index ${bad}; ` +
-        'expected finite numbers',
-    );
-  }
-  // A bound keeps the float sums of FedAvg far from overflow, so one
-  // vehicle cannot turn the merged model into Inf or NaN.
-  const large = values.findIndex((value) => Math.abs(value) > maxAbsValue);
-  if (large >= 0) {
-    return reject(
-      ErrorCode.ValueOutOfRange,
-      `tensor ${tensor.name} has value ${values[large]} at index ${large}; ` +
-        `expected |value| <= ${maxAbsValue}`,
-    );
-  }
-  return values;
 }

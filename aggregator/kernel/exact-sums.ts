@@ -5,11 +5,21 @@
  * sums below 2^53 are exact in any order, so the same updates give the
  * same bytes whatever their arrival order.
  *
- * Two implementations give identical limbs: WebAssembly SIMD (two float64
- * lanes per instruction, input staged through a small buffer in the
- * module's memory) and a plain JavaScript loop for runtimes without
- * WebAssembly SIMD or models too large for one 32-bit memory.
+ * Three implementations give identical limbs: a native addon (AVX-512 or
+ * AVX2, on the caller's arrays, see native-sums.ts) where it was built,
+ * WebAssembly SIMD (two float64 lanes per instruction, input staged
+ * through a small buffer in the module's memory), and a plain JavaScript
+ * loop for runtimes without WebAssembly SIMD or models too large for one
+ * 32-bit memory.
  */
+import {
+  addOneByOne,
+  createLimbs,
+  divideLimbs,
+  LIMB_SCALE,
+  type Limbs,
+} from './limbs.ts';
+import { NativeExactSums, nativeLimbAddon } from './native-sums.ts';
 import {
   ELEMENTS_PER_STEP,
   STATE_BYTES_PER_ELEMENT,
@@ -17,7 +27,7 @@ import {
   type LimbExports,
 } from './limb-module.ts';
 
-const SCALE = 2 ** 26;
+const SCALE = LIMB_SCALE;
 
 /** Float32 values staged per kernel call: 64 KiB, which stays in L2. */
 const STAGING_ELEMENTS = 16_384;
@@ -49,23 +59,49 @@ export interface ExactSums {
    * float32 as whole + (high + low / 2^26) / 2^26.
    */
   divide(tensor: number, divisor: number): Float32Array;
+  /**
+   * Updates that `addBatch` sums per pass over the state; 1 when the
+   * implementation has no batched add.
+   */
+  readonly batchSize: number;
+  /**
+   * Adds `values[k] * numExamples[k]` for every k to tensor `tensor` when
+   * every |values[k][i]| <= maxAbsValues[k], and returns -1. Otherwise
+   * leaves the sums unchanged and returns [k, i] of the first value, by
+   * update then index, that is larger or not finite.
+   */
+  addBatch(
+    tensor: number,
+    values: readonly Float32Array[],
+    numExamples: Float64Array,
+    maxAbsValues: Float64Array,
+  ): -1 | [number, number];
 }
 
 /** Implementations of ExactSums. */
-export type ExactSumsKernel = 'wasm-simd' | 'js';
+export type ExactSumsKernel = 'native' | 'wasm-simd' | 'js';
 
 /**
  * Creates sums for tensors of the given element counts. Without `kernel`
- * it picks WebAssembly SIMD where the runtime has it and the model fits
- * one memory, and JavaScript otherwise.
+ * it picks the native addon where it was built for AVX2 or AVX-512, then
+ * WebAssembly SIMD where the runtime has it and the model fits one
+ * memory, and JavaScript otherwise.
  *
- * @throws {RangeError} when `kernel` is 'wasm-simd' and cannot be used.
+ * @throws {RangeError} when `kernel` is 'native' or 'wasm-simd' and
+ *   cannot be used.
  */
 export function createExactSums(
   sizes: readonly number[],
   kernel?: ExactSumsKernel,
 ): ExactSums {
   if (kernel === 'js') return new JsExactSums(sizes);
+  if (kernel === undefined || kernel === 'native') {
+    const { addon, reason } = nativeLimbAddon();
+    if (addon !== null) return new NativeExactSums(addon, sizes);
+    if (kernel === 'native') {
+      throw new RangeError(`the native kernel cannot be used: ${reason}`);
+    }
+  }
   const module = limbModule();
   const pages = WasmExactSums.pagesFor(sizes);
   if (module !== null && pages <= MAX_PAGES) {
@@ -115,6 +151,7 @@ function roundUp(value: number, multiple: number): number {
 
 class WasmExactSums implements ExactSums {
   readonly kernel = 'wasm-simd';
+  readonly batchSize = 1;
   readonly #sizes: readonly number[];
   readonly #stateOffsets: number[] = [];
   readonly #exports: LimbExports;
@@ -172,6 +209,15 @@ class WasmExactSums implements ExactSums {
     return -1;
   }
 
+  addBatch(
+    tensor: number,
+    values: readonly Float32Array[],
+    numExamples: Float64Array,
+    maxAbsValues: Float64Array,
+  ): -1 | [number, number] {
+    return addOneByOne(this, tensor, values, numExamples, maxAbsValues);
+  }
+
   subtract(tensor: number, values: Float32Array, numExamples: number): void {
     const state = this.#stateOffsets[tensor];
     this.#run('subtract', state, values, numExamples, 0, values.length);
@@ -223,23 +269,22 @@ class WasmExactSums implements ExactSums {
   }
 }
 
-/** Limbs of one tensor in the JavaScript implementation. */
-interface Limbs {
-  whole: Float64Array;
-  high: Float64Array;
-  low: Float64Array;
-}
-
 class JsExactSums implements ExactSums {
   readonly kernel = 'js';
+  readonly batchSize = 1;
   readonly #limbs: Limbs[];
 
   constructor(sizes: readonly number[]) {
-    this.#limbs = sizes.map((size) => ({
-      whole: new Float64Array(size),
-      high: new Float64Array(size),
-      low: new Float64Array(size),
-    }));
+    this.#limbs = sizes.map(createLimbs);
+  }
+
+  addBatch(
+    tensor: number,
+    values: readonly Float32Array[],
+    numExamples: Float64Array,
+    maxAbsValues: Float64Array,
+  ): -1 | [number, number] {
+    return addOneByOne(this, tensor, values, numExamples, maxAbsValues);
   }
 
   add(
@@ -259,12 +304,7 @@ class JsExactSums implements ExactSums {
   }
 
   divide(tensor: number, divisor: number): Float32Array {
-    const { whole, high, low } = this.#limbs[tensor];
-    const quotient = new Float32Array(whole.length);
-    for (let i = 0; i < whole.length; i++) {
-      quotient[i] = (whole[i] + (high[i] + low[i] / SCALE) / SCALE) / divisor;
-    }
-    return quotient;
+    return divideLimbs(this.#limbs[tensor], divisor);
   }
 }
 

@@ -1,8 +1,9 @@
 /**
  * The aggregation kernel against a copy of the same bytes: FedAvg of
  * `updates` updates of `size` float32 values through FedAvgAccumulator
- * (WebAssembly SIMD), the same sums in plain JavaScript, and
- * TypedArray.set of every update into one buffer.
+ * as the aggregator's rounds call it (`queue`, batched where the kernel
+ * batches), the same sums with the WebAssembly and JavaScript kernels,
+ * and TypedArray.set of every update into one buffer.
  */
 import { FedAvgAccumulator } from '../../aggregator/fedavg.ts';
 import { createExactSums } from '../../aggregator/kernel/index.ts';
@@ -29,14 +30,17 @@ export interface KernelResult {
   bytes: number;
   kernel: string;
   copy: Timing;
-  /** FedAvgAccumulator.add of every update, checks included. */
+  /** FedAvgAccumulator.queue of every update and flush, checks included. */
   add: Timing;
   /** FedAvgAccumulator.result once all updates are in. */
   result: Timing;
+  /** The same sums with the WebAssembly kernel, when it runs here. */
+  wasmAdd?: Timing;
   /** The same sums with the JavaScript kernel. */
   jsAdd: Timing;
   copyGBps: number;
   addGBps: number;
+  wasmAddGBps?: number;
   jsAddGBps: number;
   /** addGBps / copyGBps, measured in the same run. */
   addToCopyRatio: number;
@@ -67,7 +71,7 @@ export async function benchKernel(
   // needs some calls before the optimized code runs.
   const warmUp = new FedAvgAccumulator(sizes);
   for (const { values, numExamples } of updates.slice(0, 3)) {
-    warmUp.add(new Map([['w', values]]), numExamples);
+    warmUp.queue(new Map([['w', values]]), numExamples);
     target.set(values);
   }
   warmUp.result();
@@ -86,18 +90,24 @@ export async function benchKernel(
     add.push(
       await timeOnce(() => {
         for (const { values, numExamples } of updates) {
-          accumulator.add(new Map([['w', values]]), numExamples);
+          accumulator.queue(new Map([['w', values]]), numExamples);
         }
+        accumulator.flush();
       }),
     );
     result.push(await timeOnce(() => accumulator.result()));
   }
-  const jsAdd = await timeRepeats(Math.min(options.repeats, 2), () => {
-    const sums = createExactSums([options.size], 'js');
+  const sumsWith = (kernel: 'wasm-simd' | 'js') => () => {
+    const sums = createExactSums([options.size], kernel);
     for (const { values, numExamples } of updates) {
       sums.add(0, values, numExamples, Infinity);
     }
-  });
+  };
+  const wasmAdd =
+    accumulator.kernel === 'wasm-simd'
+      ? undefined
+      : await timeRepeats(options.repeats, sumsWith('wasm-simd'));
+  const jsAdd = await timeRepeats(Math.min(options.repeats, 2), sumsWith('js'));
 
   const bytes = options.updates * options.size * 4;
   const copyTiming = timingOf(copy);
@@ -112,9 +122,14 @@ export async function benchKernel(
     copy: copyTiming,
     add: addTiming,
     result: timingOf(result),
+    wasmAdd,
     jsAdd,
     copyGBps,
     addGBps,
+    wasmAddGBps:
+      wasmAdd === undefined
+        ? undefined
+        : gigabytesPerSecond(bytes, wasmAdd.best),
     jsAddGBps: gigabytesPerSecond(bytes, jsAdd.best),
     addToCopyRatio: addGBps / copyGBps,
   };
