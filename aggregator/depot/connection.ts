@@ -1,0 +1,158 @@
+/**
+ * The depot's two MQTT connections: upstream to the fleet broker and
+ * downstream to the depot broker. Both use persistent sessions, so each
+ * broker queues QoS 1 messages while the depot is away.
+ */
+import { connect, type MqttClient } from 'mqtt';
+import type { Logger } from '../../protocol/index.ts';
+
+/**
+ * Side of a depot connection: upstream to the fleet broker, downstream to
+ * the depot broker.
+ */
+export type DepotSide = 'upstream' | 'downstream';
+
+/** Delay between connection attempts, in milliseconds. */
+const RECONNECT_PERIOD_MS = 1000;
+/** Minimum time between two connection error warnings of one side. */
+const ERROR_LOG_INTERVAL_MS = 30_000;
+
+/** Inputs of {@link connectSide}. */
+export interface SideOptions {
+  side: DepotSide;
+  url: string;
+  clientId: string;
+  /** Topic filters to subscribe to with QoS 1 on every new session. */
+  subscriptions: string[];
+  /**
+   * Handles one incoming message. The PUBACK of a QoS 1 message goes
+   * once it resolves, and the client takes no other message before, so
+   * messages are handled one at a time in arrival order. It must not wait
+   * for the other connection, because that one may be waiting for this.
+   */
+  handleMessage: (topic: string, payload: Buffer) => Promise<void>;
+  /** Called after a reconnection whose broker had lost the session. */
+  onSessionLost: () => void;
+  /** Aborted when the depot stops; later socket errors log at debug. */
+  signal: AbortSignal;
+  log: Logger;
+}
+
+/** A connection being opened: its client and when it is up. */
+export interface OpenedSide {
+  /** Usable at once: QoS 1 publishes wait in mqtt.js until connected. */
+  client: MqttClient;
+  /**
+   * Resolves once connected and subscribed. Rejects when `signal` aborts
+   * first, after ending the client.
+   */
+  connected: Promise<void>;
+}
+
+/**
+ * Opens a connection with MQTT 3.1.1 and a persistent session
+ * (`clean: false`) that retries every second until the broker accepts,
+ * then subscribes. mqtt.js does not subscribe again after a reconnection
+ * with a persistent session, so when the broker lost the session, this
+ * does. The client exists before the first message arrives, so a message
+ * handler can publish on it.
+ */
+export function openSide(options: SideOptions): OpenedSide {
+  const { side, url, clientId, log } = options;
+  const client = connect(url, {
+    protocolVersion: 4,
+    clientId,
+    clean: false,
+    reconnectPeriod: RECONNECT_PERIOD_MS,
+    connectTimeout: 10_000,
+    reconnectOnConnackError: true,
+  });
+  client.handleMessage = (packet, done) => {
+    const payload = Buffer.isBuffer(packet.payload)
+      ? packet.payload
+      : Buffer.from(packet.payload);
+    options.handleMessage(packet.topic, payload).then(
+      () => done(),
+      (err: unknown) => {
+        log.error({ err, side, topic: packet.topic }, 'message handler failed');
+        done();
+      },
+    );
+  };
+  logConnectionEvents(client, options);
+  const connected = awaitFirstConnection(client, options);
+  // Marked handled here; the caller awaits it.
+  connected.catch(() => undefined);
+  return { client, connected };
+}
+
+async function awaitFirstConnection(
+  client: MqttClient,
+  options: SideOptions,
+): Promise<void> {
+  const { side, url, clientId, log, signal } = options;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => {
+        client.off('connect', onConnect);
+        reject(new Error(`connection to ${url} aborted before it was up`));
+      };
+      const onConnect = (): void => {
+        signal.removeEventListener('abort', onAbort);
+        resolve();
+      };
+      client.once('connect', onConnect);
+      signal.addEventListener('abort', onAbort, { once: true });
+      if (signal.aborted) onAbort();
+    });
+  } catch (err) {
+    await client.endAsync(true);
+    throw err;
+  }
+  await subscribe(client, options.subscriptions);
+  log.info({ side, clientId, brokerUrl: url }, 'connected to broker');
+
+  client.on('connect', (connack) => {
+    log.info(
+      { side, clientId, sessionPresent: connack.sessionPresent },
+      'broker connection restored',
+    );
+    if (connack.sessionPresent) return;
+    log.warn({ side, clientId }, 'broker lost the session, subscribing again');
+    subscribe(client, options.subscriptions).then(
+      () => options.onSessionLost(),
+      (err: unknown) => log.warn({ err, side }, 'subscription failed'),
+    );
+  });
+}
+
+/** Subscribes to `filters` with QoS 1. */
+export async function subscribe(
+  client: MqttClient,
+  filters: readonly string[],
+): Promise<void> {
+  await client.subscribeAsync(
+    Object.fromEntries(filters.map((filter) => [filter, { qos: 1 as const }])),
+  );
+}
+
+function logConnectionEvents(client: MqttClient, options: SideOptions): void {
+  const { side, clientId, url, log, signal } = options;
+  let errorLoggedAtMs = -Infinity;
+  client.on('error', (err) => {
+    const now = Date.now();
+    if (signal.aborted || now - errorLoggedAtMs < ERROR_LOG_INTERVAL_MS) {
+      log.debug({ err, side, clientId }, 'mqtt client error');
+      return;
+    }
+    errorLoggedAtMs = now;
+    log.warn({ err, side, clientId, brokerUrl: url }, 'mqtt client error');
+  });
+  client.on('offline', () => {
+    if (signal.aborted) log.debug({ side }, 'broker connection lost');
+    else log.warn({ side, brokerUrl: url }, 'broker connection lost');
+  });
+  client.on('reconnect', () =>
+    log.debug({ side, brokerUrl: url }, 'reconnecting to broker'),
+  );
+}

@@ -1,0 +1,35 @@
+export { Depot, STATUS_SETTLE_MS, TASK_WAIT_MS } from './depot.ts';
+export { DepotRound, partialIdOf } from './collector.ts';
+export { rejectWithoutTask, vehicleAckOf } from './acks.ts';
+export type {
+  DepotDecision,
+  DepotRoundPhase,
+  SealedPartial,
+  UpdateCaps,
+} from './collector.ts';
+export type {
+  DepotEvents,
+  DepotPartialForwardedEvent,
+  DepotPartialSettledEvent,
+  DepotRoundStartedEvent,
+  DepotUpdateDecidedEvent,
+} from './events.ts';
+export {
+  MAX_RESEND_WAIT_MS,
+  PartialForwarder,
+  resendWaitMs,
+} from './forwarder.ts';
+export { DepotJournal } from './journal.ts';
+export {
+  DEFAULT_FORWARD_MARGIN_MS,
+  DEFAULT_PARTIAL_ACK_TIMEOUT_MS,
+  checkBrokerUrl,
+  resolveDepotOptions,
+} from './options.ts';
+export type { DepotOptions, ResolvedDepotOptions } from './options.ts';
+export {
+  downstreamRelayFilters,
+  isRelayedDown,
+  isRelayedUp,
+  upstreamRelayFilters,
+} from './relay.ts';

@@ -1,0 +1,208 @@
+/**
+ * Shared pieces of the depot tests: a stand-in for the fleet aggregator
+ * on the fleet broker (publishes round tasks, collects partials, sends
+ * acks), round tasks, and a log that records every line.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { connect, type MqttClient } from 'mqtt';
+import { pino } from 'pino';
+import type { RunningBroker } from '../broker/index.ts';
+import {
+  AckStatus,
+  decodePartialAggregate,
+  encodeRoundTask,
+  encodeUpdateAck,
+  type Logger,
+  type PartialAggregate,
+  type RoundTask,
+  type UpdateAck,
+} from '../protocol/index.ts';
+import { endClient } from '../protocol/mqtt-end.ts';
+import { MODEL_NAME } from '../models/architecture.ts';
+import { Depot, type DepotOptions } from '../aggregator/depot/index.ts';
+import { FLEET_ID, quietLog, topics } from './aggregator-fixtures.ts';
+
+/** Trainable tensors of the depot tests' tasks: small, for fast tests. */
+export const SMALL_TENSORS = ['dense2/kernel', 'dense2/bias'];
+
+/** Builds a round task of FLEET_ID for `selected`, open for `timeoutMs`. */
+export function buildTask(
+  round: number,
+  selected: string[],
+  timeoutMs = 30_000,
+  overrides: Partial<RoundTask> = {},
+): RoundTask {
+  const openedAtMs = Date.now();
+  return {
+    fleetId: FLEET_ID,
+    round,
+    modelName: MODEL_NAME,
+    modelVersion: round - 1,
+    selectedVehicles: selected,
+    training: {
+      localEpochs: 1,
+      batchSize: 32,
+      learningRate: 0.001,
+      proximalMu: 0,
+      trainableTensors: SMALL_TENSORS,
+      restrictToLocalClasses: true,
+    },
+    openedAtMs,
+    deadlineMs: openedAtMs + timeoutMs,
+    minUpdates: 1,
+    modelSha256: '0'.repeat(64),
+    ...overrides,
+  };
+}
+
+/** Creates a temporary directory, which `remove()` deletes. */
+export function createStateDir(): { dir: string; remove(): void } {
+  const dir = mkdtempSync(join(tmpdir(), 'fleetlearn-depot-'));
+  return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Depot options for tests on these brokers: quiet, short timeouts. */
+export function depotOptions(
+  fleet: RunningBroker,
+  depotBroker: RunningBroker,
+  stateDir: string,
+  overrides: Partial<DepotOptions> = {},
+): DepotOptions {
+  return {
+    depotId: 'depot-a',
+    fleetId: FLEET_ID,
+    upstreamUrl: `mqtt://127.0.0.1:${fleet.port}`,
+    downstreamUrl: `mqtt://127.0.0.1:${depotBroker.port}`,
+    stateDir,
+    partialAckTimeoutMs: 5000,
+    log: quietLog,
+    ...overrides,
+  };
+}
+
+/** Starts a depot and waits until it has handled the retained task. */
+export async function startDepot(options: DepotOptions): Promise<Depot> {
+  const depot = new Depot(options);
+  await depot.start();
+  return depot;
+}
+
+/** A log line: its message and fields. */
+export type LogLine = Record<string, unknown> & { msg: string };
+
+/** Creates a pino logger at debug that keeps every line it writes. */
+export function recordingLogger(): { log: Logger; lines: LogLine[] } {
+  const lines: LogLine[] = [];
+  const stream = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(JSON.parse(String(chunk)) as LogLine);
+      done();
+    },
+  });
+  return { log: pino({ level: 'debug' }, stream), lines };
+}
+
+/** Resolves `check()` once it returns a value; rejects after `timeoutMs`. */
+export async function waitUntil<T>(
+  description: string,
+  check: () => T | undefined,
+  timeoutMs = 20_000,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) {
+      throw new Error(
+        `timed out after ${timeoutMs} ms waiting for ${description}`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/**
+ * Stand-in for the fleet aggregator: a plain MQTT client on the fleet
+ * broker that publishes round tasks, records every partial of one depot
+ * and acks them when the test calls `ack()`.
+ */
+export class FakeFleet {
+  readonly client: MqttClient;
+  readonly depotId: string;
+  readonly partials: PartialAggregate[] = [];
+
+  private constructor(client: MqttClient, depotId: string) {
+    this.client = client;
+    this.depotId = depotId;
+    client.on('message', (topic, payload) => {
+      if (topic === topics.depotPartial(depotId)) {
+        this.partials.push(decodePartialAggregate(payload));
+      }
+    });
+  }
+
+  static async connect(
+    broker: RunningBroker,
+    depotId = 'depot-a',
+  ): Promise<FakeFleet> {
+    const client = connect(`mqtt://127.0.0.1:${broker.port}`, {
+      protocolVersion: 4,
+      clientId: `fake-fleet-${depotId}`,
+      reconnectPeriod: 0,
+    });
+    await new Promise<void>((resolve, reject) => {
+      client.once('connect', () => resolve());
+      client.once('error', reject);
+    });
+    await client.subscribeAsync(topics.depotPartial(depotId), { qos: 1 });
+    return new FakeFleet(client, depotId);
+  }
+
+  /** Publishes `task` retained on the round task topic. */
+  async publishTask(task: RoundTask): Promise<void> {
+    await this.client.publishAsync(
+      topics.roundTask(),
+      Buffer.from(encodeRoundTask(task)),
+      { qos: 1, retain: true },
+    );
+  }
+
+  /** Waits for partial number `count` (1 for the first) and returns it. */
+  nthPartial(count: number, timeoutMs?: number): Promise<PartialAggregate> {
+    return waitUntil(
+      `partial #${count} of ${this.depotId}`,
+      () => this.partials[count - 1],
+      timeoutMs,
+    );
+  }
+
+  /** Acks `partial` with `status` and, for a rejection, `reasonCode`. */
+  async ack(
+    partial: PartialAggregate,
+    fields: Partial<UpdateAck> = {},
+  ): Promise<UpdateAck> {
+    const ack: UpdateAck = {
+      updateId: partial.partialId,
+      round: partial.round,
+      status: AckStatus.Accepted,
+      reasonCode: '',
+      reason: '',
+      currentRound: partial.round,
+      currentModelVersion: partial.baseModelVersion,
+      ...fields,
+    };
+    await this.client.publishAsync(
+      topics.depotAck(this.depotId),
+      Buffer.from(encodeUpdateAck(ack)),
+      { qos: 1 },
+    );
+    return ack;
+  }
+
+  async close(): Promise<void> {
+    await endClient(this.client, 2000);
+  }
+}
