@@ -181,10 +181,10 @@ export class FedAvgAccumulator {
   }
 
   /**
-   * Sums the queued updates now, in one batched add per tensor; `result`
-   * calls it, so callers need it only to time the sums. When a value
-   * fails the check, the tensors already added are taken back, the other
-   * updates are added one by one, and the failure is kept for `result`.
+   * Sums the queued updates now, in one batched add per tensor. `result`
+   * calls it, so other callers need it only to time the sums. When a
+   * value fails the check, the tensors already added are taken back, the
+   * other updates are added one by one, and `result` throws the failure.
    */
   flush(): void {
     const pending = this.#pending;

@@ -16,9 +16,9 @@ export interface Limbs {
 
 /**
  * Zero limbs for `size` elements. The arrays are written once here, so
- * that the operating system maps their pages now, when a round opens,
- * and not during the first update's sum: on this 2-core VM first-touch
- * page faults made that sum about 3 times slower.
+ * that the operating system maps their pages when a round opens. Without
+ * that, first-touch page faults made the first sums about 3 times slower
+ * on the 2-core development VM.
  */
 export function createLimbs(size: number): Limbs {
   return {
