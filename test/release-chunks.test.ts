@@ -460,10 +460,13 @@ describe('chunked release delivery', () => {
         subscribedChunks(clientId, topics).slice(0, before),
         [0, 1, 2, 3, 4].slice(0, Math.min(count, 5)),
       );
-      // After the reconnection only the missing chunks were requested.
-      assert.deepEqual(
-        subscribedChunks(clientId, topics).slice(before).sort(),
-        rest,
+      // After the reconnection only missing chunks were requested. The
+      // persistent session may deliver them before the agent asks again,
+      // and then the agent requests none.
+      const again = subscribedChunks(clientId, topics).slice(before);
+      assert.ok(
+        again.every((index) => rest.includes(index)),
+        `chunks requested again: ${again.join(', ')}`,
       );
       assert.equal(agent.releaseDownloads.chunksStored, count);
       assert.equal(agent.releaseDownloads.chunksRejected, 0);
