@@ -98,6 +98,11 @@ export interface UpdateAck {
   reason: string;
   currentRound: number;
   currentModelVersion: number;
+  /**
+   * Only in the reply to a depot partial rejected with DUPLICATE_UPDATE:
+   * the entries' update ids the round had counted already.
+   */
+  duplicateUpdateIds?: string[];
 }
 
 /** Release notice: the ONNX file's identity and how it is chunked. */
