@@ -119,6 +119,17 @@ export function createExactSums(
   return new JsExactSums(sizes);
 }
 
+/**
+ * Names the kernel that FedAvg sums run on here, for logs: `native
+ * (avx512f)`, or `wasm-simd` or `js` with the reason the native one is not
+ * used.
+ */
+export function aggregationKernelName(): string {
+  const { addon, reason } = nativeLimbAddon();
+  if (addon !== null) return `native (${reason})`;
+  return `${createExactSums([1]).kernel} (no native kernel: ${reason})`;
+}
+
 /** Index of the first |value| > maxAbsValue or not finite, from `start`. */
 function firstInvalid(
   values: Float32Array,

@@ -1,3 +1,3 @@
-export { createExactSums } from './exact-sums.ts';
+export { aggregationKernelName, createExactSums } from './exact-sums.ts';
 export type { ExactSums, ExactSumsKernel } from './exact-sums.ts';
-export { aggregationKernelName, nativeLimbAddon } from './native-sums.ts';
+export { nativeLimbAddon } from './native-sums.ts';

@@ -132,14 +132,3 @@ export class NativeExactSums implements ExactSums {
     return divideLimbs(this.#limbs[tensor], divisor);
   }
 }
-
-/**
- * Names the kernel FedAvg sums run on here, for logs: `native (avx512f)`,
- * or `wasm-simd or js` with the reason the native one is missing.
- */
-export function aggregationKernelName(): string {
-  const { addon, reason } = nativeLimbAddon();
-  return addon === null
-    ? `wasm-simd or js: no native kernel, ${reason}`
-    : `native (${reason})`;
-}
