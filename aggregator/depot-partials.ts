@@ -1,246 +1,37 @@
 /**
  * Fleet side of hierarchical aggregation. DepotPartials decides on each
- * depot's PartialAggregate, counts an accepted one in the open round,
- * logs the decision and acks it. The ack is an UpdateAck whose update id
- * is the partial id, sent on the depot's ack topic.
- *
- * A partial is checked like the vehicle updates it merged: every entry
- * goes through the header checks of validate.ts (round, selection, model
- * version, duplicates, example count), and its mean delta through the
- * same tensor checks, in float32 only.
+ * depot's PartialAggregate (see validate-partial.ts), counts an accepted
+ * one in the open round, logs the decision and acks it. The ack is an
+ * UpdateAck whose update id is the partial id, sent on the depot's ack
+ * topic, so that the depot can match it to the partial it waits for.
  */
 import {
-  ErrorCode,
-  decodePartialAggregate,
   encodeUpdateAck,
-  isFleetError,
   type FleetTopics,
   type Logger,
-  type PartialAggregate,
+  type UpdateAck,
 } from '../protocol/index.ts';
-import { NO_COMPRESSION } from '../protocol/compression/index.ts';
-import type { WeightMap } from '../models/architecture.ts';
-import { MAX_ABS_WEIGHTED_DELTA, MAX_EXAMPLES_PER_ADD } from './fedavg.ts';
 import { roundContextOf, type IngressState } from './ingress.ts';
 import { buildAck, truncateText } from './messages.ts';
-import { decodeDeltaTensors } from './delta-tensors.ts';
 import type { OpenRound } from './round.ts';
 import {
-  checkUpdateHeader,
-  type RejectedUpdate,
-  type RoundContext,
-} from './validate.ts';
+  decidePartial,
+  partialKeyOf,
+  type CountedPartialRecord,
+  type PartialDecision,
+  type PartialHeader,
+} from './validate-partial.ts';
 
 /** Maximum length of an id copied into a log line. */
 const MAX_LOGGED_ID_CHARS = 130;
 
-/** State a partial is judged against. */
-export interface PartialContext extends RoundContext {
-  /** Depot ids of the option `depots`. */
-  depots: ReadonlySet<string>;
-  /**
-   * Update ids of the partial the open round counted under this key (see
-   * partialKeyOf), or undefined.
-   */
-  countedPartial(key: string): readonly string[] | undefined;
-}
-
-/** A partial that passed every check, or a copy of a counted one. */
-export interface AcceptedPartial {
-  accepted: true;
-  partial: PartialAggregate;
-  /** Decoded mean delta, or undefined for a copy of a counted partial. */
-  meanDeltas: WeightMap | undefined;
-}
-
-/** A partial that failed a check; `partial` is set once it decoded. */
-export interface RejectedPartial {
-  accepted: false;
-  code: ErrorCode;
-  reason: string;
-  partial?: PartialAggregate;
-}
-
-export type PartialDecision = AcceptedPartial | RejectedPartial;
-
 /**
- * Returns the key of a partial in OpenRound. Depot ids are one topic
- * level, so the first "/" ends the depot id and two keys cannot collide.
+ * Counted partials remembered across rounds, so that a resend whose ack
+ * was lost is acked ACCEPTED again after its round closed. Each record
+ * contains the partial's key and one update id per merged vehicle. The
+ * open round's own partials are found in OpenRound, however many there are.
  */
-export function partialKeyOf(
-  partial: Pick<PartialAggregate, 'depotId' | 'partialId'>,
-): string {
-  return `${partial.depotId}/${partial.partialId}`;
-}
-
-function reject(
-  code: ErrorCode,
-  reason: string,
-  partial?: PartialAggregate,
-): RejectedPartial {
-  return { accepted: false, code, reason, partial };
-}
-
-/**
- * Decides whether `payload`, received on the partial topic of
- * `topicDepotId`, counts in the open round. Checks run in a fixed order
- * (size, depot, decoding, sender, copy of a counted partial, entries,
- * total examples, tensors) and the first failure decides the code.
- */
-export function decidePartial(
-  topicDepotId: string,
-  payload: Uint8Array,
-  context: PartialContext,
-): PartialDecision {
-  if (payload.byteLength > context.maxMessageBytes) {
-    return reject(
-      ErrorCode.PayloadTooLarge,
-      `partial is ${payload.byteLength} bytes, above the maximum of ` +
-        `${context.maxMessageBytes} bytes`,
-    );
-  }
-  if (!context.depots.has(topicDepotId)) {
-    return reject(
-      ErrorCode.InvalidConfig,
-      `depot ${topicDepotId} is not one of the fleet aggregator's ` +
-        `${context.depots.size} depots; add it to the aggregator's --depots`,
-    );
-  }
-  let partial: PartialAggregate;
-  try {
-    partial = decodePartialAggregate(payload);
-  } catch (err) {
-    if (!isFleetError(err)) throw err;
-    return reject(err.code, err.message);
-  }
-  if (partial.depotId !== topicDepotId) {
-    return reject(
-      ErrorCode.MalformedPayload,
-      `partial ${partial.partialId} names depot ${partial.depotId} but ` +
-        `arrived on the partial topic of depot ${topicDepotId}`,
-      partial,
-    );
-  }
-
-  const counted =
-    context.openRound === partial.round
-      ? context.countedPartial(partialKeyOf(partial))
-      : undefined;
-  if (counted !== undefined) return decideCopy(partial, counted);
-  const problem =
-    checkEntries(partial, context) ?? checkTotal(partial, context);
-  if (problem !== undefined) return { ...problem, partial };
-
-  const meanDeltas = decodeDeltaTensors(partial.meanDeltas, 'meanDeltas', {
-    round: partial.round,
-    trainableShapes: context.trainableShapes,
-    // The FedAvg sums weight each value by the partial's numExamples,
-    // so the kernel's bound on the product may be the tighter one.
-    maxAbsDeltaValue: Math.min(
-      context.maxAbsDeltaValue,
-      MAX_ABS_WEIGHTED_DELTA / partial.numExamples,
-    ),
-    // The depot decodes its vehicles' updates before merging them.
-    updateCompression: NO_COMPRESSION,
-  });
-  if (!(meanDeltas instanceof Map)) {
-    return { ...meanDeltas, reason: describe(partial, meanDeltas.reason) };
-  }
-  return { accepted: true, partial, meanDeltas };
-}
-
-/**
- * Accepts again a copy of a counted partial, whose first ack may have been
- * lost, without counting it twice. The same id for other updates is
- * rejected, since acking it would drop those updates unseen.
- */
-function decideCopy(
-  partial: PartialAggregate,
-  countedUpdateIds: readonly string[],
-): PartialDecision {
-  const updateIds = partial.updates.map((entry) => entry.updateId);
-  const isSame =
-    updateIds.length === countedUpdateIds.length &&
-    updateIds.every((id, index) => id === countedUpdateIds[index]);
-  if (isSame) return { accepted: true, partial, meanDeltas: undefined };
-  return reject(
-    ErrorCode.DuplicateUpdate,
-    describe(
-      partial,
-      `round ${partial.round} counted a partial with this id for updates ` +
-        `[${countedUpdateIds.join(', ')}], not [${updateIds.join(', ')}]; ` +
-        'expected a new partial id for another set of updates',
-    ),
-    partial,
-  );
-}
-
-function describe(partial: PartialAggregate, reason: string): string {
-  return `partial ${partial.partialId} from depot ${partial.depotId}: ${reason}`;
-}
-
-/**
- * Checks each entry as the header of a vehicle update of the partial's
- * round and model, and that no update id appears twice.
- */
-function checkEntries(
-  partial: PartialAggregate,
-  context: RoundContext,
-): RejectedPartial | undefined {
-  const updateIds = new Set<string>();
-  for (const entry of partial.updates) {
-    const header = {
-      ...entry,
-      round: partial.round,
-      modelName: partial.modelName,
-      baseModelVersion: partial.baseModelVersion,
-    };
-    const problem: RejectedUpdate | undefined =
-      checkUpdateHeader(header, context) ??
-      (updateIds.has(entry.updateId)
-        ? {
-            accepted: false,
-            code: ErrorCode.DuplicateUpdate,
-            reason: `update ${entry.updateId} appears in two entries`,
-          }
-        : undefined);
-    if (problem !== undefined) {
-      const reason = `entry of vehicle ${entry.vehicleId}: ${problem.reason}`;
-      return reject(problem.code, describe(partial, reason));
-    }
-    updateIds.add(entry.updateId);
-  }
-  return undefined;
-}
-
-/** Checks that the partial's weight fits the FedAvg sums exactly. */
-function checkTotal(
-  partial: PartialAggregate,
-  context: RoundContext,
-): RejectedPartial | undefined {
-  const { numExamples } = partial;
-  if (numExamples > MAX_EXAMPLES_PER_ADD) {
-    return reject(
-      ErrorCode.InvalidExampleCount,
-      describe(
-        partial,
-        `numExamples ${numExamples} is above ${MAX_EXAMPLES_PER_ADD}, the ` +
-          'largest weight the FedAvg sums add exactly',
-      ),
-    );
-  }
-  if (!Number.isSafeInteger(context.acceptedExamples + numExamples)) {
-    return reject(
-      ErrorCode.InvalidExampleCount,
-      describe(
-        partial,
-        `numExamples ${numExamples} would raise the round's sum of ` +
-          `${context.acceptedExamples} above ${Number.MAX_SAFE_INTEGER}`,
-      ),
-    );
-  }
-  return undefined;
-}
+const MAX_REMEMBERED_PARTIALS = 1_000;
 
 /** Settings and callbacks DepotPartials takes from the aggregator. */
 export interface DepotPartialsHost {
@@ -259,10 +50,17 @@ export interface DepotPartialsHost {
   rememberAccepted(updateId: string, round: number): void;
 }
 
+/** Returns the partial id and round of a decision, when they are known. */
+function headerOf(decision: PartialDecision): PartialHeader | undefined {
+  return decision.accepted ? decision.partial : decision.header;
+}
+
 /** Receives the partials of the configured depots. */
 export class DepotPartials {
   readonly #host: DepotPartialsHost;
   readonly #depots: ReadonlySet<string>;
+  /** Partials counted in recent rounds by key, oldest first. */
+  readonly #counted = new Map<string, CountedPartialRecord>();
 
   constructor(host: DepotPartialsHost) {
     this.#host = host;
@@ -304,48 +102,76 @@ export class DepotPartials {
     const decision = decidePartial(depotId, payload, {
       ...roundContextOf(state),
       depots: this.#depots,
-      countedPartial: (key) => round?.countedPartial(key),
+      countedPartial: (key) => this.#countedPartial(round, key),
     });
-    if (round?.isOpen === true) this.#count(round, payload, decision);
+    if (round?.isOpen === true) {
+      this.#count(round, depotId, payload.byteLength, decision);
+    }
 
     this.#log(depotId, payload.byteLength, decision, state);
-    const { partial } = decision;
-    const ack = buildAck(
-      {
-        ...decision,
-        update:
-          partial === undefined
-            ? undefined
-            : { updateId: partial.partialId, round: partial.round },
-      },
-      {
-        round: state.fleet.lastRound,
-        modelVersion: state.currentModelVersion,
-      },
-    );
-    this.#host.publishAck(ackTopic, encodeUpdateAck(ack));
+    this.#host.publishAck(ackTopic, encodeUpdateAck(ackOf(decision, state)));
     return true;
   }
 
   /**
-   * Counts a new accepted partial, or a rejected one as one rejected
-   * message. A copy of a counted partial changes nothing.
+   * Returns the partial counted under `key` in `round`, which may have
+   * closed already, or else in one of the remembered earlier rounds.
    */
-  #count(round: OpenRound, payload: Uint8Array, decision: PartialDecision) {
+  #countedPartial(
+    round: OpenRound | undefined,
+    key: string,
+  ): CountedPartialRecord | undefined {
+    const updateIds = round?.countedPartial(key);
+    if (round !== undefined && updateIds !== undefined) {
+      return { round: round.round, updateIds };
+    }
+    return this.#counted.get(key);
+  }
+
+  /**
+   * Counts a new accepted partial, or a rejected one as one rejected
+   * message. A copy of a counted partial changes nothing, and neither
+   * does a resend of a partial this round rejected with the same code.
+   */
+  #count(
+    round: OpenRound,
+    depotId: string,
+    bytes: number,
+    decision: PartialDecision,
+  ): void {
     if (!decision.accepted) {
-      round.record(payload.byteLength, decision);
+      const partialId = decision.header?.partialId;
+      if (partialId === undefined) {
+        round.record(bytes, decision);
+        return;
+      }
+      const key = partialKeyOf({ depotId, partialId });
+      round.recordRejectedPartial(bytes, key, decision);
       return;
     }
     const { partial, meanDeltas } = decision;
     if (meanDeltas === undefined) return;
-    round.recordPartial(payload.byteLength, {
-      key: partialKeyOf(partial),
+    const key = partialKeyOf(partial);
+    round.recordPartial(bytes, {
+      key,
       entries: partial.updates,
       numExamples: partial.numExamples,
       meanDeltas,
     });
+    this.#remember(key, {
+      round: partial.round,
+      updateIds: partial.updates.map((entry) => entry.updateId),
+    });
     for (const entry of partial.updates) {
       this.#host.rememberAccepted(entry.updateId, partial.round);
+    }
+  }
+
+  #remember(key: string, record: CountedPartialRecord): void {
+    this.#counted.set(key, record);
+    if (this.#counted.size > MAX_REMEMBERED_PARTIALS) {
+      const oldest = this.#counted.keys().next().value as string;
+      this.#counted.delete(oldest);
     }
   }
 
@@ -355,14 +181,15 @@ export class DepotPartials {
     decision: PartialDecision,
     state: IngressState,
   ): void {
+    const header = headerOf(decision);
     const partial = decision.partial;
     const fields = {
       depotId,
       partialId:
-        partial === undefined
+        header === undefined
           ? undefined
-          : truncateText(partial.partialId, MAX_LOGGED_ID_CHARS),
-      round: partial?.round,
+          : truncateText(header.partialId, MAX_LOGGED_ID_CHARS),
+      round: header?.round,
       vehicles: partial?.updates.length,
       numExamples: partial?.numExamples,
       bytes,
@@ -381,8 +208,37 @@ export class DepotPartials {
         openRound: state.round?.isOpen === true ? state.round.round : undefined,
         code: decision.code,
         reason: truncateText(decision.reason),
+        duplicates: decision.duplicateUpdateIds?.length,
       },
       'depot partial rejected',
     );
   }
+}
+
+/**
+ * Builds the ack of a decided partial. Its update id is the partial id
+ * whenever the payload carried one, and only an unreadable payload gets
+ * the placeholder id of buildAck.
+ */
+function ackOf(decision: PartialDecision, state: IngressState): UpdateAck {
+  const header = headerOf(decision);
+  const ack = buildAck(
+    {
+      ...decision,
+      update:
+        header === undefined
+          ? undefined
+          : { updateId: header.partialId, round: header.round },
+    },
+    {
+      round: state.fleet.lastRound,
+      modelVersion: state.currentModelVersion,
+    },
+  );
+  const duplicateUpdateIds = decision.accepted
+    ? undefined
+    : decision.duplicateUpdateIds;
+  return duplicateUpdateIds === undefined
+    ? ack
+    : { ...ack, duplicateUpdateIds };
 }

@@ -9,9 +9,17 @@ import { ClippedSum } from './privacy-round.ts';
 import type { VehicleUpdate } from './strategies/index.ts';
 import {
   acceptedKeyOf,
+  type RejectedUpdate,
   type RoundContext,
   type UpdateDecision,
 } from './validate.ts';
+
+/**
+ * Rejected depot partials one round remembers by key, so that a resend
+ * counts as one rejection. Past it every rejection counts, which keeps
+ * the memory of a round with many bad partial ids bounded.
+ */
+const MAX_REJECTED_PARTIALS = 1_000;
 
 /**
  * Reason a round stopped taking updates. 'all-responded' means every
@@ -98,6 +106,8 @@ export class OpenRound {
   readonly #rejectedByReason: Record<string, number> = {};
   /** Update ids of each counted depot partial's entries, by its key. */
   readonly #countedPartials = new Map<string, readonly string[]>();
+  /** Reason code of each rejected depot partial, by its key. */
+  readonly #rejectedPartials = new Map<string, string>();
   readonly #keptUpdates: VehicleUpdate[] | undefined;
   readonly #clippedSum: ClippedSum | undefined;
   #accepted = 0;
@@ -273,6 +283,28 @@ export class OpenRound {
       this.#countAccepted({ ...entry, round: this.round });
     }
     this.#closeWhenComplete();
+  }
+
+  /**
+   * Counts a rejected depot partial of `bytes` as one rejected message,
+   * unless this round rejected the partial under `key` with the same code
+   * already. A depot resends a partial until it gets an ack, so a resend
+   * adds only its bytes.
+   */
+  recordRejectedPartial(
+    bytes: number,
+    key: string,
+    decision: RejectedUpdate,
+  ): void {
+    if (this.#rejectedPartials.get(key) === decision.code) {
+      this.#uplinkBytes += bytes;
+      return;
+    }
+    const hasRoom = this.#rejectedPartials.size < MAX_REJECTED_PARTIALS;
+    if (hasRoom || this.#rejectedPartials.has(key)) {
+      this.#rejectedPartials.set(key, decision.code);
+    }
+    this.record(bytes, decision);
   }
 
   #countAccepted(update: {

@@ -13,8 +13,9 @@ import {
 } from '../aggregator/index.ts';
 import {
   decidePartial,
+  readPartialHeader,
   type PartialContext,
-} from '../aggregator/depot-partials.ts';
+} from '../aggregator/validate-partial.ts';
 import { MAX_EXAMPLES_PER_ADD } from '../aggregator/fedavg.ts';
 import {
   AckStatus,
@@ -327,12 +328,11 @@ describe('aggregator with depot partials', () => {
     assert.equal(task2.modelVersion, 1);
     const current = { round: 2, modelVersion: 1 };
 
-    // A copy of round 1's partial: its updates were counted in round 1.
-    assertRejected(
-      await depotA.send(bytesA),
-      ErrorCode.DuplicateUpdate,
-      current,
-    );
+    // A copy of round 1's partial, counted in round 1, is acked again.
+    const lateCopy = await depotA.send(bytesA);
+    assertAccepted(lateCopy, 'depot-a-r1');
+    assert.equal(lateCopy.round, 1);
+    assert.equal(lateCopy.currentRound, 2);
 
     // (c) A direct update, then a partial covering the same vehicle.
     const direct1 = buildUpdate('veh-1', task2, { numExamples: 7 });
@@ -352,6 +352,7 @@ describe('aggregator with depot partials', () => {
     assertRejected(mixed, ErrorCode.DuplicateUpdate, current);
     assert.equal(mixed.updateId, 'depot-a-r2');
     assert.match(mixed.reason, /vehicle veh-1 already has an accepted update/);
+    assert.deepEqual(mixed.duplicateUpdateIds, ['veh-1-via-depot-a-r2']);
 
     // (d) Each bad input is rejected with the current round and version.
     const valid = (overrides: Partial<PartialAggregate> = {}) =>
@@ -513,7 +514,7 @@ describe('aggregator with depot partials', () => {
     assert.equal(second.numExamples, 36);
     assert.equal(second.partials, 1);
     assert.deepEqual(second.rejectedByReason, {
-      [ErrorCode.DuplicateUpdate]: 4,
+      [ErrorCode.DuplicateUpdate]: 3,
       [ErrorCode.InvalidConfig]: 1,
       [ErrorCode.WrongRound]: 1,
       [ErrorCode.RoundClosed]: 1,
@@ -527,12 +528,222 @@ describe('aggregator with depot partials', () => {
       [ErrorCode.WrongTensors]: 1,
       [ErrorCode.MalformedPayload]: 2,
     });
-    assert.equal(second.rejected, 18);
+    assert.equal(second.rejected, 17);
     assert.equal(closedEvents.length, 2);
     const release2 = await fetchRetainedRelease(broker);
     assert.equal(release2.version, 2);
     assert.equal(release2.numVehicles, 4);
     assert.equal(release2.numExamples, 36);
+  });
+});
+
+describe('depot partial acks and resends', () => {
+  let broker: RunningBroker;
+  let workspace: Workspace;
+  let images: RealImages;
+  let vehicles: TestVehicle[] = [];
+  let depots: TestDepot[] = [];
+  let aggregator: Aggregator | undefined;
+
+  before(async () => {
+    images = await loadRealImages();
+    broker = await startTestBroker();
+    workspace = createWorkspace();
+  });
+
+  after(async () => {
+    await aggregator?.stop();
+    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
+    await Promise.all(depots.map((depot) => depot.close()));
+    await broker.close();
+    workspace.remove();
+  });
+
+  test('duplicates listed, resends counted once', async () => {
+    vehicles = await Promise.all(
+      ['veh-1', 'veh-2', 'veh-3'].map((id) => TestVehicle.connect(broker, id)),
+    );
+    depots = await Promise.all(
+      ['depot-a', 'depot-x'].map((id) => TestDepot.connect(broker.port, id)),
+    );
+    const [depotA, unknownDepot] = depots;
+    const [veh1] = vehicles;
+    aggregator = new Aggregator(
+      testOptions(broker, workspace, images, {
+        depots: ['depot-a'],
+        minVehiclesOnline: 3,
+        minUpdates: 1,
+        maxRounds: 2,
+        roundTimeoutMs: 60_000,
+        maxExamplesPerUpdate: 1000,
+      }),
+    );
+    const firstClosed = once(aggregator, 'round-closed');
+    await aggregator.start();
+    const task = await veh1.nextTask();
+    const mean = (_name: string, i: number): number => ((i % 3) - 1) / 400;
+
+    // (c) veh-1's update reaches the fleet straight and through depot-a.
+    const direct = buildUpdate('veh-1', task, { numExamples: 7 });
+    const directAck = await veh1.send(encodeModelUpdate(direct));
+    assert.equal(directAck.status, AckStatus.Accepted, directAck.reason);
+    const all = buildPartial(
+      'depot-a',
+      task,
+      [
+        ['veh-1', 7],
+        ['veh-2', 20],
+        ['veh-3', 5],
+      ],
+      mean,
+      { partialId: 'depot-a-r1-all' },
+    );
+    all.updates[0].updateId = direct.updateId;
+    const current1 = { round: 1, modelVersion: 0 };
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const ack = await depotA.send(all);
+
+      assertRejected(ack, ErrorCode.DuplicateUpdate, current1);
+      assert.equal(ack.updateId, 'depot-a-r1-all');
+      assert.deepEqual(ack.duplicateUpdateIds, [direct.updateId]);
+      assert.match(ack.reason, /update veh-1-r1 was already received/);
+    }
+    const rest = encodePartialAggregate(
+      buildPartial(
+        'depot-a',
+        task,
+        [
+          ['veh-2', 20],
+          ['veh-3', 5],
+        ],
+        mean,
+        { partialId: 'depot-a-r1-rest' },
+      ),
+    );
+    const restAck = await depotA.send(rest);
+    assertAccepted(restAck, 'depot-a-r1-rest');
+    assert.deepEqual(restAck.duplicateUpdateIds, []);
+
+    const [first] = (await firstClosed) as [RoundClosedEvent];
+    assert.equal(first.round, 1);
+    assert.equal(first.accepted, 3);
+    assert.equal(first.numVehicles, 3);
+    assert.equal(first.numExamples, 7 + 20 + 5);
+    assert.equal(first.partials, 1);
+    assert.deepEqual(first.rejectedByReason, {
+      [ErrorCode.DuplicateUpdate]: 1,
+    });
+    assert.equal(first.rejected, 1);
+    const release = await fetchRetainedRelease(broker);
+    assert.equal(release.version, 1);
+    assert.equal(release.numVehicles, 3);
+    assert.equal(release.numExamples, 32);
+
+    // (d) The resend of round 1's counted partial is acked again.
+    const secondClosed = once(aggregator, 'round-closed');
+    const task2 = await veh1.nextTask();
+    assert.equal(task2.round, 2);
+    const current2 = { round: 2, modelVersion: 1 };
+    const lateRest = await depotA.send(rest);
+    assertAccepted(lateRest, 'depot-a-r1-rest');
+    assert.equal(lateRest.round, 1);
+    assert.equal(lateRest.currentRound, 2);
+
+    // (a) Each rejection is acked under the partial's id.
+    const bad = (
+      partialId: string,
+      overrides: Partial<PartialAggregate> = {},
+    ): PartialAggregate =>
+      buildPartial('depot-a', task2, [['veh-2', 20]], mean, {
+        partialId,
+        ...overrides,
+      });
+    const wrongShape = bad('bad-shape');
+    wrongShape.meanDeltas[3] = encodeFloat32Tensor(
+      'dense2/bias',
+      [42],
+      new Float32Array(42),
+    );
+    const cases: Array<[TestDepot, PartialAggregate, string]> = [
+      [
+        depotA,
+        bad('bad-nan', {
+          meanDeltas: buildDeltas(task2.training.trainableTensors, (_n, i) =>
+            i === 3 ? Number.NaN : 0,
+          ),
+        }),
+        ErrorCode.NonFiniteValue,
+      ],
+      [depotA, wrongShape, ErrorCode.WrongShape],
+      [
+        depotA,
+        bad('bad-range', {
+          meanDeltas: buildDeltas(task2.training.trainableTensors, () => 2000),
+        }),
+        ErrorCode.ValueOutOfRange,
+      ],
+      [
+        depotA,
+        bad('bad-repeat', {
+          updates: [
+            { vehicleId: 'veh-2', updateId: 'veh-2-a', numExamples: 10 },
+            { vehicleId: 'veh-2', updateId: 'veh-2-b', numExamples: 10 },
+          ],
+        }),
+        ErrorCode.MalformedPayload,
+      ],
+      [
+        unknownDepot,
+        buildPartial('depot-x', task2, [['veh-2', 20]], mean, {
+          partialId: 'bad-depot',
+        }),
+        ErrorCode.InvalidConfig,
+      ],
+      [depotA, bad('bad-round', { round: 9 }), ErrorCode.WrongRound],
+    ];
+    for (const [depot, partial, code] of cases) {
+      const ack = await depot.send(partial);
+
+      assertRejected(ack, code, current2);
+      assert.equal(ack.updateId, partial.partialId);
+      assert.equal(ack.round, partial.round);
+      assert.deepEqual(ack.duplicateUpdateIds, []);
+    }
+
+    // (b) Two more copies of the NaN partial get the same ack.
+    const nanBytes = encodePartialAggregate(cases[0][1]);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const ack = await depotA.send(nanBytes);
+
+      assertRejected(ack, ErrorCode.NonFiniteValue, current2);
+      assert.equal(ack.updateId, 'bad-nan');
+    }
+
+    for (const vehicle of vehicles) {
+      const ack = await vehicle.send(
+        encodeModelUpdate(buildUpdate(vehicle.id, task2)),
+      );
+      assert.equal(ack.status, AckStatus.Accepted, ack.reason);
+    }
+    const [second] = (await secondClosed) as [RoundClosedEvent];
+    assert.equal(second.round, 2);
+    assert.equal(second.accepted, 3);
+    assert.equal(second.numExamples, 30);
+    assert.equal(second.partials, 0);
+    assert.deepEqual(second.rejectedByReason, {
+      [ErrorCode.NonFiniteValue]: 1,
+      [ErrorCode.WrongShape]: 1,
+      [ErrorCode.ValueOutOfRange]: 1,
+      [ErrorCode.MalformedPayload]: 1,
+      [ErrorCode.InvalidConfig]: 1,
+      [ErrorCode.WrongRound]: 1,
+    });
+    assert.equal(second.rejected, 6);
+
+    // (d) again, once the last round closed.
+    const afterLast = await depotA.send(rest);
+    assertAccepted(afterLast, 'depot-a-r1-rest');
+    assert.equal(afterLast.currentRound, 2);
   });
 });
 
@@ -649,7 +860,9 @@ describe('decidePartial', () => {
   });
 
   test('copy of counted partial accepted', () => {
-    const counted = context({ countedPartial: () => ['u-1', 'u-2'] });
+    const counted = context({
+      countedPartial: () => ({ round: 3, updateIds: ['u-1', 'u-2'] }),
+    });
 
     const copy = decide(partial(0), counted);
     const reused = decide(
@@ -664,6 +877,191 @@ describe('decidePartial', () => {
     assert.equal(
       reused.accepted ? undefined : reused.code,
       ErrorCode.DuplicateUpdate,
+    );
+  });
+
+  test('copy from earlier round accepted', () => {
+    const earlier = context({
+      openRound: 4,
+      lastRound: 4,
+      countedPartial: () => ({ round: 3, updateIds: ['u-1', 'u-2'] }),
+    });
+    const otherRound = context({
+      countedPartial: () => ({ round: 2, updateIds: ['u-1', 'u-2'] }),
+    });
+
+    const copy = decide(partial(0), earlier);
+    const reused = decide(partial(0), otherRound);
+
+    assert.equal(copy.accepted, true);
+    assert.equal(copy.accepted ? copy.meanDeltas : 'rejected', undefined);
+    assert.equal(
+      reused.accepted ? undefined : reused.code,
+      ErrorCode.DuplicateUpdate,
+    );
+  });
+
+  test('counted entries listed as duplicates', () => {
+    const cases: Array<[Partial<PartialContext>, string[]]> = [
+      [{ seenUpdateIds: new Set(['u-1']) }, ['u-1']],
+      [{ acceptedVehicles: new Set(['veh-2']) }, ['u-2']],
+      [
+        {
+          seenUpdateIds: new Set(['u-2']),
+          acceptedVehicles: new Set(['veh-1', 'veh-2']),
+        },
+        ['u-1', 'u-2'],
+      ],
+    ];
+
+    for (const [overrides, expected] of cases) {
+      const decision = decide(partial(0), context(overrides));
+
+      assert.equal(decision.accepted, false);
+      assert.equal(
+        decision.accepted ? undefined : decision.code,
+        ErrorCode.DuplicateUpdate,
+      );
+      assert.deepEqual(
+        decision.accepted ? undefined : decision.duplicateUpdateIds,
+        expected,
+      );
+      assert.match(
+        decision.accepted ? '' : decision.reason,
+        /already (received|has an accepted update) in round 3/,
+      );
+    }
+  });
+
+  test('counted entry with other problem', () => {
+    const counted = { seenUpdateIds: new Set(['u-1']) };
+    const cases: Array<[PartialAggregate, Partial<PartialContext>, string]> = [
+      [partial(Number.NaN), counted, ErrorCode.NonFiniteValue],
+      [
+        partial(0, {
+          updates: [
+            { vehicleId: 'veh-1', updateId: 'u-1', numExamples: 2 },
+            { vehicleId: 'veh-2', updateId: 'u-2', numExamples: 1 },
+          ],
+          numExamples: 3,
+        }),
+        counted,
+        ErrorCode.InvalidExampleCount,
+      ],
+      [
+        partial(0),
+        { ...counted, selectedVehicles: new Set(['veh-1']) },
+        ErrorCode.VehicleNotSelected,
+      ],
+      [
+        partial(0, {
+          updates: [
+            { vehicleId: 'veh-1', updateId: 'u-1', numExamples: 1 },
+            { vehicleId: 'veh-2', updateId: 'u-1', numExamples: 1 },
+          ],
+        }),
+        counted,
+        ErrorCode.DuplicateUpdate,
+      ],
+    ];
+
+    for (const [bad, overrides, code] of cases) {
+      const decision = decide(bad, context(overrides));
+
+      assert.equal(decision.accepted ? undefined : decision.code, code);
+      assert.equal(
+        decision.accepted ? 'accepted' : decision.duplicateUpdateIds,
+        undefined,
+      );
+    }
+  });
+
+  test('rejections carry partial id', () => {
+    const repeated = encodePartialAggregate(
+      partial(0, {
+        updates: [
+          { vehicleId: 'veh-1', updateId: 'u-1', numExamples: 1 },
+          { vehicleId: 'veh-1', updateId: 'u-2', numExamples: 1 },
+        ],
+      }),
+    );
+    const cases: Array<[string, Uint8Array, PartialContext, string]> = [
+      [
+        'NaN',
+        encodePartialAggregate(partial(Number.NaN)),
+        context(),
+        ErrorCode.NonFiniteValue,
+      ],
+      [
+        'out of range',
+        encodePartialAggregate(partial(2 ** 36)),
+        context(),
+        ErrorCode.ValueOutOfRange,
+      ],
+      [
+        'wrong shape',
+        encodePartialAggregate(
+          partial(0, {
+            meanDeltas: [
+              encodeFloat32Tensor('dense2/bias', [2], new Float32Array(2)),
+            ],
+          }),
+        ),
+        context(),
+        ErrorCode.WrongShape,
+      ],
+      ['repeated vehicle', repeated, context(), ErrorCode.MalformedPayload],
+      [
+        'unknown depot',
+        encodePartialAggregate(partial(0)),
+        context({ depots: new Set(['depot-b']) }),
+        ErrorCode.InvalidConfig,
+      ],
+      [
+        'too large',
+        encodePartialAggregate(partial(0)),
+        context({ maxMessageBytes: 16 }),
+        ErrorCode.PayloadTooLarge,
+      ],
+      [
+        'wrong round',
+        encodePartialAggregate(partial(0, { round: 9 })),
+        context(),
+        ErrorCode.WrongRound,
+      ],
+    ];
+
+    for (const [name, payload, partialContext, code] of cases) {
+      const decision = decidePartial('depot-a', payload, partialContext);
+
+      assert.equal(decision.accepted ? undefined : decision.code, code, name);
+      assert.equal(
+        decision.accepted ? undefined : decision.header?.partialId,
+        'p-1',
+        name,
+      );
+    }
+  });
+
+  test('header of unreadable payloads', () => {
+    const bytes = encodePartialAggregate(partial(0, { round: 7 }));
+
+    assert.deepEqual(readPartialHeader(bytes), {
+      partialId: 'p-1',
+      round: 7,
+    });
+    assert.equal(
+      readPartialHeader(new Uint8Array([0xff, 0x01, 0x02])),
+      undefined,
+    );
+    assert.equal(
+      readPartialHeader(bytes.subarray(0, bytes.length - 3)),
+      undefined,
+    );
+    assert.equal(readPartialHeader(new Uint8Array(0)), undefined);
+    assert.equal(
+      readPartialHeader(encodePartialAggregate(partial(0, { partialId: '' }))),
+      undefined,
     );
   });
 
