@@ -139,6 +139,16 @@ export class FleetTopics {
     return `${this.prefix}/depots/${depotId}/ack`;
   }
 
+  /**
+   * Retained presence of the depot aggregator running as `depotId`, also
+   * its last will: JSON with its instance id, state, start time and
+   * publish time. A depot finds there another one that uses its id.
+   */
+  depotPresence(depotId: string): string {
+    assertTopicLevel('depot id', depotId);
+    return `${this.prefix}/depots/${depotId}/presence`;
+  }
+
   /** Subscription filter for every depot's partials. */
   allDepotPartials(): string {
     return `${this.prefix}/depots/+/partial`;

@@ -96,6 +96,18 @@ describe('depot command line', () => {
       /another broker than upstreamUrl/,
     ],
     [
+      'same broker under two names',
+      [
+        '--depot-id',
+        'a',
+        '--upstream-url',
+        'mqtt://127.0.0.1:1884',
+        '--downstream-url',
+        'mqtt://localhost:1884',
+      ],
+      /reaches the same broker as upstreamUrl/,
+    ],
+    [
       'vehicle keys',
       ['--depot-id', 'a', '--vehicle-keys', 'keys.json'],
       /--vehicle-keys is not supported by the depot/,

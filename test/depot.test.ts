@@ -9,14 +9,21 @@ import type { RunningBroker } from '../broker/index.ts';
 import { MODEL_NAME } from '../models/architecture.ts';
 import { loadLabelledImages, resolveDataDir, subset } from '../models/index.ts';
 import {
+  AckStatus,
+  ErrorCode,
   decodeTensorValues,
+  decodeUpdateAck,
   decodeUpdatePayload,
+  encodeModelUpdate,
   type ModelUpdate,
+  type UpdateAck,
 } from '../protocol/index.ts';
 import { endClient } from '../protocol/mqtt-end.ts';
 import { VehicleAgent } from '../vehicle-agent/index.ts';
 import {
   FLEET_ID,
+  TestVehicle,
+  buildUpdate,
   createWorkspace,
   fetchRetainedRelease,
   loadRealImages,
@@ -26,7 +33,7 @@ import {
   topics,
   type Workspace,
 } from './aggregator-fixtures.ts';
-import { startDepot } from './depot-fixtures.ts';
+import { FakeFleet, startDepot, waitUntil } from './depot-fixtures.ts';
 
 /**
  * Frames of each vehicle, unequal so that the FedAvg weights differ
@@ -208,6 +215,115 @@ describe('hierarchical aggregation through two depots', () => {
       assert.ok(
         maxDifference <= WEIGHT_TOLERANCE,
         `released weights differ from base + FedAvg by ${maxDifference}`,
+      );
+    },
+  );
+});
+
+describe('depot partial with an update counted directly', () => {
+  let fleetBroker: RunningBroker;
+  let depotBroker: RunningBroker;
+  let workspace: Workspace;
+  let aggregator: Aggregator | undefined;
+  let depot: Depot | undefined;
+  const vehicles: TestVehicle[] = [];
+  let direct: MqttClient | undefined;
+  let partialSpy: FakeFleet | undefined;
+
+  before(async () => {
+    fleetBroker = await startTestBroker();
+    depotBroker = await startTestBroker();
+    workspace = createWorkspace(19);
+  });
+
+  after(async () => {
+    await aggregator?.stop();
+    await depot?.stop();
+    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
+    if (direct !== undefined) await endClient(direct, 2000);
+    await partialSpy?.close();
+    await fleetBroker?.close();
+    await depotBroker?.close();
+    workspace?.remove();
+  });
+
+  test(
+    'fleet counts the other entries once',
+    { timeout: 120_000 },
+    async () => {
+      depot = await startDepot({
+        depotId: 'depot-a',
+        fleetId: FLEET_ID,
+        upstreamUrl: `mqtt://127.0.0.1:${fleetBroker.port}`,
+        downstreamUrl: `mqtt://127.0.0.1:${depotBroker.port}`,
+        stateDir: join(workspace.dir, 'depot-a'),
+        log: quietLog,
+      });
+      // Records the partials only; the real aggregator acks them.
+      partialSpy = await FakeFleet.connect(fleetBroker);
+      const v1 = await TestVehicle.connect(depotBroker, 'veh-1');
+      const v2 = await TestVehicle.connect(depotBroker, 'veh-2');
+      vehicles.push(v1, v2);
+      direct = connect(`mqtt://127.0.0.1:${fleetBroker.port}`, {
+        protocolVersion: 4,
+        clientId: 'veh-1-direct',
+        reconnectPeriod: 0,
+      });
+      const directAcks: UpdateAck[] = [];
+      direct.on('message', (_topic, payload) =>
+        directAcks.push(decodeUpdateAck(payload)),
+      );
+      await direct.subscribeAsync(topics.ack('veh-1'), { qos: 1 });
+      aggregator = new Aggregator(
+        testOptions(fleetBroker, workspace, await loadRealImages(), {
+          depots: ['depot-a'],
+          minVehiclesOnline: 2,
+          minUpdates: 2,
+          roundTimeoutMs: 60_000,
+        }),
+      );
+      const roundClosed = once(aggregator, 'round-closed', {
+        signal: AbortSignal.timeout(90_000),
+      });
+      roundClosed.catch(() => {}); // awaited below
+      await aggregator.start();
+      const [task1, task2] = await Promise.all([
+        v1.nextTask(30_000),
+        v2.nextTask(30_000),
+      ]);
+      const update1 = encodeModelUpdate(
+        buildUpdate('veh-1', task1, { numExamples: 10 }),
+      );
+      const update2 = encodeModelUpdate(
+        buildUpdate('veh-2', task2, { numExamples: 30 }),
+      );
+
+      // veh-1's update reaches the fleet directly first, then the depot.
+      await direct.publishAsync(topics.update('veh-1'), Buffer.from(update1), {
+        qos: 1,
+      });
+      const directAck = await waitUntil(
+        'direct ack of veh-1',
+        () => directAcks[0],
+      );
+      const ack1 = v1.nextAck(30_000);
+      const ack2 = v2.nextAck(30_000);
+      await v1.publish(update1);
+      await v2.publish(update2);
+      const [closed] = await roundClosed;
+      const [depotAck1, depotAck2] = await Promise.all([ack1, ack2]);
+
+      assert.equal(directAck.status, AckStatus.Accepted);
+      assert.equal(depotAck1.status, AckStatus.Rejected);
+      assert.equal(depotAck1.reasonCode, ErrorCode.DuplicateUpdate);
+      assert.equal(depotAck2.status, AckStatus.Accepted);
+      assert.equal(closed.accepted, 2);
+      assert.equal(closed.numExamples, 10 + 30, 'each update counted once');
+      const partials = partialSpy.partials;
+      assert.equal(partials.length, 2, 'the partial and its rebuilt one');
+      assert.deepEqual(
+        partials[1].updates.map((entry) => entry.vehicleId),
+        ['veh-2'],
       );
     },
   );

@@ -1,6 +1,7 @@
 /** Acks the depot sends its vehicles on its own or for the fleet. */
 import {
   AckStatus,
+  ErrorCode,
   type DepotUpdateEntry,
   type UpdateAck,
 } from '../../protocol/index.ts';
@@ -24,6 +25,47 @@ export function vehicleAckOf(
     currentRound: fleetAck.currentRound,
     currentModelVersion: fleetAck.currentModelVersion,
   };
+}
+
+/**
+ * Builds the DUPLICATE_UPDATE ack of a merged update that the fleet had
+ * counted already, outside this depot's partial (the fleet's ack lists it
+ * in `duplicateUpdateIds`).
+ */
+export function duplicateAckOf(
+  entry: DepotUpdateEntry,
+  round: number,
+  fleetAck: UpdateAck,
+): UpdateAck {
+  return {
+    updateId: entry.updateId,
+    round,
+    status: AckStatus.Rejected,
+    reasonCode: ErrorCode.DuplicateUpdate,
+    reason:
+      `update ${entry.updateId} of vehicle ${entry.vehicleId} was already ` +
+      `counted by the fleet aggregator in round ${round}, not through ` +
+      'this depot',
+    currentRound: fleetAck.currentRound,
+    currentModelVersion: fleetAck.currentModelVersion,
+  };
+}
+
+/**
+ * Returns the entries of `entries` that the fleet's ack lists as counted
+ * already: only for a rejection with DUPLICATE_UPDATE, and [] otherwise.
+ */
+export function duplicateEntriesOf(
+  entries: readonly DepotUpdateEntry[],
+  fleetAck: UpdateAck,
+): DepotUpdateEntry[] {
+  const listed = fleetAck.duplicateUpdateIds ?? [];
+  const isDuplicate =
+    fleetAck.status === AckStatus.Rejected &&
+    fleetAck.reasonCode === ErrorCode.DuplicateUpdate;
+  if (!isDuplicate || listed.length === 0) return [];
+  const ids = new Set(listed);
+  return entries.filter((entry) => ids.has(entry.updateId));
 }
 
 /**

@@ -110,6 +110,14 @@ export class DepotRound {
     return this.task.round;
   }
 
+  /**
+   * Returns a new round of the same depot, task and caps with nothing
+   * merged, for a partial rebuilt without some of the entries.
+   */
+  emptyCopy(): DepotRound {
+    return new DepotRound(this.#depotId, this.task, this.#caps);
+  }
+
   get phase(): DepotRoundPhase {
     return this.#phase;
   }

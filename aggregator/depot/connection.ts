@@ -3,7 +3,7 @@
  * downstream to the depot broker. Both use persistent sessions, so each
  * broker queues QoS 1 messages while the depot is away.
  */
-import { connect, type MqttClient } from 'mqtt';
+import { connect, type IClientOptions, type MqttClient } from 'mqtt';
 import type { Logger } from '../../protocol/index.ts';
 
 /**
@@ -33,6 +33,8 @@ export interface SideOptions {
   handleMessage: (topic: string, payload: Buffer) => Promise<void>;
   /** Called after a reconnection whose broker had lost the session. */
   onSessionLost: () => void;
+  /** Last will the broker publishes when the connection is lost. */
+  will?: IClientOptions['will'];
   /** Aborted when the depot stops; later socket errors log at debug. */
   signal: AbortSignal;
   log: Logger;
@@ -66,6 +68,7 @@ export function openSide(options: SideOptions): OpenedSide {
     reconnectPeriod: RECONNECT_PERIOD_MS,
     connectTimeout: 10_000,
     reconnectOnConnackError: true,
+    will: options.will,
   });
   client.handleMessage = (packet, done) => {
     const payload = Buffer.isBuffer(packet.payload)
@@ -123,6 +126,24 @@ async function awaitFirstConnection(
       () => options.onSessionLost(),
       (err: unknown) => log.warn({ err, side }, 'subscription failed'),
     );
+  });
+}
+
+/**
+ * Publishes `payload` on `topic` with QoS 1, not retained, and logs a
+ * failure with `fields`.
+ */
+export function publishQos1(
+  client: MqttClient,
+  topic: string,
+  payload: Uint8Array,
+  log: Logger,
+  fields: Record<string, unknown> = {},
+): void {
+  client.publish(topic, Buffer.from(payload), { qos: 1 }, (err) => {
+    if (err !== undefined && err !== null) {
+      log.warn({ err, ...fields, topic }, 'publish failed');
+    }
   });
 }
 

@@ -5,34 +5,34 @@
  * aggregator, and acks the vehicles once the fleet has acked the partial.
  */
 import { EventEmitter } from 'node:events';
-import { mkdir } from 'node:fs/promises';
 import {
-  ErrorCode,
-  FleetError,
   FleetTopics,
   decodeUpdateAck,
   encodeUpdateAck,
   isFleetError,
+  type FleetError,
   type Logger,
   type UpdateAck,
 } from '../../protocol/index.ts';
 import { endClient, settleWithin } from '../../protocol/mqtt-end.ts';
 import { VehicleRegistry } from '../vehicles.ts';
+import { assertDistinctBrokers } from './broker-addresses.ts';
 import { type UpdateCaps } from './collector.ts';
-import { openSide, subscribe, type OpenedSide } from './connection.ts';
+import { openSide, publishQos1, type OpenedSide } from './connection.ts';
 import type { DepotEvents } from './events.ts';
 import { PartialForwarder } from './forwarder.ts';
-import { DepotJournal } from './journal.ts';
+import { DepotJournal, createStateDir } from './journal.ts';
 import {
   resolveDepotOptions,
   type DepotOptions,
   type ResolvedDepotOptions,
 } from './options.ts';
+import { DepotPresence } from './presence.ts';
 import {
+  Relay,
   downstreamRelayFilters,
   isRelayedDown,
   isRelayedUp,
-  relayMessage,
   upstreamRelayFilters,
 } from './relay.ts';
 import { RoundFlow } from './round-flow.ts';
@@ -61,8 +61,8 @@ type Phase = 'new' | 'starting' | 'running' | 'stopping' | 'stopped';
  * the fleet broker (upstream) as `depot-<depotId>-up`, both times with a
  * persistent session.
  *
- * Events: 'round-started', 'update-decided', 'partial-forwarded' and
- * 'partial-settled' (see events.ts).
+ * Events: 'round-started', 'update-decided', 'partial-forwarded',
+ * 'partial-settled' and 'failed' (see events.ts).
  */
 export class Depot extends EventEmitter<DepotEvents> {
   readonly options: ResolvedDepotOptions;
@@ -71,6 +71,10 @@ export class Depot extends EventEmitter<DepotEvents> {
   readonly #stopping = new AbortController();
   readonly #vehicles = new VehicleRegistry();
   readonly #flow: RoundFlow;
+  readonly #relay: Relay;
+  #presence: DepotPresence | undefined;
+  /** The error the depot stopped on by itself, if any. */
+  #failure: FleetError | undefined;
   #phase: Phase = 'new';
   #up: OpenedSide | undefined;
   #down: OpenedSide | undefined;
@@ -96,6 +100,7 @@ export class Depot extends EventEmitter<DepotEvents> {
       fleetId,
     });
     this.#topics = new FleetTopics(fleetId);
+    this.#relay = new Relay(this.#topics, this.#log);
     this.#taskGate = new Promise((resolve) => {
       this.#openTaskGate = resolve;
     });
@@ -122,12 +127,15 @@ export class Depot extends EventEmitter<DepotEvents> {
   }
 
   /**
-   * Creates the state directory, connects to both brokers and waits up to
-   * TASK_WAIT_MS for the fleet's retained round task. It keeps retrying a
-   * broker that is down until it accepts or `stop()` is called.
+   * Checks that the two URLs reach two brokers, creates the state
+   * directory, reads the partials still awaiting the fleet's ack, connects
+   * to both brokers and waits up to TASK_WAIT_MS for the fleet's retained
+   * round task. It keeps retrying a broker that is down until it accepts
+   * or `stop()` is called.
    *
-   * @throws {FleetError} INVALID_CONFIG when the state directory cannot
-   *   be created.
+   * @throws {FleetError} INVALID_CONFIG when both URLs reach one broker,
+   *   when the state directory cannot be created, or when another depot
+   *   with this id turns out to be running while this one starts.
    * @throws {Error} when called twice, or when `stop()` ran meanwhile.
    */
   async start(): Promise<void> {
@@ -135,7 +143,26 @@ export class Depot extends EventEmitter<DepotEvents> {
       throw new Error(`depot cannot start: it is ${this.#phase}`);
     }
     this.#phase = 'starting';
-    await this.#createStateDir();
+    try {
+      await this.#startSteps();
+    } catch (err) {
+      throw this.#failure ?? err;
+    }
+    if (this.#failure !== undefined) throw this.#failure;
+    this.#phase = 'running';
+    const { upstreamUrl, downstreamUrl, stateDir } = this.options;
+    this.#log.info(
+      { upstreamUrl, downstreamUrl, stateDir, round: this.#flow.round?.round },
+      'depot started',
+    );
+  }
+
+  async #startSteps(): Promise<void> {
+    const { upstreamUrl, downstreamUrl, stateDir } = this.options;
+    await assertDistinctBrokers(upstreamUrl, downstreamUrl, this.#log);
+    await createStateDir(stateDir);
+    // Before the subscription, which delivers acks queued in the session.
+    await this.#flow.loadUnsettled();
     const signal = this.#stopping.signal;
     signal.addEventListener('abort', () => this.#openTaskGate(), {
       once: true,
@@ -155,44 +182,35 @@ export class Depot extends EventEmitter<DepotEvents> {
     if (this.#phase !== 'starting') {
       throw new Error('depot stopped while starting');
     }
-
-    this.#phase = 'running';
-    const { upstreamUrl, downstreamUrl, stateDir } = this.options;
-    this.#log.info(
-      { upstreamUrl, downstreamUrl, stateDir, round: this.#flow.round?.round },
-      'depot started',
-    );
-  }
-
-  async #createStateDir(): Promise<void> {
-    const { stateDir } = this.options;
-    try {
-      await mkdir(stateDir, { recursive: true });
-    } catch (err) {
-      throw new FleetError(
-        ErrorCode.InvalidConfig,
-        `depot state directory ${stateDir} cannot be created: ` +
-          (err as Error).message,
-        { cause: err },
-      );
-    }
   }
 
   #openUpstream(signal: AbortSignal): OpenedSide {
     const { depotId, upstreamUrl } = this.options;
-    return openSide({
+    const clientId = `depot-${depotId}-up`;
+    const presence = new DepotPresence({
+      depotId,
+      topic: this.#topics.depotPresence(depotId),
+      clientId,
+      log: this.#log,
+    });
+    this.#presence = presence;
+    const side = openSide({
       side: 'upstream',
       url: upstreamUrl,
-      clientId: `depot-${depotId}-up`,
+      clientId,
       subscriptions: [
         ...downstreamRelayFilters(this.#topics),
         this.#topics.depotAck(depotId),
       ],
       handleMessage: (topic, payload) => this.#onUpstream(topic, payload),
-      onSessionLost: () => this.#resubscribe(this.#down, 'downstream'),
+      onSessionLost: () =>
+        this.#relay.copyAgainFrom(this.#down?.client, 'downstream'),
+      will: presence.will(),
       signal,
       log: this.#log,
     });
+    presence.attach(side.client);
+    return side;
   }
 
   #openDownstream(signal: AbortSignal): OpenedSide {
@@ -206,7 +224,8 @@ export class Depot extends EventEmitter<DepotEvents> {
         this.#topics.allUpdates(),
       ],
       handleMessage: (topic, payload) => this.#onDownstream(topic, payload),
-      onSessionLost: () => this.#resubscribe(this.#up, 'upstream'),
+      onSessionLost: () =>
+        this.#relay.copyAgainFrom(this.#up?.client, 'upstream'),
       signal,
       log: this.#log,
     });
@@ -230,6 +249,9 @@ export class Depot extends EventEmitter<DepotEvents> {
     this.#flow.close();
     if (wasStarted) {
       await settleWithin(this.#flow.idle(), STOP_TIMEOUT_MS);
+      if (this.#up?.client.connected === true) {
+        this.#presence?.publishOffline(this.#up.client);
+      }
       const clients = [this.#up?.client, this.#down?.client];
       await Promise.all(
         clients.map((client) =>
@@ -241,9 +263,26 @@ export class Depot extends EventEmitter<DepotEvents> {
     this.#phase = 'stopped';
   }
 
+  /**
+   * Stops the depot because of `err`, and emits 'failed' once stopped. A
+   * start in progress rejects with `err`.
+   */
+  #fail(err: FleetError): void {
+    if (this.#failure !== undefined || this.#stopped !== undefined) return;
+    this.#failure = err;
+    this.#log.error({ err }, 'depot stopping on an error');
+    void this.stop().then(() => this.emit('failed', err));
+  }
+
   async #onUpstream(topic: string, payload: Buffer): Promise<void> {
-    if (topic === this.#topics.depotAck(this.options.depotId)) {
+    const { depotId } = this.options;
+    if (topic === this.#topics.depotAck(depotId)) {
       this.#onFleetAck(payload);
+      return;
+    }
+    if (topic === this.#topics.depotPresence(depotId)) {
+      const conflict = this.#presence?.receive(payload);
+      if (conflict !== undefined) this.#fail(conflict);
       return;
     }
     if (topic === this.#topics.roundTask()) {
@@ -252,8 +291,8 @@ export class Depot extends EventEmitter<DepotEvents> {
       await this.#flow.onRoundTask(payload);
       this.#openTaskGate();
     }
-    if (isRelayedDown(this.#topics, topic) && this.#down !== undefined) {
-      relayMessage(this.#down.client, 'downstream', topic, payload, this.#log);
+    if (isRelayedDown(this.#topics, topic)) {
+      this.#relay.copy(this.#down?.client, 'downstream', topic, payload);
     }
   }
 
@@ -272,9 +311,7 @@ export class Depot extends EventEmitter<DepotEvents> {
       // A member going offline may leave every remaining one decided.
       await this.#flow.checkForward();
     }
-    if (this.#up !== undefined) {
-      relayMessage(this.#up.client, 'upstream', topic, payload, this.#log);
-    }
+    this.#relay.copy(this.#up?.client, 'upstream', topic, payload);
   }
 
   #onFleetAck(payload: Buffer): void {
@@ -296,39 +333,13 @@ export class Depot extends EventEmitter<DepotEvents> {
     const client = this.#up?.client;
     if (client === undefined) return;
     const topic = this.#topics.depotPartial(this.options.depotId);
-    client.publish(topic, Buffer.from(bytes), { qos: 1 }, (err) => {
-      if (err !== undefined && err !== null) {
-        this.#log.warn({ err, topic }, 'partial publish failed');
-      }
-    });
+    publishQos1(client, topic, bytes, this.#log);
   }
 
   #publishAck(vehicleId: string, ack: UpdateAck): void {
     const client = this.#down?.client;
     if (client === undefined) return;
     const topic = this.#topics.ack(vehicleId);
-    const bytes = Buffer.from(encodeUpdateAck(ack));
-    client.publish(topic, bytes, { qos: 1 }, (err) => {
-      if (err !== undefined && err !== null) {
-        this.#log.warn({ err, vehicleId, topic }, 'ack publish failed');
-      }
-    });
-  }
-
-  /**
-   * Subscribes again to the topics relayed from `side`, after the other
-   * broker lost its session and with it the retained copies: the new
-   * subscription delivers the retained messages again, which are copied.
-   */
-  #resubscribe(side: OpenedSide | undefined, name: string): void {
-    if (side === undefined) return;
-    const filters =
-      name === 'upstream'
-        ? downstreamRelayFilters(this.#topics)
-        : upstreamRelayFilters(this.#topics);
-    this.#log.info({ side: name, filters }, 'copying retained messages again');
-    subscribe(side.client, filters).catch((err: unknown) =>
-      this.#log.warn({ err, side: name }, 'subscription failed'),
-    );
+    publishQos1(client, topic, encodeUpdateAck(ack), this.#log, { vehicleId });
   }
 }

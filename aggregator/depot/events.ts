@@ -45,4 +45,9 @@ export interface DepotEvents {
   'update-decided': [DepotUpdateDecidedEvent];
   'partial-forwarded': [DepotPartialForwardedEvent];
   'partial-settled': [DepotPartialSettledEvent];
+  /**
+   * The depot stopped by itself on this error, for example because
+   * another running depot aggregator uses its depot id.
+   */
+  failed: [Error];
 }

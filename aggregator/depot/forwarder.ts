@@ -3,7 +3,12 @@
  * fleet acks a partial it already counted ACCEPTED again without counting
  * it twice, so resending the same partial id is safe.
  */
-import type { Logger, UpdateAck } from '../../protocol/index.ts';
+import {
+  AckStatus,
+  type Logger,
+  type UpdateAck,
+} from '../../protocol/index.ts';
+import { UNKNOWN_UPDATE_ID } from '../messages.ts';
 
 /** Upper bound of the wait between two sends, in milliseconds. */
 export const MAX_RESEND_WAIT_MS = 30_000;
@@ -120,14 +125,31 @@ export class PartialForwarder {
   /**
    * Hands a fleet ack to the send waiting for it. Returns false when no
    * send waits for this partial id (a late or repeated ack).
+   *
+   * A rejection whose update id is UNKNOWN_UPDATE_ID settles the partial
+   * in flight too. The fleet sends it when it could not read the partial
+   * id (a partial above its size limit, or bytes it cannot decode), and
+   * sending the same bytes again would fail the same way. The ack is
+   * handed on with the partial id in place of the unknown one.
+   * NOTE: a late rejection of this kind for an earlier partial would
+   * settle the current one. The depot has one partial in flight and stops
+   * resending at the first ack, so that takes a copy delayed past the
+   * next round's forward.
    */
   receiveAck(ack: UpdateAck): boolean {
     const waiting = this.#waiting;
-    if (waiting === undefined || waiting.partialId !== ack.updateId) {
-      return false;
-    }
+    if (waiting === undefined) return false;
+    const isUnattributed =
+      ack.updateId === UNKNOWN_UPDATE_ID && ack.status === AckStatus.Rejected;
+    if (waiting.partialId !== ack.updateId && !isUnattributed) return false;
     this.#waiting = undefined;
-    waiting.resolve(ack);
+    if (isUnattributed) {
+      this.#options.log.warn(
+        { partialId: waiting.partialId, code: ack.reasonCode },
+        'fleet rejected a partial it could not read, taken as this partial',
+      );
+    }
+    waiting.resolve({ ...ack, updateId: waiting.partialId });
     return true;
   }
 }

@@ -9,12 +9,17 @@
  * contains each accepted update as received, `forwarded.json` the partial id
  * and update ids once the partial is sealed, and `outcome.json` the
  * fleet's ack. Files are written to a temporary name, fsynced and renamed.
+ * An update file that does not decode is renamed to `<name>.pb.bad`, so
+ * that it stays for inspection and is not read again.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import {
+  ErrorCode,
+  FleetError,
   decodeUpdatePayload,
+  type DepotUpdateEntry,
   type Logger,
   type UpdateAck,
 } from '../../protocol/index.ts';
@@ -23,11 +28,19 @@ import type { DepotRound } from './collector.ts';
 const UPDATES_DIR = 'updates';
 const FORWARDED_FILE = 'forwarded.json';
 const OUTCOME_FILE = 'outcome.json';
+/** Suffix added to an update file that does not decode. */
+const UNREADABLE_SUFFIX = '.bad';
+
+/** One journaled update: its file and its bytes as received. */
+export interface JournalUpdate {
+  file: string;
+  payload: Uint8Array;
+}
 
 /** Contents of the journal for one round. */
 export interface JournalRound {
-  /** Encoded updates, as received, in file name order. */
-  payloads: Uint8Array[];
+  /** Journaled updates in file name order. */
+  updates: JournalUpdate[];
   /** Set once the partial was sealed. */
   forwarded?: { partialId: string; updateIds: string[] };
   /** The fleet's ack of the partial, once received. */
@@ -58,6 +71,24 @@ async function readJson(file: string): Promise<unknown> {
   }
 }
 
+/**
+ * Creates the depot's state directory when it is missing.
+ *
+ * @throws {FleetError} INVALID_CONFIG when it cannot be created.
+ */
+export async function createStateDir(stateDir: string): Promise<void> {
+  try {
+    await mkdir(stateDir, { recursive: true });
+  } catch (err) {
+    throw new FleetError(
+      ErrorCode.InvalidConfig,
+      `depot state directory ${stateDir} cannot be created: ` +
+        (err as Error).message,
+      { cause: err },
+    );
+  }
+}
+
 /** The journal under `<stateDir>/rounds/`. */
 export class DepotJournal {
   readonly dir: string;
@@ -70,15 +101,33 @@ export class DepotJournal {
     return path.join(this.dir, String(round));
   }
 
+  #updateFile(round: number, updateId: string): string {
+    const name = createHash('sha256').update(updateId).digest('hex');
+    return path.join(this.#roundDir(round), UPDATES_DIR, `${name}.pb`);
+  }
+
   /** Stores an accepted update; complete on disk when it resolves. */
   async addUpdate(
     round: number,
     updateId: string,
     payload: Uint8Array,
   ): Promise<void> {
-    const name = createHash('sha256').update(updateId).digest('hex');
-    const file = path.join(this.#roundDir(round), UPDATES_DIR, `${name}.pb`);
-    await writeAtomically(file, payload);
+    await writeAtomically(this.#updateFile(round, updateId), payload);
+  }
+
+  /** Deletes a journaled update; does nothing when it is missing. */
+  async removeUpdate(round: number, updateId: string): Promise<void> {
+    await rm(this.#updateFile(round, updateId), { force: true });
+  }
+
+  /**
+   * Renames an update file that does not decode to `<file>.bad`, so that
+   * later reads skip it. Returns the new path.
+   */
+  async setAside(file: string): Promise<string> {
+    const target = `${file}${UNREADABLE_SUFFIX}`;
+    await rename(file, target);
+    return target;
   }
 
   /** Records the sealed partial of `round`, before it is first sent. */
@@ -107,14 +156,33 @@ export class DepotJournal {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
     names.sort();
-    const payloads = await Promise.all(
-      names.map((name) => readFile(path.join(updatesDir, name))),
+    const updates = await Promise.all(
+      names.map(async (name) => {
+        const file = path.join(updatesDir, name);
+        return { file, payload: await readFile(file) };
+      }),
     );
     const forwarded = (await readJson(path.join(dir, FORWARDED_FILE))) as
       JournalRound['forwarded'] | undefined;
     const outcome = (await readJson(path.join(dir, OUTCOME_FILE))) as
       UpdateAck | undefined;
-    return { payloads, forwarded, outcome };
+    return { updates, forwarded, outcome };
+  }
+
+  /** Returns the rounds the journal holds, in ascending order. */
+  async rounds(): Promise<number[]> {
+    let names: string[];
+    try {
+      names = await readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    return names
+      .filter((name) => /^\d+$/.test(name))
+      .map(Number)
+      .filter(Number.isSafeInteger)
+      .sort((a, b) => a - b);
   }
 
   /**
@@ -138,6 +206,38 @@ export class DepotJournal {
 }
 
 /**
+ * Decodes the vehicle id of each journaled update. An update that does
+ * not decode is renamed aside and logged with its file, so that it is not
+ * read again at every start.
+ */
+async function readableUpdates(
+  round: number,
+  updates: readonly JournalUpdate[],
+  journal: DepotJournal,
+  log: Logger,
+): Promise<Array<{ payload: Uint8Array; entry: DepotUpdateEntry }>> {
+  const readable = [];
+  for (const { file, payload } of updates) {
+    try {
+      const { vehicleId, updateId, numExamples } = decodeUpdatePayload(payload);
+      readable.push({ payload, entry: { vehicleId, updateId, numExamples } });
+    } catch (err) {
+      let movedTo: string | undefined;
+      try {
+        movedTo = await journal.setAside(file);
+      } catch (renameErr) {
+        log.error(
+          { err: renameErr, file },
+          'unreadable update not moved aside',
+        );
+      }
+      log.error({ err, round, file, movedTo }, 'journaled update unreadable');
+    }
+  }
+  return readable;
+}
+
+/**
  * Merges the journaled updates of `round` into it again, then seals and
  * settles it as far as the journal records. Returns the updates merged.
  */
@@ -147,19 +247,7 @@ export async function restoreRound(
   log: Logger,
 ): Promise<number> {
   const stored = await journal.read(round.round);
-  let restored = 0;
-  for (const payload of stored.payloads) {
-    let vehicleId: string;
-    try {
-      vehicleId = decodeUpdatePayload(payload).vehicleId;
-    } catch (err) {
-      log.warn({ err, round: round.round }, 'journaled update unreadable');
-      continue;
-    }
-    // Judged as of the round's opening: it was accepted in time before.
-    const decision = round.judge(vehicleId, payload, round.task.openedAtMs);
-    if (decision.accepted === true) restored += 1;
-  }
+  const restored = await mergeUpdates(round, stored.updates, journal, log);
   if (stored.forwarded !== undefined && restored > 0) {
     const sealed = round.seal(Date.now());
     if (sealed.partialId !== stored.forwarded.partialId) {
@@ -171,4 +259,80 @@ export async function restoreRound(
     if (stored.outcome !== undefined) round.settle(stored.outcome);
   }
   return restored;
+}
+
+/**
+ * Merges the journaled updates of `round` whose update id is in `keep`
+ * into it, for a partial without the entries the fleet had counted
+ * already. Returns the updates merged.
+ */
+export async function mergeJournaled(
+  round: DepotRound,
+  keep: ReadonlySet<string>,
+  journal: DepotJournal,
+  log: Logger,
+): Promise<number> {
+  const stored = await journal.read(round.round);
+  return mergeUpdates(round, stored.updates, journal, log, keep);
+}
+
+async function mergeUpdates(
+  round: DepotRound,
+  updates: readonly JournalUpdate[],
+  journal: DepotJournal,
+  log: Logger,
+  keep?: ReadonlySet<string>,
+): Promise<number> {
+  let merged = 0;
+  for (const { payload, entry } of await readableUpdates(
+    round.round,
+    updates,
+    journal,
+    log,
+  )) {
+    if (keep !== undefined && !keep.has(entry.updateId)) continue;
+    // Judged as of the round's opening: it was accepted in time before.
+    const decision = round.judge(
+      entry.vehicleId,
+      payload,
+      round.task.openedAtMs,
+    );
+    if (decision.accepted === true) merged += 1;
+  }
+  return merged;
+}
+
+/** A forwarded partial of the journal that the fleet has not acked yet. */
+export interface UnsettledPartial {
+  round: number;
+  partialId: string;
+  /** The merged updates the partial covers. */
+  entries: DepotUpdateEntry[];
+}
+
+/**
+ * Reads every round of the journal whose partial was sent but whose
+ * fleet ack is not recorded. The depot reads them before it subscribes
+ * to its ack topic, so that an ack queued in its session while it was
+ * down still finds its vehicles.
+ */
+export async function readUnsettled(
+  journal: DepotJournal,
+  log: Logger,
+): Promise<UnsettledPartial[]> {
+  const unsettled: UnsettledPartial[] = [];
+  for (const round of await journal.rounds()) {
+    const stored = await journal.read(round);
+    if (stored.forwarded === undefined || stored.outcome !== undefined) {
+      continue;
+    }
+    const covered = new Set(stored.forwarded.updateIds);
+    const readable = await readableUpdates(round, stored.updates, journal, log);
+    const entries = readable
+      .map(({ entry }) => entry)
+      .filter((entry) => covered.has(entry.updateId));
+    if (entries.length === 0) continue;
+    unsettled.push({ round, partialId: stored.forwarded.partialId, entries });
+  }
+  return unsettled;
 }

@@ -176,8 +176,16 @@ async function main(): Promise<void> {
     });
   }
 
+  let isStarted = false;
+  // A failure during start rejects start() instead, handled below.
+  depot.on('failed', (err) => {
+    if (!isStarted || stopping !== undefined) return;
+    process.exit(reportStartError('depot', err, log, 'depot stopped'));
+  });
+
   try {
     await depot.start();
+    isStarted = true;
   } catch (err) {
     // A signal during start aborts it, and its handler exits with 0.
     if (stopping !== undefined) return;

@@ -5,9 +5,16 @@
  * vehicles' statuses and reports go up. Payloads are copied unchanged, so
  * signed release notices stay verifiable on the vehicles.
  */
+import { createHash } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
 import type { FleetTopics, Logger } from '../../protocol/index.ts';
-import type { DepotSide } from './connection.ts';
+import { subscribe, type DepotSide } from './connection.ts';
+
+/** Topics per side whose last relayed payload RelayEchoFilter keeps. */
+const MAX_REMEMBERED_TOPICS = 10_000;
+/** Skipped copies within ECHO_WINDOW_MS that make the filter warn. */
+const ECHO_WARN_COUNT = 20;
+const ECHO_WINDOW_MS = 10_000;
 
 /** Filters of the fleet broker's topics that the depot copies down. */
 export function downstreamRelayFilters(topics: FleetTopics): string[] {
@@ -59,4 +66,122 @@ export function relayMessage(
     }
     log.warn({ err, to, topic, bytes: payload.length }, 'relay failed');
   });
+}
+
+/**
+ * Keeps the SHA-256 of the payload last relayed on each topic to each
+ * side, and skips a message whose payload equals it. When the two URLs
+ * reach one broker under different addresses (a port forward, or a LAN
+ * address and a loopback one), every copy the depot publishes comes back
+ * on the subscription it was copied from. Without this filter the depot
+ * would copy it again, without end.
+ *
+ * The filter also skips a genuine repeat of the last payload, which is
+ * harmless, because the target broker retains that payload already.
+ * Call `clear` for a side whose broker lost its retained messages, so
+ * that everything is copied again.
+ * NOTE: two different payloads published on one topic within the time a
+ * copy takes to come back can still circulate between them. The start
+ * check in broker-addresses.ts catches the common same-broker cases.
+ */
+export class RelayEchoFilter {
+  readonly #lastDigests = new Map<DepotSide, Map<string, string>>([
+    ['upstream', new Map()],
+    ['downstream', new Map()],
+  ]);
+  readonly #log: Logger;
+  #windowStartMs = -Infinity;
+  #skipsInWindow = 0;
+  #hasWarned = false;
+
+  constructor(log: Logger) {
+    this.#log = log;
+  }
+
+  /**
+   * Returns true when `payload` on `topic` should be copied to `to`, and
+   * records it as the last payload copied there.
+   */
+  admit(to: DepotSide, topic: string, payload: Buffer): boolean {
+    const digests = this.#lastDigests.get(to)!;
+    const digest = createHash('sha256').update(payload).digest('base64');
+    if (digests.get(topic) === digest) {
+      this.#countSkip(to, topic);
+      return false;
+    }
+    // Re-inserted, so that the Map's order is the order of last use.
+    digests.delete(topic);
+    digests.set(topic, digest);
+    if (digests.size > MAX_REMEMBERED_TOPICS) {
+      digests.delete(digests.keys().next().value as string);
+    }
+    return true;
+  }
+
+  /** Forgets what was copied to `to`. */
+  clear(to: DepotSide): void {
+    this.#lastDigests.get(to)!.clear();
+  }
+
+  #countSkip(to: DepotSide, topic: string): void {
+    this.#log.debug({ to, topic }, 'copy of the last relayed message skipped');
+    const now = Date.now();
+    if (now - this.#windowStartMs > ECHO_WINDOW_MS) {
+      this.#windowStartMs = now;
+      this.#skipsInWindow = 0;
+    }
+    this.#skipsInWindow += 1;
+    if (this.#skipsInWindow < ECHO_WARN_COUNT || this.#hasWarned) return;
+    this.#hasWarned = true;
+    this.#log.warn(
+      { to, topic, skipped: this.#skipsInWindow, windowMs: ECHO_WINDOW_MS },
+      'relayed messages keep coming back, upstream and downstream may be ' +
+        'one broker',
+    );
+  }
+}
+
+/** The copying between the two brokers, with RelayEchoFilter in front. */
+export class Relay {
+  readonly #topics: FleetTopics;
+  readonly #log: Logger;
+  readonly #echoes: RelayEchoFilter;
+
+  constructor(topics: FleetTopics, log: Logger) {
+    this.#topics = topics;
+    this.#log = log;
+    this.#echoes = new RelayEchoFilter(log);
+  }
+
+  /** Copies one message to `target`, unless it is an echo of a copy. */
+  copy(
+    target: MqttClient | undefined,
+    to: DepotSide,
+    topic: string,
+    payload: Buffer,
+  ): void {
+    if (target === undefined) return;
+    if (!this.#echoes.admit(to, topic, payload)) return;
+    relayMessage(target, to, topic, payload, this.#log);
+  }
+
+  /**
+   * Subscribes `source` again to the topics relayed from it, after the
+   * other broker lost its session and with it the retained copies: the
+   * new subscription delivers the retained messages again, which are
+   * copied.
+   */
+  copyAgainFrom(source: MqttClient | undefined, from: DepotSide): void {
+    if (source === undefined) return;
+    const to = from === 'upstream' ? 'downstream' : 'upstream';
+    this.#echoes.clear(to);
+    const filters =
+      from === 'upstream'
+        ? downstreamRelayFilters(this.#topics)
+        : upstreamRelayFilters(this.#topics);
+    this.#log.info({ side: from, filters }, 'copying retained messages again');
+    subscribe(source, filters).catch((err: unknown) =>
+      this.#log.warn({ err, side: from }, 'subscription failed'),
+    );
+  }
 }

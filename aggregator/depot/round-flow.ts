@@ -14,14 +14,16 @@ import {
   type UpdateAck,
 } from '../../protocol/index.ts';
 import { MAX_TIMER_MS } from '../../protocol/mqtt-end.ts';
-import { truncateText } from '../messages.ts';
-import { rejectWithoutTask, vehicleAckOf } from './acks.ts';
+import { rejectWithoutTask } from './acks.ts';
 import { DepotRound, type UpdateCaps } from './collector.ts';
+import { CountedUpdates } from './counted-updates.ts';
 import type { DepotEvents } from './events.ts';
 import type { PartialForwarder } from './forwarder.ts';
 import { PartialDelivery } from './delivery.ts';
-import { restoreRound, type DepotJournal } from './journal.ts';
+import { readUnsettled, restoreRound, type DepotJournal } from './journal.ts';
 import { logRoundStart } from './round-log.ts';
+import { EarlierPartials } from './unsettled.ts';
+import { UpdateReplies } from './update-replies.ts';
 
 /** Dependencies of RoundFlow, supplied by the depot. */
 export interface RoundFlowOptions {
@@ -44,6 +46,8 @@ export class RoundFlow {
   readonly #options: RoundFlowOptions;
   readonly #log: Logger;
   readonly #delivery: PartialDelivery;
+  readonly #replies: UpdateReplies;
+  readonly #earlier: EarlierPartials;
   #round: DepotRound | undefined;
   /** Aborted when the round is replaced or the depot stops. */
   #roundAbort = new AbortController();
@@ -56,16 +60,39 @@ export class RoundFlow {
   constructor(options: RoundFlowOptions) {
     this.#options = options;
     this.#log = options.log;
+    const { journal, publishAck, emit, log } = options;
+    const counted = new CountedUpdates();
+    this.#replies = new UpdateReplies({ counted, publishAck, emit, log });
+    this.#earlier = new EarlierPartials({
+      journal,
+      counted,
+      publishAck,
+      emit,
+      log,
+    });
     this.#delivery = new PartialDelivery({
       forwarder: options.forwarder,
-      journal: options.journal,
+      journal,
       maxMessageBytes: options.caps.maxMessageBytes,
-      publishAck: options.publishAck,
-      emit: options.emit,
+      publishAck,
+      emit,
       isCurrent: (round) => round === this.#round,
+      replaceRound: (round, next) => {
+        if (round === this.#round) this.#round = next;
+      },
       serially: (step) => this.#serially(step),
-      log: options.log,
+      counted,
+      earlier: this.#earlier,
+      log,
     });
+  }
+
+  /**
+   * Reads the partials that an earlier run sent without receiving their
+   * ack. Call it before subscribing to the fleet's acks.
+   */
+  async loadUnsettled(): Promise<void> {
+    this.#earlier.add(await readUnsettled(this.#options.journal, this.#log));
   }
 
   /** Hands the fleet's ack of a partial to the send waiting for it. */
@@ -165,6 +192,9 @@ export class RoundFlow {
       restoredUpdates: restored,
     });
 
+    if (round.sealed !== undefined) {
+      this.#earlier.forget(round.sealed.partialId);
+    }
     if (round.phase === 'forwarded') {
       this.#delivery.send(round, this.#roundAbort.signal);
       return;
@@ -195,16 +225,18 @@ export class RoundFlow {
           payload,
           this.#options.caps,
         );
-        this.#reject(vehicleId, decision, ack);
+        const current = { round: 0, modelVersion: 0 };
+        this.#replies.reject(vehicleId, decision, ack, current);
         return;
       }
       const decision = round.judge(vehicleId, payload, Date.now());
       if (decision.accepted === 'resent') {
-        this.#onResent(round, vehicleId, decision.updateId);
+        this.#replies.resent(round, vehicleId, decision.updateId);
         return;
       }
       if (!decision.accepted) {
-        this.#reject(vehicleId, decision, round.rejectionAck(decision));
+        const ack = round.rejectionAck(decision);
+        this.#replies.reject(vehicleId, decision, ack, round.current);
         await this.#forwardIfReady(round, false);
         return;
       }
@@ -227,62 +259,6 @@ export class RoundFlow {
         accepted: true,
       });
       await this.#forwardIfReady(round, false);
-    });
-  }
-
-  #reject(
-    vehicleId: string,
-    decision: {
-      code: string;
-      reason: string;
-      update?: { round: number; updateId: string };
-    },
-    ack: UpdateAck,
-  ): void {
-    this.#options.publishAck(vehicleId, ack);
-    this.#log.warn(
-      {
-        vehicleId,
-        round: decision.update?.round,
-        updateId: decision.update?.updateId,
-        code: decision.code,
-        reason: truncateText(decision.reason),
-      },
-      'update rejected',
-    );
-    this.#options.emit('update-decided', {
-      vehicleId,
-      round: decision.update?.round,
-      updateId: decision.update?.updateId,
-      accepted: false,
-      code: decision.code,
-    });
-  }
-
-  /** Acks a copy of a merged update again once the fleet has acked it. */
-  #onResent(round: DepotRound, vehicleId: string, updateId: string): void {
-    const entry = round.entries.find((e) => e.updateId === updateId);
-    const outcome = round.outcome;
-    if (outcome !== undefined && entry !== undefined) {
-      this.#options.publishAck(
-        vehicleId,
-        vehicleAckOf(entry, round.round, outcome),
-      );
-    }
-    this.#log.debug(
-      {
-        vehicleId,
-        updateId,
-        round: round.round,
-        isSettled: outcome !== undefined,
-      },
-      'copy of a merged update',
-    );
-    this.#options.emit('update-decided', {
-      vehicleId,
-      round: round.round,
-      updateId,
-      accepted: 'resent',
     });
   }
 

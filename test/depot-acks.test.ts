@@ -1,0 +1,406 @@
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { afterEach, beforeEach, describe, test } from 'node:test';
+import type { RunningBroker } from '../broker/index.ts';
+import {
+  AckStatus,
+  ErrorCode,
+  decodeTensorValues,
+  decodeUpdateAck,
+  encodeModelUpdate,
+  type UpdateAck,
+} from '../protocol/index.ts';
+import {
+  CountedUpdates,
+  partialIdOf,
+  type Depot,
+} from '../aggregator/depot/index.ts';
+import {
+  TestVehicle,
+  buildUpdate,
+  startTestBroker,
+  topics,
+} from './aggregator-fixtures.ts';
+import {
+  FakeFleet,
+  buildTask,
+  createStateDir,
+  depotOptions,
+  recordingLogger,
+  startDepot,
+  waitUntil,
+} from './depot-fixtures.ts';
+
+/** Resolves after `ms`. */
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Collects every ack a vehicle receives, for checks that none came. */
+function recordAcks(vehicle: TestVehicle): UpdateAck[] {
+  const acks: UpdateAck[] = [];
+  vehicle.client.on('message', (topic, payload) => {
+    if (topic === topics.ack(vehicle.id)) acks.push(decodeUpdateAck(payload));
+  });
+  return acks;
+}
+
+describe('counted update memory', () => {
+  test('forgets oldest beyond capacity', () => {
+    const counted = new CountedUpdates(2);
+
+    counted.add(1, ['a', 'b']);
+    counted.add(2, ['c']);
+
+    assert.equal(counted.size, 2);
+    assert.equal(counted.roundOf('a'), undefined);
+    assert.equal(counted.roundOf('b'), 1);
+    assert.equal(counted.roundOf('c'), 2);
+  });
+
+  test('duplicate ack only for its sender', () => {
+    const counted = new CountedUpdates();
+    counted.add(3, ['veh-1-r3']);
+    const decision = {
+      accepted: false as const,
+      code: ErrorCode.RoundClosed,
+      reason: 'round 3 closed',
+      update: buildUpdate('veh-1', buildTask(3, ['veh-1'])),
+    };
+
+    const ack = counted.duplicateAck('veh-1', decision, {
+      round: 4,
+      modelVersion: 3,
+    });
+
+    assert.equal(ack?.reasonCode, ErrorCode.DuplicateUpdate);
+    assert.equal(ack?.updateId, 'veh-1-r3');
+    assert.equal(ack?.currentRound, 4);
+    assert.equal(
+      counted.duplicateAck('veh-2', decision, { round: 4, modelVersion: 3 }),
+      undefined,
+    );
+  });
+});
+
+describe('depot handling of fleet acks', () => {
+  let fleetBroker: RunningBroker;
+  let depotBroker: RunningBroker;
+  let state: { dir: string; remove(): void };
+  let fleet: FakeFleet;
+  const depots: Depot[] = [];
+  const vehicles: TestVehicle[] = [];
+
+  beforeEach(async () => {
+    fleetBroker = await startTestBroker();
+    depotBroker = await startTestBroker();
+    state = createStateDir();
+    fleet = await FakeFleet.connect(fleetBroker);
+  });
+
+  afterEach(async () => {
+    await Promise.all(depots.splice(0).map((depot) => depot.stop()));
+    await Promise.all(vehicles.splice(0).map((vehicle) => vehicle.close()));
+    await fleet.close();
+    await fleetBroker.close();
+    await depotBroker.close();
+    state.remove();
+  });
+
+  async function vehicle(id: string): Promise<TestVehicle> {
+    const connected = await TestVehicle.connect(depotBroker, id);
+    vehicles.push(connected);
+    return connected;
+  }
+
+  async function depot(overrides = {}): Promise<Depot> {
+    const started = await startDepot(
+      depotOptions(fleetBroker, depotBroker, state.dir, overrides),
+    );
+    depots.push(started);
+    return started;
+  }
+
+  test('counted entries acked, rest resent', async () => {
+    const task = buildTask(1, ['veh-1', 'veh-2']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const v2 = await vehicle('veh-2');
+    const acks1 = recordAcks(v1);
+    const acks2 = recordAcks(v2);
+    const { log, lines } = recordingLogger();
+    await depot({ log });
+    await v1.publish(
+      encodeModelUpdate(
+        buildUpdate('veh-1', task, { numExamples: 10, value: () => 0.01 }),
+      ),
+    );
+    await v2.publish(
+      encodeModelUpdate(
+        buildUpdate('veh-2', task, { numExamples: 30, value: () => 0.04 }),
+      ),
+    );
+    const first = await fleet.nthPartial(1);
+
+    await fleet.ack(first, {
+      status: AckStatus.Rejected,
+      reasonCode: ErrorCode.DuplicateUpdate,
+      reason: 'entry of vehicle veh-1: update veh-1-r1 was counted',
+      duplicateUpdateIds: ['veh-1-r1'],
+    });
+    const second = await fleet.nthPartial(2);
+    const duplicate = await waitUntil('ack of veh-1', () => acks1[0]);
+
+    assert.equal(second.partialId, partialIdOf('depot-a', 1, ['veh-2-r1']));
+    assert.notEqual(second.partialId, first.partialId);
+    assert.deepEqual(
+      second.updates.map((entry) => [entry.vehicleId, entry.numExamples]),
+      [['veh-2', 30]],
+    );
+    assert.equal(second.numExamples, 30);
+    for (const tensor of second.meanDeltas) {
+      const values = decodeTensorValues(tensor);
+      assert.ok(
+        values.every((v) => v === Math.fround(0.04)),
+        `${tensor.name} holds veh-2's delta alone`,
+      );
+    }
+    assert.equal(duplicate.status, AckStatus.Rejected);
+    assert.equal(duplicate.reasonCode, ErrorCode.DuplicateUpdate);
+    assert.equal(duplicate.updateId, 'veh-1-r1');
+    assert.equal(acks2.length, 0, 'veh-2 waits for the second partial');
+    const logged = lines.find(
+      (line) => line.msg === 'partial had entries the fleet counted already',
+    );
+    assert.deepEqual(logged?.duplicateIds, ['veh-1-r1']);
+    assert.equal(logged?.partialId, first.partialId);
+
+    await fleet.ack(second);
+    const accepted = await waitUntil('ack of veh-2', () => acks2[0]);
+    await sleep(300);
+
+    assert.equal(accepted.status, AckStatus.Accepted);
+    assert.equal(accepted.updateId, 'veh-2-r1');
+    assert.equal(acks1.length, 1, 'one ack for veh-1');
+    assert.equal(acks2.length, 1, 'one ack for veh-2');
+  });
+
+  test('restart resends the rebuilt partial', async () => {
+    const task = buildTask(1, ['veh-1', 'veh-2']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const v2 = await vehicle('veh-2');
+    const first = await depot();
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
+    await fleet.ack(await fleet.nthPartial(1), {
+      status: AckStatus.Rejected,
+      reasonCode: ErrorCode.DuplicateUpdate,
+      reason: 'counted',
+      duplicateUpdateIds: ['veh-2-r1'],
+    });
+    const rebuilt = await fleet.nthPartial(2);
+    await first.stop();
+    const { log, lines } = recordingLogger();
+
+    await depot({ log });
+    const resent = await fleet.nthPartial(3);
+
+    assert.equal(resent.partialId, rebuilt.partialId);
+    assert.deepEqual(
+      resent.updates.map((entry) => entry.vehicleId),
+      ['veh-1'],
+    );
+    const mismatch = lines.find(
+      (line) =>
+        line.msg ===
+        'journal does not hold every update of the forwarded partial',
+    );
+    assert.equal(mismatch, undefined);
+  });
+
+  test('counted entries after close reject rest', async () => {
+    const task = buildTask(1, ['veh-1', 'veh-2']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const v2 = await vehicle('veh-2');
+    await depot();
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
+    const partial = await fleet.nthPartial(1);
+    const ack1 = v1.nextAck();
+    const ack2 = v2.nextAck();
+
+    // The fleet's current round is 2: round 1 closed meanwhile.
+    await fleet.ack(partial, {
+      status: AckStatus.Rejected,
+      reasonCode: ErrorCode.DuplicateUpdate,
+      reason: 'counted',
+      duplicateUpdateIds: ['veh-1-r1'],
+      currentRound: 2,
+      currentModelVersion: 1,
+    });
+    const [duplicate, closed] = await Promise.all([ack1, ack2]);
+    await sleep(300);
+
+    assert.equal(duplicate.reasonCode, ErrorCode.DuplicateUpdate);
+    assert.equal(closed.status, AckStatus.Rejected);
+    assert.equal(closed.reasonCode, ErrorCode.RoundClosed);
+    assert.equal(closed.updateId, 'veh-2-r1');
+    assert.equal(closed.currentRound, 2);
+    assert.equal(fleet.partials.length, 1, 'no partial after the close');
+  });
+
+  test('rejection by partial id stops resends', async () => {
+    const task = buildTask(1, ['veh-1']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const acks = recordAcks(v1);
+    const { log, lines } = recordingLogger();
+    await depot({ partialAckTimeoutMs: 200, log });
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    const partial = await fleet.nthPartial(1);
+
+    await fleet.ack(partial, {
+      status: AckStatus.Rejected,
+      reasonCode: ErrorCode.WrongModelVersion,
+      reason: 'partial is for model version 0, the round is on version 1',
+    });
+    const ack = await waitUntil('ack of veh-1', () => acks[0]);
+    const sent = fleet.partials.length;
+    await sleep(1000);
+
+    assert.equal(ack.status, AckStatus.Rejected);
+    assert.equal(ack.reasonCode, ErrorCode.WrongModelVersion);
+    assert.equal(fleet.partials.length, sent, 'no resend after the ack');
+    const logged = lines.find(
+      (line) => line.msg === 'partial rejected by the fleet',
+    );
+    assert.equal(logged?.level, 40, 'logged at warn');
+    assert.equal(logged?.code, ErrorCode.WrongModelVersion);
+    assert.equal(logged?.partialId, partial.partialId);
+    assert.match(String(logged?.reason), /version 1/);
+  });
+
+  test('unattributed rejection answers the partial', async () => {
+    const task = buildTask(1, ['veh-1']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const acks = recordAcks(v1);
+    const { log, lines } = recordingLogger();
+    await depot({ partialAckTimeoutMs: 200, log });
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    const partial = await fleet.nthPartial(1);
+
+    // What the fleet sends when it cannot read the partial id.
+    await fleet.ack(partial, {
+      updateId: 'unknown',
+      round: 0,
+      status: AckStatus.Rejected,
+      reasonCode: ErrorCode.PayloadTooLarge,
+      reason: 'partial is 600000 bytes, above the maximum of 500000 bytes',
+    });
+    const ack = await waitUntil('ack of veh-1', () => acks[0]);
+    const sent = fleet.partials.length;
+    await sleep(1000);
+
+    assert.equal(ack.status, AckStatus.Rejected);
+    assert.equal(ack.reasonCode, ErrorCode.PayloadTooLarge);
+    assert.equal(ack.updateId, 'veh-1-r1');
+    assert.equal(fleet.partials.length, sent, 'no resend after the ack');
+    const logged = lines.find(
+      (line) => line.msg === 'partial rejected by the fleet',
+    );
+    assert.equal(logged?.partialId, partial.partialId);
+    assert.equal(logged?.code, ErrorCode.PayloadTooLarge);
+  });
+
+  test('ack queued while down reaches vehicles', async () => {
+    const task = buildTask(1, ['veh-1']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const acks = recordAcks(v1);
+    const first = await depot();
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    const partial = await fleet.nthPartial(1);
+    await first.stop();
+
+    // Queued in the depot's session; the round closes meanwhile.
+    await fleet.ack(partial, { currentRound: 2, currentModelVersion: 1 });
+    await fleet.publishTask(buildTask(2, ['veh-1']));
+    const second = await depot();
+    const ack = await waitUntil('ack of veh-1', () => acks[0]);
+    await sleep(500);
+
+    assert.equal(ack.status, AckStatus.Accepted);
+    assert.equal(ack.updateId, 'veh-1-r1');
+    assert.equal(acks.length, 1, 'acked once');
+    assert.equal(second.options.stateDir, first.options.stateDir);
+  });
+
+  test('ack before task is not repeated', async () => {
+    const task = buildTask(1, ['veh-1']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const acks = recordAcks(v1);
+    const first = await depot();
+    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+    const partial = await fleet.nthPartial(1);
+    await first.stop();
+
+    // The round is still open: the task arrives after the queued ack.
+    await fleet.ack(partial);
+    const second = await depot();
+    await waitUntil('ack of veh-1', () => acks[0]);
+    await sleep(500);
+
+    assert.equal(acks.length, 1, 'acked once');
+    assert.equal(second.options.stateDir, first.options.stateDir);
+  });
+
+  test('resent counted update is duplicate', async () => {
+    const task = buildTask(1, ['veh-1']);
+    await fleet.publishTask(task);
+    const v1 = await vehicle('veh-1');
+    const started = await depot();
+    const payload = encodeModelUpdate(buildUpdate('veh-1', task));
+    const firstAck = v1.nextAck();
+    await v1.publish(payload);
+    await fleet.ack(await fleet.nthPartial(1));
+    assert.equal((await firstAck).status, AckStatus.Accepted);
+    const roundStarted = once(started, 'round-started');
+    await fleet.publishTask(buildTask(2, ['veh-1']));
+    await roundStarted;
+
+    // As an agent does from its outbox after the depot broker restarted.
+    const ack = await v1.send(payload);
+
+    assert.equal(ack.status, AckStatus.Rejected);
+    assert.equal(ack.reasonCode, ErrorCode.DuplicateUpdate);
+    assert.equal(ack.updateId, 'veh-1-r1');
+    assert.equal(ack.currentRound, 2);
+    assert.match(ack.reason, /already counted/);
+  });
+
+  test('unreadable journal file set aside', async () => {
+    const task = buildTask(1, ['veh-1']);
+    const file = join(state.dir, 'rounds', '1', 'updates', 'garbage.pb');
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, 'not a protobuf message');
+    await fleet.publishTask(task);
+    const { log, lines } = recordingLogger();
+
+    await depot({ log });
+    const logged = await waitUntil('unreadable update logged', () =>
+      lines.find((line) => line.msg === 'journaled update unreadable'),
+    );
+
+    assert.equal(logged.file, file);
+    assert.equal(logged.movedTo, `${file}.bad`);
+    assert.equal(logged.level, 50, 'logged at error');
+    assert.equal(existsSync(file), false);
+    assert.equal(existsSync(`${file}.bad`), true);
+  });
+});
