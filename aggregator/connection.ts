@@ -8,6 +8,7 @@ import {
   type BrokerClientSecurity,
   type Logger,
 } from '../protocol/index.ts';
+import { awaitConnect } from '../protocol/mqtt-end.ts';
 
 /** Inputs of {@link connectToBroker}. */
 export interface ConnectionOptions {
@@ -98,26 +99,7 @@ export async function connectToBroker(
     log.debug({ clientId }, 'mqtt client reconnecting'),
   );
 
-  try {
-    await new Promise<void>((resolve, reject) => {
-      const onAbort = (): void => {
-        client.off('connect', onConnect);
-        reject(
-          new Error(`connection to ${brokerUrl} aborted before it was up`),
-        );
-      };
-      const onConnect = (): void => {
-        signal.removeEventListener('abort', onAbort);
-        resolve();
-      };
-      client.once('connect', onConnect);
-      signal.addEventListener('abort', onAbort, { once: true });
-      if (signal.aborted) onAbort();
-    });
-  } catch (err) {
-    await client.endAsync(true);
-    throw err;
-  }
+  await awaitConnect(client, brokerUrl, signal);
   client.on('connect', () => log.info({ clientId }, 'mqtt client reconnected'));
 
   const filters = Object.fromEntries(

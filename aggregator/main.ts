@@ -49,6 +49,7 @@ import {
   type SecureAggregationFlags,
   brokerSecurityOfFlags,
 } from '../protocol/cli-arguments.ts';
+import { startOrExit, stopOnSignals } from '../protocol/cli-lifecycle.ts';
 
 const DEFAULT_BASE_WEIGHTS = fileURLToPath(
   new URL('../models/base/gtsrb-cnn-v0.weights.pb', import.meta.url),
@@ -453,36 +454,10 @@ async function main(): Promise<void> {
     process.exit(2);
   }
 
-  let stopping: Promise<void> | undefined;
-  const stop = (reason: string): Promise<void> => {
-    stopping ??= (async () => {
-      log.info({ reason }, 'shutting down');
-      await aggregator.stop();
-    })();
-    return stopping;
-  };
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.on(signal, () => {
-      stop(signal).then(() => process.exit(0));
-    });
-  }
-
-  try {
-    await aggregator.start();
-  } catch (err) {
-    // A signal during start aborts it, and its handler exits with 0.
-    if (stopping !== undefined) return;
-    const exitCode = reportStartError(
-      'aggregator',
-      err,
-      log,
-      'aggregator failed to start',
-    );
-    await aggregator.stop();
-    process.exit(exitCode);
-  }
+  const shutdown = stopOnSignals(aggregator, log);
+  if (!(await startOrExit('aggregator', aggregator, shutdown, log))) return;
   await aggregator.whenFinished();
-  await stop('finished');
+  await shutdown.stop('finished');
   process.exit(0);
 }
 

@@ -55,7 +55,7 @@ import type {
   NormBoundOptions,
   ServerOptimizerConfig,
 } from './strategies/index.ts';
-import { MAX_TIMER_MS } from '../protocol/mqtt-end.ts';
+import { optionChecks, type OptionChecks } from '../protocol/option-checks.ts';
 
 const IMAGE_VALUES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS;
 
@@ -285,33 +285,8 @@ export type ResolvedOptions = Required<
   vehicleKeys?: PublicKeySet;
 };
 
-function invalid(option: string, value: unknown, expected: string): never {
-  throw new FleetError(
-    ErrorCode.InvalidConfig,
-    `aggregator option ${option} is ${String(value)}, expected ${expected}`,
-  );
-}
-
-function requireInteger(option: string, value: number, min: number): void {
-  if (!Number.isSafeInteger(value) || value < min) {
-    invalid(option, value, `an integer >= ${min}`);
-  }
-}
-
-function requireDuration(option: string, value: number, min: number): void {
-  if (!Number.isSafeInteger(value) || value < min || value > MAX_TIMER_MS) {
-    invalid(option, value, `an integer from ${min} to ${MAX_TIMER_MS} ms`);
-  }
-}
-
-function requireText(option: string, value: unknown): void {
-  if (typeof value !== 'string' || value.length === 0) {
-    throw new TypeError(
-      `aggregator option ${option} must be a non-empty string, got ` +
-        `${JSON.stringify(value)}`,
-    );
-  }
-}
+const { invalid, requireInteger, requireDuration, requireText }: OptionChecks =
+  optionChecks('aggregator option');
 
 /**
  * Loads the vehicles' public keys and checks that each names its vehicle.

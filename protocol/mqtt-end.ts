@@ -1,4 +1,7 @@
-/** Ending an mqtt.js client within a bounded time, shared by the clients. */
+/**
+ * Lifecycle helpers of the mqtt.js clients: waiting for the first
+ * connection, and ending a client within a bounded time.
+ */
 import type { MqttClient } from 'mqtt';
 
 /**
@@ -45,3 +48,35 @@ export async function settleWithin(
 
 /** Longest delay setTimeout honours: a longer one fires at once. */
 export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * Waits until `client` first connects to `brokerUrl`. When `signal` aborts
+ * first, ends the client by force and rejects, so no reconnection timer
+ * keeps running.
+ */
+export async function awaitConnect(
+  client: MqttClient,
+  brokerUrl: string,
+  signal: AbortSignal,
+): Promise<void> {
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => {
+        client.off('connect', onConnect);
+        reject(
+          new Error(`connection to ${brokerUrl} aborted before it was up`),
+        );
+      };
+      const onConnect = (): void => {
+        signal.removeEventListener('abort', onAbort);
+        resolve();
+      };
+      client.once('connect', onConnect);
+      signal.addEventListener('abort', onAbort, { once: true });
+      if (signal.aborted) onAbort();
+    });
+  } catch (err) {
+    await client.endAsync(true);
+    throw err;
+  }
+}

@@ -105,16 +105,40 @@ describe('broker nodes sharing redis', () => {
 
     const publisher = await open(nodeB, 'pub-session');
     await publisher.publishAsync('cluster/session', 'queued', { qos: 1 });
-    const { client, sessionPresent } = connectTo(nodeB, 'sub-session', {
+
+    // Once in about ten full runs on a loaded 2-core machine, the first
+    // reconnection got no CONNACK within WAIT_MS. A second attempt must
+    // still find the session and its queued message.
+    let attempt = await reconnect('sub-session');
+    if (attempt === undefined) attempt = await reconnect('sub-session');
+    assert.ok(attempt !== undefined, 'sub-session not resumed in 2 attempts');
+    assert.equal(attempt.sessionPresent, true);
+    assert.equal(await attempt.received, 'queued');
+  });
+
+  /**
+   * Connects `clientId` to node B with its persistent session. Returns
+   * undefined, after ending the client, when no CONNACK came in time.
+   */
+  async function reconnect(
+    clientId: string,
+  ): Promise<
+    { sessionPresent: boolean; received: Promise<string> } | undefined
+  > {
+    const { client, sessionPresent } = connectTo(nodeB, clientId, {
       clean: false,
     });
     clients.push(client);
     // The queued message follows CONNACK at once, so listen before it.
     const received = nextPayload(client, 'cluster/session');
-
-    assert.equal(await sessionPresent, true);
-    assert.equal(await received, 'queued');
-  });
+    received.catch(() => {});
+    try {
+      return { sessionPresent: await sessionPresent, received };
+    } catch {
+      await endClient(client, 2000);
+      return undefined;
+    }
+  }
 
   test('persistent session subscribes to two topics', async () => {
     const subscriber = await open(nodeA, 'sub-two', { clean: false });

@@ -2,50 +2,23 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { afterEach, beforeEach, describe, test } from 'node:test';
-import type { RunningBroker } from '../broker/index.ts';
+import { describe, test } from 'node:test';
 import {
   AckStatus,
   ErrorCode,
   decodeTensorValues,
-  decodeUpdateAck,
   encodeModelUpdate,
-  type UpdateAck,
 } from '../protocol/index.ts';
+import { CountedUpdates, partialIdOf } from '../aggregator/depot/index.ts';
+import { buildUpdate } from './aggregator-fixtures.ts';
 import {
-  CountedUpdates,
-  partialIdOf,
-  type Depot,
-} from '../aggregator/depot/index.ts';
-import {
-  TestVehicle,
-  buildUpdate,
-  startTestBroker,
-  topics,
-} from './aggregator-fixtures.ts';
-import {
-  FakeFleet,
   buildTask,
-  createStateDir,
-  depotOptions,
+  recordAcks,
   recordingLogger,
-  startDepot,
+  sleep,
+  useDepotTestBed,
   waitUntil,
 } from './depot-fixtures.ts';
-
-/** Resolves after `ms`. */
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Collects every ack a vehicle receives, for checks that none came. */
-function recordAcks(vehicle: TestVehicle): UpdateAck[] {
-  const acks: UpdateAck[] = [];
-  vehicle.client.on('message', (topic, payload) => {
-    if (topic === topics.ack(vehicle.id)) acks.push(decodeUpdateAck(payload));
-  });
-  return acks;
-}
 
 describe('counted update memory', () => {
   test('forgets oldest beyond capacity', () => {
@@ -86,52 +59,17 @@ describe('counted update memory', () => {
 });
 
 describe('depot handling of fleet acks', () => {
-  let fleetBroker: RunningBroker;
-  let depotBroker: RunningBroker;
-  let state: { dir: string; remove(): void };
-  let fleet: FakeFleet;
-  const depots: Depot[] = [];
-  const vehicles: TestVehicle[] = [];
-
-  beforeEach(async () => {
-    fleetBroker = await startTestBroker();
-    depotBroker = await startTestBroker();
-    state = createStateDir();
-    fleet = await FakeFleet.connect(fleetBroker);
-  });
-
-  afterEach(async () => {
-    await Promise.all(depots.splice(0).map((depot) => depot.stop()));
-    await Promise.all(vehicles.splice(0).map((vehicle) => vehicle.close()));
-    await fleet.close();
-    await fleetBroker.close();
-    await depotBroker.close();
-    state.remove();
-  });
-
-  async function vehicle(id: string): Promise<TestVehicle> {
-    const connected = await TestVehicle.connect(depotBroker, id);
-    vehicles.push(connected);
-    return connected;
-  }
-
-  async function depot(overrides = {}): Promise<Depot> {
-    const started = await startDepot(
-      depotOptions(fleetBroker, depotBroker, state.dir, overrides),
-    );
-    depots.push(started);
-    return started;
-  }
+  const bed = useDepotTestBed();
 
   test('counted entries acked, rest resent', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
     const acks1 = recordAcks(v1);
     const acks2 = recordAcks(v2);
     const { log, lines } = recordingLogger();
-    await depot({ log });
+    await bed.depot({ log });
     await v1.publish(
       encodeModelUpdate(
         buildUpdate('veh-1', task, { numExamples: 10, value: () => 0.01 }),
@@ -142,15 +80,15 @@ describe('depot handling of fleet acks', () => {
         buildUpdate('veh-2', task, { numExamples: 30, value: () => 0.04 }),
       ),
     );
-    const first = await fleet.nthPartial(1);
+    const first = await bed.fleet.nthPartial(1);
 
-    await fleet.ack(first, {
+    await bed.fleet.ack(first, {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.DuplicateUpdate,
       reason: 'entry of vehicle veh-1: update veh-1-r1 was counted',
       duplicateUpdateIds: ['veh-1-r1'],
     });
-    const second = await fleet.nthPartial(2);
+    const second = await bed.fleet.nthPartial(2);
     const duplicate = await waitUntil('ack of veh-1', () => acks1[0]);
 
     assert.equal(second.partialId, partialIdOf('depot-a', 1, ['veh-2-r1']));
@@ -177,7 +115,7 @@ describe('depot handling of fleet acks', () => {
     assert.deepEqual(logged?.duplicateIds, ['veh-1-r1']);
     assert.equal(logged?.partialId, first.partialId);
 
-    await fleet.ack(second);
+    await bed.fleet.ack(second);
     const accepted = await waitUntil('ack of veh-2', () => acks2[0]);
     await sleep(300);
 
@@ -189,24 +127,24 @@ describe('depot handling of fleet acks', () => {
 
   test('restart resends the rebuilt partial', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
-    const first = await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
+    const first = await bed.depot();
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
     await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
-    await fleet.ack(await fleet.nthPartial(1), {
+    await bed.fleet.ack(await bed.fleet.nthPartial(1), {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.DuplicateUpdate,
       reason: 'counted',
       duplicateUpdateIds: ['veh-2-r1'],
     });
-    const rebuilt = await fleet.nthPartial(2);
+    const rebuilt = await bed.fleet.nthPartial(2);
     await first.stop();
     const { log, lines } = recordingLogger();
 
-    await depot({ log });
-    const resent = await fleet.nthPartial(3);
+    await bed.depot({ log });
+    const resent = await bed.fleet.nthPartial(3);
 
     assert.equal(resent.partialId, rebuilt.partialId);
     assert.deepEqual(
@@ -223,18 +161,18 @@ describe('depot handling of fleet acks', () => {
 
   test('counted entries after close reject rest', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
-    await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
+    await bed.depot();
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
     await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
     const ack1 = v1.nextAck();
     const ack2 = v2.nextAck();
 
     // The fleet's current round is 2: round 1 closed meanwhile.
-    await fleet.ack(partial, {
+    await bed.fleet.ack(partial, {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.DuplicateUpdate,
       reason: 'counted',
@@ -250,31 +188,31 @@ describe('depot handling of fleet acks', () => {
     assert.equal(closed.reasonCode, ErrorCode.RoundClosed);
     assert.equal(closed.updateId, 'veh-2-r1');
     assert.equal(closed.currentRound, 2);
-    assert.equal(fleet.partials.length, 1, 'no partial after the close');
+    assert.equal(bed.fleet.partials.length, 1, 'no partial after the close');
   });
 
   test('rejection by partial id stops resends', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     const acks = recordAcks(v1);
     const { log, lines } = recordingLogger();
-    await depot({ partialAckTimeoutMs: 200, log });
+    await bed.depot({ partialAckTimeoutMs: 200, log });
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
 
-    await fleet.ack(partial, {
+    await bed.fleet.ack(partial, {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.WrongModelVersion,
       reason: 'partial is for model version 0, the round is on version 1',
     });
     const ack = await waitUntil('ack of veh-1', () => acks[0]);
-    const sent = fleet.partials.length;
+    const sent = bed.fleet.partials.length;
     await sleep(1000);
 
     assert.equal(ack.status, AckStatus.Rejected);
     assert.equal(ack.reasonCode, ErrorCode.WrongModelVersion);
-    assert.equal(fleet.partials.length, sent, 'no resend after the ack');
+    assert.equal(bed.fleet.partials.length, sent, 'no resend after the ack');
     const logged = lines.find(
       (line) => line.msg === 'partial rejected by the fleet',
     );
@@ -286,16 +224,16 @@ describe('depot handling of fleet acks', () => {
 
   test('unattributed rejection answers the partial', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     const acks = recordAcks(v1);
     const { log, lines } = recordingLogger();
-    await depot({ partialAckTimeoutMs: 200, log });
+    await bed.depot({ partialAckTimeoutMs: 200, log });
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
 
     // What the fleet sends when it cannot read the partial id.
-    await fleet.ack(partial, {
+    await bed.fleet.ack(partial, {
       updateId: 'unknown',
       round: 0,
       status: AckStatus.Rejected,
@@ -303,13 +241,13 @@ describe('depot handling of fleet acks', () => {
       reason: 'partial is 600000 bytes, above the maximum of 500000 bytes',
     });
     const ack = await waitUntil('ack of veh-1', () => acks[0]);
-    const sent = fleet.partials.length;
+    const sent = bed.fleet.partials.length;
     await sleep(1000);
 
     assert.equal(ack.status, AckStatus.Rejected);
     assert.equal(ack.reasonCode, ErrorCode.PayloadTooLarge);
     assert.equal(ack.updateId, 'veh-1-r1');
-    assert.equal(fleet.partials.length, sent, 'no resend after the ack');
+    assert.equal(bed.fleet.partials.length, sent, 'no resend after the ack');
     const logged = lines.find(
       (line) => line.msg === 'partial rejected by the fleet',
     );
@@ -319,18 +257,18 @@ describe('depot handling of fleet acks', () => {
 
   test('ack queued while down reaches vehicles', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     const acks = recordAcks(v1);
-    const first = await depot();
+    const first = await bed.depot();
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
     await first.stop();
 
     // Queued in the depot's session; the round closes meanwhile.
-    await fleet.ack(partial, { currentRound: 2, currentModelVersion: 1 });
-    await fleet.publishTask(buildTask(2, ['veh-1']));
-    const second = await depot();
+    await bed.fleet.ack(partial, { currentRound: 2, currentModelVersion: 1 });
+    await bed.fleet.publishTask(buildTask(2, ['veh-1']));
+    const second = await bed.depot();
     const ack = await waitUntil('ack of veh-1', () => acks[0]);
     await sleep(500);
 
@@ -342,17 +280,17 @@ describe('depot handling of fleet acks', () => {
 
   test('ack before task is not repeated', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     const acks = recordAcks(v1);
-    const first = await depot();
+    const first = await bed.depot();
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
     await first.stop();
 
     // The round is still open: the task arrives after the queued ack.
-    await fleet.ack(partial);
-    const second = await depot();
+    await bed.fleet.ack(partial);
+    const second = await bed.depot();
     await waitUntil('ack of veh-1', () => acks[0]);
     await sleep(500);
 
@@ -362,16 +300,16 @@ describe('depot handling of fleet acks', () => {
 
   test('resent counted update is duplicate', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const started = await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const started = await bed.depot();
     const payload = encodeModelUpdate(buildUpdate('veh-1', task));
     const firstAck = v1.nextAck();
     await v1.publish(payload);
-    await fleet.ack(await fleet.nthPartial(1));
+    await bed.fleet.ack(await bed.fleet.nthPartial(1));
     assert.equal((await firstAck).status, AckStatus.Accepted);
     const roundStarted = once(started, 'round-started');
-    await fleet.publishTask(buildTask(2, ['veh-1']));
+    await bed.fleet.publishTask(buildTask(2, ['veh-1']));
     await roundStarted;
 
     // As an agent does from its outbox after the depot broker restarted.
@@ -386,13 +324,13 @@ describe('depot handling of fleet acks', () => {
 
   test('unreadable journal file set aside', async () => {
     const task = buildTask(1, ['veh-1']);
-    const file = join(state.dir, 'rounds', '1', 'updates', 'garbage.pb');
+    const file = join(bed.stateDir, 'rounds', '1', 'updates', 'garbage.pb');
     mkdirSync(dirname(file), { recursive: true });
     writeFileSync(file, 'not a protobuf message');
-    await fleet.publishTask(task);
+    await bed.fleet.publishTask(task);
     const { log, lines } = recordingLogger();
 
-    await depot({ log });
+    await bed.depot({ log });
     const logged = await waitUntil('unreadable update logged', () =>
       lines.find((line) => line.msg === 'journaled update unreadable'),
     );

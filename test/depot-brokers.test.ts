@@ -34,13 +34,9 @@ import {
   createStateDir,
   depotOptions,
   recordingLogger,
+  sleep,
   waitUntil,
 } from './depot-fixtures.ts';
-
-/** Resolves after `ms`. */
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 /** A TCP forwarder on 127.0.0.1: a second address of one broker. */
 interface PortForward {

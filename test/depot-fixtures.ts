@@ -1,13 +1,15 @@
 /**
  * Shared pieces of the depot tests: a stand-in for the fleet aggregator
  * on the fleet broker (publishes round tasks, collects partials, sends
- * acks), round tasks, and a log that records every line.
+ * acks), round tasks, a log that records every line, and a test bed of
+ * two brokers with the depots and vehicles a test opens.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { connect, type MqttClient } from 'mqtt';
+import { afterEach, beforeEach } from 'node:test';
 import { pino } from 'pino';
 import type { RunningBroker } from '../broker/index.ts';
 import {
@@ -18,12 +20,19 @@ import {
   type Logger,
   type PartialAggregate,
   type RoundTask,
+  decodeUpdateAck,
   type UpdateAck,
 } from '../protocol/index.ts';
 import { endClient } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME } from '../models/architecture.ts';
 import { Depot, type DepotOptions } from '../aggregator/depot/index.ts';
-import { FLEET_ID, quietLog, topics } from './aggregator-fixtures.ts';
+import {
+  FLEET_ID,
+  TestVehicle,
+  quietLog,
+  startTestBroker,
+  topics,
+} from './aggregator-fixtures.ts';
 
 /** Trainable tensors of the depot tests' tasks: small, for fast tests. */
 export const SMALL_TENSORS = ['dense2/kernel', 'dense2/bias'];
@@ -103,6 +112,91 @@ export function recordingLogger(): { log: Logger; lines: LogLine[] } {
     },
   });
   return { log: pino({ level: 'debug' }, stream), lines };
+}
+
+/** Resolves after `ms`. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Collects every ack a vehicle receives, for checks that none came. */
+export function recordAcks(vehicle: TestVehicle): UpdateAck[] {
+  const acks: UpdateAck[] = [];
+  vehicle.client.on('message', (topic, payload) => {
+    if (topic === topics.ack(vehicle.id)) acks.push(decodeUpdateAck(payload));
+  });
+  return acks;
+}
+
+/**
+ * A fleet broker, a depot broker, a state directory and a FakeFleet for
+ * each test, with the depots and vehicles the test opens through it.
+ */
+export interface DepotTestBed {
+  readonly fleetBroker: RunningBroker;
+  readonly depotBroker: RunningBroker;
+  readonly stateDir: string;
+  readonly fleet: FakeFleet;
+  /** Connects a vehicle to the depot broker. */
+  vehicle(id: string, isOnline?: boolean): Promise<TestVehicle>;
+  /** Starts a depot with depotOptions and `overrides`. */
+  depot(overrides?: Partial<DepotOptions>): Promise<Depot>;
+}
+
+/**
+ * Registers beforeEach and afterEach hooks in the enclosing describe that
+ * set up a DepotTestBed before each test and close all of it after.
+ */
+export function useDepotTestBed(): DepotTestBed {
+  let fleetBroker: RunningBroker;
+  let depotBroker: RunningBroker;
+  let state: { dir: string; remove(): void };
+  let fleet: FakeFleet;
+  const depots: Depot[] = [];
+  const vehicles: TestVehicle[] = [];
+
+  beforeEach(async () => {
+    fleetBroker = await startTestBroker();
+    depotBroker = await startTestBroker();
+    state = createStateDir();
+    fleet = await FakeFleet.connect(fleetBroker);
+  });
+
+  afterEach(async () => {
+    await Promise.all(depots.splice(0).map((depot) => depot.stop()));
+    await Promise.all(vehicles.splice(0).map((vehicle) => vehicle.close()));
+    await fleet.close();
+    await fleetBroker.close();
+    await depotBroker.close();
+    state.remove();
+  });
+
+  return {
+    get fleetBroker() {
+      return fleetBroker;
+    },
+    get depotBroker() {
+      return depotBroker;
+    },
+    get stateDir() {
+      return state.dir;
+    },
+    get fleet() {
+      return fleet;
+    },
+    async vehicle(id, isOnline = true) {
+      const connected = await TestVehicle.connect(depotBroker, id, isOnline);
+      vehicles.push(connected);
+      return connected;
+    },
+    async depot(overrides = {}) {
+      const started = await startDepot(
+        depotOptions(fleetBroker, depotBroker, state.dir, overrides),
+      );
+      depots.push(started);
+      return started;
+    },
+  };
 }
 
 /** Resolves `check()` once it returns a value; rejects after `timeoutMs`. */

@@ -1,22 +1,18 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { afterEach, beforeEach, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { connect } from 'mqtt';
-import type { RunningBroker } from '../broker/index.ts';
 import {
   AckStatus,
   ErrorCode,
   FleetError,
   VehicleState,
   decodeTensorValues,
-  decodeUpdateAck,
   encodeModelUpdate,
   encodeVehicleStatus,
-  type UpdateAck,
 } from '../protocol/index.ts';
 import { endClient } from '../protocol/mqtt-end.ts';
 import {
-  Depot,
   MAX_RESEND_WAIT_MS,
   partialIdOf,
   resendWaitMs,
@@ -26,32 +22,16 @@ import {
   TestVehicle,
   buildDeltas,
   buildUpdate,
-  startTestBroker,
   topics,
 } from './aggregator-fixtures.ts';
 import {
-  FakeFleet,
   buildTask,
-  createStateDir,
-  depotOptions,
+  recordAcks,
   recordingLogger,
-  startDepot,
+  sleep,
+  useDepotTestBed,
   waitUntil,
 } from './depot-fixtures.ts';
-
-/** Resolves after `ms`. */
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Collects every ack a vehicle receives, for checks that none came. */
-function recordAcks(vehicle: TestVehicle): UpdateAck[] {
-  const acks: UpdateAck[] = [];
-  vehicle.client.on('message', (topic, payload) => {
-    if (topic === topics.ack(vehicle.id)) acks.push(decodeUpdateAck(payload));
-  });
-  return acks;
-}
 
 describe('depot options', () => {
   const base = {
@@ -132,49 +112,14 @@ describe('depot partial ids and resend waits', () => {
 });
 
 describe('depot with a real broker', () => {
-  let fleetBroker: RunningBroker;
-  let depotBroker: RunningBroker;
-  let state: { dir: string; remove(): void };
-  let fleet: FakeFleet;
-  const depots: Depot[] = [];
-  const vehicles: TestVehicle[] = [];
-
-  beforeEach(async () => {
-    fleetBroker = await startTestBroker();
-    depotBroker = await startTestBroker();
-    state = createStateDir();
-    fleet = await FakeFleet.connect(fleetBroker);
-  });
-
-  afterEach(async () => {
-    await Promise.all(depots.splice(0).map((depot) => depot.stop()));
-    await Promise.all(vehicles.splice(0).map((vehicle) => vehicle.close()));
-    await fleet.close();
-    await fleetBroker.close();
-    await depotBroker.close();
-    state.remove();
-  });
-
-  async function vehicle(id: string, isOnline = true): Promise<TestVehicle> {
-    const connected = await TestVehicle.connect(depotBroker, id, isOnline);
-    vehicles.push(connected);
-    return connected;
-  }
-
-  async function depot(overrides = {}): Promise<Depot> {
-    const started = await startDepot(
-      depotOptions(fleetBroker, depotBroker, state.dir, overrides),
-    );
-    depots.push(started);
-    return started;
-  }
+  const bed = useDepotTestBed();
 
   test('bad updates get rejection acks', async () => {
     const task = buildTask(4, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const outsider = await vehicle('veh-9');
-    await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const outsider = await bed.vehicle('veh-9');
+    await bed.depot();
     const value = (_name: string, index: number) =>
       index === 3 ? Number.NaN : 0.01;
     const wrongShape = buildUpdate('veh-1', task, {
@@ -214,12 +159,12 @@ describe('depot with a real broker', () => {
       assert.equal(ack.currentRound, 4, code);
       assert.equal(ack.currentModelVersion, 3, code);
     }
-    assert.equal(fleet.partials.length, 0);
+    assert.equal(bed.fleet.partials.length, 0);
   });
 
   test('update before any task is wrong round', async () => {
-    const v1 = await vehicle('veh-1');
-    await depot();
+    const v1 = await bed.vehicle('veh-1');
+    await bed.depot();
     const task = buildTask(2, ['veh-1']);
 
     const ack = await v1.send(encodeModelUpdate(buildUpdate('veh-1', task)));
@@ -231,12 +176,12 @@ describe('depot with a real broker', () => {
 
   test('vehicles acked only after fleet accepts', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
     const acks1 = recordAcks(v1);
     const acks2 = recordAcks(v2);
-    const started = await depot();
+    const started = await bed.depot();
     const decided = once(started, 'update-decided');
 
     await v1.publish(
@@ -248,7 +193,7 @@ describe('depot with a real broker', () => {
     await sleep(300);
 
     assert.equal(first.accepted, true);
-    assert.equal(fleet.partials.length, 0, 'veh-2 is still awaited');
+    assert.equal(bed.fleet.partials.length, 0, 'veh-2 is still awaited');
     assert.equal(acks1.length, 0);
 
     await v2.publish(
@@ -256,7 +201,7 @@ describe('depot with a real broker', () => {
         buildUpdate('veh-2', task, { numExamples: 30, value: () => 0.04 }),
       ),
     );
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
     await sleep(300);
 
     assert.equal(acks1.length + acks2.length, 0, 'no ack before the fleet');
@@ -283,7 +228,7 @@ describe('depot with a real broker', () => {
       );
     }
 
-    await fleet.ack(partial, { currentRound: 1, currentModelVersion: 0 });
+    await bed.fleet.ack(partial, { currentRound: 1, currentModelVersion: 0 });
     const [ack1, ack2] = await Promise.all([
       waitUntil('ack of veh-1', () => acks1[0]),
       waitUntil('ack of veh-2', () => acks2[0]),
@@ -297,17 +242,17 @@ describe('depot with a real broker', () => {
 
   test('rejected partial passes reason on', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
-    await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
+    await bed.depot();
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
     await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
     const ack1 = v1.nextAck();
     const ack2 = v2.nextAck();
 
-    await fleet.ack(partial, {
+    await bed.fleet.ack(partial, {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.RoundClosed,
       reason: 'round 1 has closed',
@@ -326,17 +271,17 @@ describe('depot with a real broker', () => {
 
   test('unacked partial is resent unchanged', async () => {
     const task = buildTask(1, ['veh-1']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     const { log, lines } = recordingLogger();
-    await depot({ partialAckTimeoutMs: 100, log });
+    await bed.depot({ partialAckTimeoutMs: 100, log });
     const acks = recordAcks(v1);
 
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const third = await fleet.nthPartial(3);
+    const third = await bed.fleet.nthPartial(3);
 
     assert.deepEqual(
-      new Set(fleet.partials.map((partial) => partial.partialId)).size,
+      new Set(bed.fleet.partials.map((partial) => partial.partialId)).size,
       1,
     );
     assert.equal(acks.length, 0);
@@ -346,25 +291,25 @@ describe('depot with a real broker', () => {
     assert.ok(retries.length >= 2, `${retries.length} retries logged`);
     assert.equal(retries[0].partialId, third.partialId);
 
-    await fleet.ack(third);
+    await bed.fleet.ack(third);
     const ack = await waitUntil('ack of veh-1', () => acks[0]);
-    const sent = fleet.partials.length;
+    const sent = bed.fleet.partials.length;
     await sleep(500);
 
     assert.equal(ack.status, AckStatus.Accepted);
-    assert.equal(fleet.partials.length, sent, 'no resend after the ack');
+    assert.equal(bed.fleet.partials.length, sent, 'no resend after the ack');
   });
 
   test('late update is rejected round closed', async () => {
     const task = buildTask(1, ['veh-1', 'veh-3']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
     // Not online here, so the depot does not wait for it.
-    const v3 = await vehicle('veh-3', false);
-    await depot();
+    const v3 = await bed.vehicle('veh-3', false);
+    await bed.depot();
 
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    await fleet.nthPartial(1);
+    await bed.fleet.nthPartial(1);
     const ack = await v3.send(encodeModelUpdate(buildUpdate('veh-3', task)));
 
     assert.equal(ack.status, AckStatus.Rejected);
@@ -375,13 +320,13 @@ describe('depot with a real broker', () => {
 
   test('forward margin sends partial before deadline', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2'], 3000);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    await vehicle('veh-2');
-    await depot({ forwardMarginMs: 2000 });
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    await bed.vehicle('veh-2');
+    await bed.depot({ forwardMarginMs: 2000 });
 
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await fleet.nthPartial(1, 5000);
+    const partial = await bed.fleet.nthPartial(1, 5000);
     const sentAtMs = Date.now();
 
     assert.deepEqual(
@@ -394,30 +339,30 @@ describe('depot with a real broker', () => {
 
   test('new round task resets the round', async () => {
     const first = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(first);
-    const v1 = await vehicle('veh-1');
-    await vehicle('veh-2');
-    const started = await depot();
+    await bed.fleet.publishTask(first);
+    const v1 = await bed.vehicle('veh-1');
+    await bed.vehicle('veh-2');
+    const started = await bed.depot();
     const decided = once(started, 'update-decided');
     await v1.publish(encodeModelUpdate(buildUpdate('veh-1', first)));
     await decided;
 
     const roundStarted = once(started, 'round-started');
-    await fleet.publishTask(buildTask(2, ['veh-1']));
+    await bed.fleet.publishTask(buildTask(2, ['veh-1']));
     await roundStarted;
     const ack = await v1.send(encodeModelUpdate(buildUpdate('veh-1', first)));
 
     assert.equal(ack.reasonCode, ErrorCode.RoundClosed);
     assert.equal(ack.currentRound, 2);
-    assert.equal(fleet.partials.length, 0);
+    assert.equal(bed.fleet.partials.length, 0);
   });
 
   test('restart merges journaled updates again', async () => {
     const task = buildTask(1, ['veh-1', 'veh-2']);
-    await fleet.publishTask(task);
-    const v1 = await vehicle('veh-1');
-    const v2 = await vehicle('veh-2');
-    const first = await depot();
+    await bed.fleet.publishTask(task);
+    const v1 = await bed.vehicle('veh-1');
+    const v2 = await bed.vehicle('veh-2');
+    const first = await bed.depot();
     const decided = once(first, 'update-decided');
     await v1.publish(
       encodeModelUpdate(buildUpdate('veh-1', task, { numExamples: 5 })),
@@ -425,11 +370,11 @@ describe('depot with a real broker', () => {
     await decided;
     await first.stop();
 
-    const second = await depot();
+    const second = await bed.depot();
     await v2.publish(
       encodeModelUpdate(buildUpdate('veh-2', task, { numExamples: 7 })),
     );
-    const partial = await fleet.nthPartial(1);
+    const partial = await bed.fleet.nthPartial(1);
 
     assert.deepEqual(
       partial.updates.map((entry) => entry.vehicleId),
@@ -443,20 +388,20 @@ describe('depot with a real broker', () => {
     const task = buildTask(1, ['veh-1']);
     const chunk = Buffer.from([0, 1, 2, 250, 255]);
     const notice = Buffer.from('a release notice, opaque to the depot');
-    await fleet.publishTask(task);
-    await fleet.client.publishAsync(topics.releaseChunk(3, 0), chunk, {
+    await bed.fleet.publishTask(task);
+    await bed.fleet.client.publishAsync(topics.releaseChunk(3, 0), chunk, {
       qos: 1,
       retain: true,
     });
-    await depot();
+    await bed.depot();
     // A live message: the fleet broker forwards it with retain 0.
-    await fleet.client.publishAsync(topics.release(), notice, {
+    await bed.fleet.client.publishAsync(topics.release(), notice, {
       qos: 1,
       retain: true,
     });
     await sleep(300);
 
-    const reader = connect(`mqtt://127.0.0.1:${depotBroker.port}`, {
+    const reader = connect(`mqtt://127.0.0.1:${bed.depotBroker.port}`, {
       protocolVersion: 4,
       reconnectPeriod: 0,
     });
@@ -480,7 +425,7 @@ describe('depot with a real broker', () => {
   });
 
   test('relays statuses and last wills up', async () => {
-    await depot();
+    await bed.depot();
     const status = encodeVehicleStatus({
       vehicleId: 'veh-7',
       state: VehicleState.Offline,
@@ -491,7 +436,7 @@ describe('depot with a real broker', () => {
       backend: 'test',
       connectionId: 5,
     });
-    const vehicleClient = connect(`mqtt://127.0.0.1:${depotBroker.port}`, {
+    const vehicleClient = connect(`mqtt://127.0.0.1:${bed.depotBroker.port}`, {
       protocolVersion: 4,
       clientId: 'vehicle-veh-7',
       reconnectPeriod: 0,
@@ -511,7 +456,7 @@ describe('depot with a real broker', () => {
     vehicleClient.stream.destroy();
     vehicleClient.end(true);
 
-    const reader = connect(`mqtt://127.0.0.1:${fleetBroker.port}`, {
+    const reader = connect(`mqtt://127.0.0.1:${bed.fleetBroker.port}`, {
       protocolVersion: 4,
       reconnectPeriod: 0,
     });

@@ -5,6 +5,7 @@
  */
 import { connect, type IClientOptions, type MqttClient } from 'mqtt';
 import type { Logger } from '../../protocol/index.ts';
+import { awaitConnect } from '../../protocol/mqtt-end.ts';
 
 /**
  * Side of a depot connection: upstream to the fleet broker, downstream to
@@ -94,24 +95,7 @@ async function awaitFirstConnection(
   options: SideOptions,
 ): Promise<void> {
   const { side, url, clientId, log, signal } = options;
-  try {
-    await new Promise<void>((resolve, reject) => {
-      const onAbort = (): void => {
-        client.off('connect', onConnect);
-        reject(new Error(`connection to ${url} aborted before it was up`));
-      };
-      const onConnect = (): void => {
-        signal.removeEventListener('abort', onAbort);
-        resolve();
-      };
-      client.once('connect', onConnect);
-      signal.addEventListener('abort', onAbort, { once: true });
-      if (signal.aborted) onAbort();
-    });
-  } catch (err) {
-    await client.endAsync(true);
-    throw err;
-  }
+  await awaitConnect(client, url, signal);
   await subscribe(client, options.subscriptions);
   log.info({ side, clientId, brokerUrl: url }, 'connected to broker');
 

@@ -15,6 +15,7 @@ import {
   parseNumberAtLeast,
   reportStartError,
 } from '../../protocol/cli-arguments.ts';
+import { startOrExit, stopOnSignals } from '../../protocol/cli-lifecycle.ts';
 import { Depot } from './depot.ts';
 import {
   DEFAULT_FORWARD_MARGIN_MS,
@@ -162,42 +163,14 @@ async function main(): Promise<void> {
     process.exit(reportStartError('depot', err, log, 'invalid configuration'));
   }
 
-  let stopping: Promise<void> | undefined;
-  const stop = (reason: string): Promise<void> => {
-    stopping ??= (async () => {
-      log.info({ reason }, 'shutting down');
-      await depot.stop();
-    })();
-    return stopping;
-  };
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.on(signal, () => {
-      stop(signal).then(() => process.exit(0));
-    });
-  }
-
+  const shutdown = stopOnSignals(depot, log);
   let isStarted = false;
   // A failure during start rejects start() instead, handled below.
   depot.on('failed', (err) => {
-    if (!isStarted || stopping !== undefined) return;
+    if (!isStarted || shutdown.isStopping) return;
     process.exit(reportStartError('depot', err, log, 'depot stopped'));
   });
-
-  try {
-    await depot.start();
-    isStarted = true;
-  } catch (err) {
-    // A signal during start aborts it, and its handler exits with 0.
-    if (stopping !== undefined) return;
-    const exitCode = reportStartError(
-      'depot',
-      err,
-      log,
-      'depot failed to start',
-    );
-    await depot.stop();
-    process.exit(exitCode);
-  }
+  isStarted = await startOrExit('depot', depot, shutdown, log);
 }
 
 await main();

@@ -12,7 +12,10 @@ import {
   createLogger,
   type Logger,
 } from '../../protocol/index.ts';
-import { MAX_TIMER_MS } from '../../protocol/mqtt-end.ts';
+import {
+  optionChecks,
+  type OptionChecks,
+} from '../../protocol/option-checks.ts';
 import { MAX_ABS_WEIGHTED_DELTA, MAX_EXAMPLES_PER_ADD } from '../fedavg.ts';
 
 /** Default of `forwardMarginMs`. */
@@ -65,24 +68,8 @@ export type ResolvedDepotOptions = Required<Omit<DepotOptions, 'log'>> & {
   log: Logger;
 };
 
-function invalid(option: string, value: unknown, expected: string): never {
-  throw new FleetError(
-    ErrorCode.InvalidConfig,
-    `depot option ${option} is ${String(value)}, expected ${expected}`,
-  );
-}
-
-function requireInteger(option: string, value: number, min: number): void {
-  if (!Number.isSafeInteger(value) || value < min) {
-    invalid(option, value, `an integer >= ${min}`);
-  }
-}
-
-function requireDuration(option: string, value: number, min: number): void {
-  if (!Number.isSafeInteger(value) || value < min || value > MAX_TIMER_MS) {
-    invalid(option, value, `an integer from ${min} to ${MAX_TIMER_MS} ms`);
-  }
-}
+const { invalid, requireDuration, requireInteger }: OptionChecks =
+  optionChecks('depot option');
 
 function requireTopicLevel(option: string, kind: string, value: unknown): void {
   if (typeof value !== 'string') {
