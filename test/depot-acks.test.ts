@@ -13,6 +13,8 @@ import { CountedUpdates, partialIdOf } from '../aggregator/depot/index.ts';
 import { buildUpdate } from './aggregator-fixtures.ts';
 import {
   buildTask,
+  forwardOneUpdate,
+  forwardTwoUpdates,
   recordAcks,
   recordingLogger,
   sleep,
@@ -102,7 +104,7 @@ describe('depot handling of fleet acks', () => {
       const values = decodeTensorValues(tensor);
       assert.ok(
         values.every((v) => v === Math.fround(0.04)),
-        `${tensor.name} holds veh-2's delta alone`,
+        `${tensor.name} is veh-2's delta alone`,
       );
     }
     assert.equal(duplicate.status, AckStatus.Rejected);
@@ -160,18 +162,12 @@ describe('depot handling of fleet acks', () => {
   });
 
   test('counted entries after close reject rest', async () => {
-    const task = buildTask(1, ['veh-1', 'veh-2']);
-    await bed.fleet.publishTask(task);
-    const v1 = await bed.vehicle('veh-1');
-    const v2 = await bed.vehicle('veh-2');
-    await bed.depot();
-    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
-    const partial = await bed.fleet.nthPartial(1);
-    const ack1 = v1.nextAck();
-    const ack2 = v2.nextAck();
+    const {
+      partial,
+      acks: [ack1, ack2],
+    } = await forwardTwoUpdates(bed);
 
-    // The fleet's current round is 2: round 1 closed meanwhile.
+    // The fleet is on round 2 because round 1 closed meanwhile.
     await bed.fleet.ack(partial, {
       status: AckStatus.Rejected,
       reasonCode: ErrorCode.DuplicateUpdate,
@@ -192,14 +188,11 @@ describe('depot handling of fleet acks', () => {
   });
 
   test('rejection by partial id stops resends', async () => {
-    const task = buildTask(1, ['veh-1']);
-    await bed.fleet.publishTask(task);
-    const v1 = await bed.vehicle('veh-1');
-    const acks = recordAcks(v1);
     const { log, lines } = recordingLogger();
-    await bed.depot({ partialAckTimeoutMs: 200, log });
-    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await bed.fleet.nthPartial(1);
+    const { partial, acks } = await forwardOneUpdate(bed, {
+      partialAckTimeoutMs: 200,
+      log,
+    });
 
     await bed.fleet.ack(partial, {
       status: AckStatus.Rejected,
@@ -222,15 +215,12 @@ describe('depot handling of fleet acks', () => {
     assert.match(String(logged?.reason), /version 1/);
   });
 
-  test('unattributed rejection answers the partial', async () => {
-    const task = buildTask(1, ['veh-1']);
-    await bed.fleet.publishTask(task);
-    const v1 = await bed.vehicle('veh-1');
-    const acks = recordAcks(v1);
+  test('unattributed rejection acks vehicles', async () => {
     const { log, lines } = recordingLogger();
-    await bed.depot({ partialAckTimeoutMs: 200, log });
-    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await bed.fleet.nthPartial(1);
+    const { partial, acks } = await forwardOneUpdate(bed, {
+      partialAckTimeoutMs: 200,
+      log,
+    });
 
     // What the fleet sends when it cannot read the partial id.
     await bed.fleet.ack(partial, {
@@ -256,16 +246,10 @@ describe('depot handling of fleet acks', () => {
   });
 
   test('ack queued while down reaches vehicles', async () => {
-    const task = buildTask(1, ['veh-1']);
-    await bed.fleet.publishTask(task);
-    const v1 = await bed.vehicle('veh-1');
-    const acks = recordAcks(v1);
-    const first = await bed.depot();
-    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await bed.fleet.nthPartial(1);
+    const { depot: first, partial, acks } = await forwardOneUpdate(bed);
     await first.stop();
 
-    // Queued in the depot's session; the round closes meanwhile.
+    // The ack is queued in the depot's session while the round closes.
     await bed.fleet.ack(partial, { currentRound: 2, currentModelVersion: 1 });
     await bed.fleet.publishTask(buildTask(2, ['veh-1']));
     const second = await bed.depot();
@@ -279,13 +263,7 @@ describe('depot handling of fleet acks', () => {
   });
 
   test('ack before task is not repeated', async () => {
-    const task = buildTask(1, ['veh-1']);
-    await bed.fleet.publishTask(task);
-    const v1 = await bed.vehicle('veh-1');
-    const acks = recordAcks(v1);
-    const first = await bed.depot();
-    await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
-    const partial = await bed.fleet.nthPartial(1);
+    const { depot: first, partial, acks } = await forwardOneUpdate(bed);
     await first.stop();
 
     // The round is still open: the task arrives after the queued ack.
@@ -340,5 +318,27 @@ describe('depot handling of fleet acks', () => {
     assert.equal(logged.level, 50, 'logged at error');
     assert.equal(existsSync(file), false);
     assert.equal(existsSync(`${file}.bad`), true);
+  });
+});
+
+describe('depot partial above the size limit', () => {
+  const bed = useDepotTestBed();
+
+  test('vehicles get the size rejection', async () => {
+    const task = buildTask(1, ['veh-1']);
+    const updateBytes = encodeModelUpdate(buildUpdate('veh-1', task));
+    await bed.fleet.publishTask(task);
+    const vehicle = await bed.vehicle('veh-1');
+    // The update fits the limit, the partial with its entry list does not.
+    await bed.depot({ maxMessageBytes: updateBytes.length });
+
+    const ack = vehicle.nextAck();
+    await vehicle.publish(updateBytes);
+
+    const received = await ack;
+    assert.equal(received.status, AckStatus.Rejected);
+    assert.equal(received.reasonCode, ErrorCode.PayloadTooLarge);
+    assert.match(received.reason, /PartialAggregate/);
+    assert.equal(bed.fleet.partials.length, 0);
   });
 });

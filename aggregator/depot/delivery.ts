@@ -10,6 +10,7 @@ import {
   AckStatus,
   ErrorCode,
   encodePartialAggregate,
+  isFleetError,
   type DepotUpdateEntry,
   type Logger,
   type UpdateAck,
@@ -28,19 +29,19 @@ export interface DeliveryOptions {
   forwarder: PartialForwarder;
   journal: DepotJournal;
   maxMessageBytes: number;
-  /** Publishes an ack on the vehicle's ack topic; logs its own failures. */
+  /** Publishes an ack on the vehicle's ack topic and logs its own failures. */
   publishAck: (vehicleId: string, ack: UpdateAck) => void;
   /** The depot's `emit`. */
   emit: EventEmitter<DepotEvents>['emit'];
-  /** True while `round` is the depot's current round. */
+  /** Returns true while `round` is the depot's current round. */
   isCurrent: (round: DepotRound) => boolean;
   /** Makes `next` the current round in place of `round`. */
   replaceRound: (round: DepotRound, next: DepotRound) => void;
   /** Queues a step after the round steps queued before it. */
   serially: (step: () => Promise<void>) => Promise<void>;
-  /** Update ids the fleet counted; filled here from its acks. */
+  /** Update ids the fleet counted, filled here from its acks. */
   counted: CountedUpdates;
-  /** Partials of an earlier run that await their ack. */
+  /** Partials of an earlier run that await their fleet ack. */
   earlier: EarlierPartials;
   log: Logger;
 }
@@ -76,9 +77,25 @@ export class PartialDelivery {
     try {
       bytes = encodePartialAggregate(partial, this.#options.maxMessageBytes);
     } catch (err) {
-      this.#log.error({ err, ...fields }, 'partial not encodable');
+      this.#log.error(
+        { err, ...fields, maxMessageBytes: this.#options.maxMessageBytes },
+        'encoding the partial failed, its vehicles get the rejection',
+      );
+      // Settled like a fleet rejection, so that every vehicle gets an ack
+      // with the reason instead of waiting for one that never comes.
+      const rejection: UpdateAck = {
+        updateId: partialId,
+        round: round.round,
+        status: AckStatus.Rejected,
+        reasonCode: isFleetError(err) ? err.code : ErrorCode.PayloadTooLarge,
+        reason: truncateText((err as Error).message),
+        currentRound: round.round,
+        currentModelVersion: round.task.modelVersion,
+      };
+      void this.#options.serially(() => this.#decide(round, rejection, signal));
       return;
     }
+
     const vehicles = partial.updates.map((entry) => entry.vehicleId);
     this.#log.info(
       { ...fields, vehicles, bytes: bytes.length },
@@ -89,6 +106,7 @@ export class PartialDelivery {
       vehicles,
       bytes: bytes.length,
     });
+
     const outgoing = {
       partialId,
       round: round.round,
@@ -196,7 +214,10 @@ export class PartialDelivery {
     try {
       await this.#options.journal.recordOutcome(round.round, fleetAck);
     } catch (err) {
-      this.#log.error({ err, round: round.round }, 'outcome not journaled');
+      this.#log.error(
+        { err, round: round.round, partialId: fleetAck.updateId },
+        'journaling the fleet ack failed, vehicles are acked anyway',
+      );
     }
     this.ackVehicles(round);
     this.#options.emit('partial-settled', {
@@ -234,12 +255,13 @@ export class PartialDelivery {
     );
     counted.add(round.round, duplicateIds);
     try {
-      for (const id of duplicateIds)
+      for (const id of duplicateIds) {
         await journal.removeUpdate(round.round, id);
+      }
     } catch (err) {
       this.#log.error(
-        { err, round: round.round },
-        'counted update not removed',
+        { err, round: round.round, duplicateIds },
+        'removing counted updates from the journal failed',
       );
     }
     for (const entry of duplicates) {
@@ -251,7 +273,7 @@ export class PartialDelivery {
     if (merged < keep.size) {
       this.#log.error(
         { round: round.round, expected: keep.size, merged },
-        'journal lacks updates of the partial, they are not sent again',
+        'journal is missing updates of the partial, they are not resent',
       );
     }
     if (merged === 0) return;
@@ -264,10 +286,11 @@ export class PartialDelivery {
       });
     } catch (err) {
       this.#log.error(
-        { err, round: next.round },
-        'forwarded partial not journaled',
+        { err, round: next.round, partialId: sealed.partialId },
+        'journaling the resealed partial failed',
       );
     }
+
     const isOpen =
       Date.now() < next.task.deadlineMs && fleetAck.currentRound <= next.round;
     this.#log.info(
