@@ -5,7 +5,7 @@
  */
 import { ErrorCode, FleetError, assertTopicLevel } from '../protocol/index.ts';
 
-/** The rest of the configuration that decides whether partials can work. */
+/** Other aggregator options that decide whether partials can be counted. */
 export interface DepotCompatibility {
   aggregation: string;
   differentialPrivacy?: unknown;

@@ -11,8 +11,8 @@
  * the integer part, then two 26-bit fractional parts. Integer sums below
  * 2^53 are exact in float64 whatever the order. The split drops the part
  * of each product below 2^-52, far below the float32 resolution of the mean.
- * The sums run in kernel/ (a native addon, WebAssembly SIMD, or a
- * JavaScript loop, picked in that order by what is available); all give
+ * The sums run in kernel/ on a native addon, WebAssembly SIMD or a
+ * JavaScript loop, the first one available in that order. All three give
  * the same limbs.
  */
 import { ErrorCode, FleetError } from '../protocol/index.ts';
@@ -40,9 +40,9 @@ export class FedAvgAccumulator {
   readonly #sums: ExactSums;
   #totalExamples = 0;
   #count = 0;
-  /** Updates queued for the next batched add, at most the batch size. */
+  /** Updates queued for the next batched add, up to the batch size. */
   #pending: QueuedUpdate[] = [];
-  /** Error of a queued update whose values failed the check. */
+  /** Error of the first queued update whose values failed the check. */
   #queueFailure: RangeError | undefined;
 
   /**
@@ -66,7 +66,7 @@ export class FedAvgAccumulator {
     return this.#sums.kernel;
   }
 
-  /** Updates that `queue` collects before it sums them in one pass. */
+  /** Number of updates `queue` collects before it sums them in one pass. */
   get batchSize(): number {
     return this.#sums.batchSize;
   }
@@ -101,11 +101,11 @@ export class FedAvgAccumulator {
 
   /**
    * Adds an update whose values the caller has already checked, as the
-   * aggregator's ingress does: every |value| * numExamples at most
-   * MAX_ABS_WEIGHTED_DELTA. Where the kernel sums batches (the native
+   * aggregator's ingress does (every |value| * numExamples at most
+   * MAX_ABS_WEIGHTED_DELTA). Where the kernel sums batches (the native
    * one), the update waits until `batchSize` updates are queued or
-   * `result` is called, and the deltas must not change until then.
-   * Otherwise it is added at once, as by `add`.
+   * `flush` or `result` is called, and the caller must not change the
+   * deltas until then. Otherwise it is added at once, as by `add`.
    *
    * The batch still checks every value. If a queued value fails that
    * check, the other updates are added, that one is left out, and
@@ -182,9 +182,9 @@ export class FedAvgAccumulator {
 
   /**
    * Sums the queued updates now, in one batched add per tensor. `result`
-   * calls it, so other callers need it only to time the sums. When a
-   * value fails the check, the tensors already added are taken back, the
-   * other updates are added one by one, and `result` throws the failure.
+   * calls it, so other callers need it only to time the sums. When a value
+   * fails the check, the tensors already added are subtracted again. Then
+   * the updates are added one by one, and `result` throws the failure.
    */
   flush(): void {
     const pending = this.#pending;
@@ -208,7 +208,10 @@ export class FedAvgAccumulator {
     }
   }
 
-  /** Adds each update on its own; keeps the first failure for `result`. */
+  /**
+   * Adds each update on its own and leaves out the ones that fail, storing
+   * the first failure for `result` to throw.
+   */
   #addOneByOne(updates: QueuedUpdate[]): void {
     for (const { deltas, numExamples } of updates) {
       try {

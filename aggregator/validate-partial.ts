@@ -1,6 +1,6 @@
 /**
  * Checks of one depot's PartialAggregate against the open round. Pure,
- * like validate.ts: the caller passes the round's state and the counted
+ * like validate.ts. The caller passes the round's state and the counted
  * partials, and gets a decision with a reason code from protocol/errors.ts.
  *
  * A partial is checked like the vehicle updates it merged: every entry
@@ -26,7 +26,7 @@ import {
   type RoundContext,
 } from './validate.ts';
 
-/** A partial some round counted, as the copy check compares it. */
+/** Record of a counted partial, with the fields the copy check compares. */
 export interface CountedPartialRecord {
   round: number;
   /** Update ids of its entries, in entry order. */
@@ -44,7 +44,7 @@ export interface PartialContext extends RoundContext {
   countedPartial(key: string): CountedPartialRecord | undefined;
 }
 
-/** Fields of a partial its ack and log line need. */
+/** Fields of a partial that its ack and log line need. */
 export interface PartialHeader {
   partialId: string;
   /** Round the partial was sent for, 0 when the payload has none. */
@@ -79,8 +79,10 @@ export interface RejectedPartial {
 export type PartialDecision = AcceptedPartial | RejectedPartial;
 
 /**
- * Returns the key of a partial in OpenRound. Depot ids are one topic
- * level, so the first "/" ends the depot id and two keys cannot collide.
+ * Returns the key of a partial in OpenRound. The depot id passed
+ * assertTopicLevel in FleetTopics.depotPartial (see DepotPartials.receive),
+ * and decidePartial requires the payload's depot id to equal it. So the
+ * depot id contains no "/", the first "/" ends it, and keys cannot collide.
  */
 export function partialKeyOf(
   partial: Pick<PartialAggregate, 'depotId' | 'partialId'>,
@@ -108,10 +110,10 @@ const WIRE_LENGTH_DELIMITED = 2;
 
 /**
  * Reads the partial id and round of a payload that was not decoded (too
- * large, or from an unknown depot) or that breaks a rule of
- * decodePartialAggregate, so that its rejection is still acked under the
+ * large, or from an unknown depot) or that broke a rule of
+ * decodePartialAggregate. Its rejection is then still acked under the
  * partial id the depot waits for. It walks the top-level fields and skips
- * the others unread, so the cost does not grow with the tensors' size.
+ * the other fields unread, so the cost does not grow with the tensors' size.
  * Returns undefined when the bytes are not a whole protobuf message or
  * carry no partial id.
  */
@@ -241,8 +243,8 @@ function decodeMeanDeltas(
 /**
  * Accepts again a copy of a partial counted in the open round or a recent
  * one, whose first ack may have been lost, without counting it twice. The
- * same id for other updates or another round is rejected, since acking it
- * would drop those updates unseen.
+ * same id for other updates or another round is rejected, because acking
+ * it would drop those updates unseen.
  */
 function decideCopy(
   partial: PartialAggregate,

@@ -13,15 +13,17 @@ export interface CommandService {
 
 /** Stop of a running command, shared by its signal handlers and its code. */
 export interface CommandShutdown {
-  /** Stops the service once and logs `reason`; later calls wait for it. */
+  /**
+   * Stops the service once and logs `reason`. Later calls wait for that stop.
+   */
   stop(reason: string): Promise<void>;
   /** True once `stop` was called, by a signal or by the command. */
   readonly isStopping: boolean;
 }
 
 /**
- * Stops `service` on the first SIGINT or SIGTERM, then exits with code 0.
- * A second signal waits for the same stop.
+ * Stops `service` on the first SIGINT or SIGTERM, then exits with code 0,
+ * or 1 when the stop fails. A second signal waits for the same stop.
  */
 export function stopOnSignals(
   service: CommandService,
@@ -35,11 +37,19 @@ export function stopOnSignals(
     })();
     return stopping;
   };
+
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     process.on(signal, () => {
-      stop(signal).then(() => process.exit(0));
+      stop(signal).then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err, signal }, 'stop failed');
+          process.exit(1);
+        },
+      );
     });
   }
+
   return {
     stop,
     get isStopping() {
@@ -71,7 +81,11 @@ export async function startOrExit(
       log,
       `${command} failed to start`,
     );
-    await service.stop();
+    try {
+      await service.stop();
+    } catch (stopErr) {
+      log.error({ err: stopErr, command }, 'stop after failed start failed');
+    }
     process.exit(exitCode);
   }
 }

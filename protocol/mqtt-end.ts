@@ -50,15 +50,16 @@ export async function settleWithin(
 export const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
- * Waits until `client` first connects to `brokerUrl`. When `signal` aborts
- * first, ends the client by force and rejects, so no reconnection timer
- * keeps running.
+ * Waits until `client` first connects to `brokerUrl`, and returns at once
+ * when it is connected already. When `signal` aborts first, ends the client
+ * by force and rejects, so no reconnection timer keeps running.
  */
 export async function awaitConnect(
   client: MqttClient,
   brokerUrl: string,
   signal: AbortSignal,
 ): Promise<void> {
+  if (client.connected && !signal.aborted) return;
   try {
     await new Promise<void>((resolve, reject) => {
       const onAbort = (): void => {
@@ -71,9 +72,12 @@ export async function awaitConnect(
         signal.removeEventListener('abort', onAbort);
         resolve();
       };
+      if (signal.aborted) {
+        onAbort();
+        return;
+      }
       client.once('connect', onConnect);
       signal.addEventListener('abort', onAbort, { once: true });
-      if (signal.aborted) onAbort();
     });
   } catch (err) {
     await client.endAsync(true);

@@ -13,7 +13,7 @@ export interface OptionChecks {
   requireInteger(option: string, value: number, min: number): void;
   /**
    * Rejects a value that is not an integer from `min` to MAX_TIMER_MS
-   * milliseconds, because setTimeout fires at once for a longer delay.
+   * milliseconds, because Node's setTimeout uses 1 ms for a longer delay.
    */
   requireDuration(option: string, value: number, min: number): void;
   /** Rejects a value that is not a non-empty string, with a TypeError. */

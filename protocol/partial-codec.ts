@@ -13,7 +13,11 @@ import { ErrorCode, FleetError } from './errors.ts';
 import type { PartialAggregate } from './messages.ts';
 import { schema } from './schema.ts';
 
-/** Encodes a PartialAggregate; throws PAYLOAD_TOO_LARGE above `maxBytes`. */
+/**
+ * Encodes a PartialAggregate.
+ *
+ * @throws {FleetError} PAYLOAD_TOO_LARGE when the encoding is above `maxBytes`.
+ */
 export function encodePartialAggregate(
   partial: PartialAggregate,
   maxBytes = DEFAULT_MAX_MESSAGE_BYTES,
@@ -26,7 +30,7 @@ export function encodePartialAggregate(
  * check: text fields present, 64-bit counts safe, entries sorted by
  * vehicle id without repeats, and `numExamples` equal to their sum.
  *
- * @throws {FleetError} MALFORMED_PAYLOAD on bad bytes or a broken rule.
+ * @throws {FleetError} MALFORMED_PAYLOAD on invalid bytes or a broken rule.
  */
 export function decodePartialAggregate(bytes: Uint8Array): PartialAggregate {
   const object = decodeWith(schema.PartialAggregate, bytes);

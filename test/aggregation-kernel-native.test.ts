@@ -69,8 +69,8 @@ describe('native aggregation kernel', () => {
           : false,
     },
     () => {
-      // `npm ci` builds it; a failed build only warns, so this test is
-      // what notices it.
+      // `npm ci` builds the addon, but a failed build only warns. This test
+      // is what notices it.
       assert.notEqual(native.addon, null, native.reason);
       assert.equal(native.reason, flags.has('avx512f') ? 'avx512f' : 'avx2');
       assert.equal(new FedAvgAccumulator(SIZES).kernel, 'native');
@@ -124,7 +124,7 @@ describe('native aggregation kernel', () => {
       assert.ok(bytesOf(sums.divide(0, total)).equals(expected));
     });
 
-    test(`${kernel} batched add names the first bad value`, () => {
+    test(`${kernel} batched add locates bad value`, () => {
       const updates = plan(42, 1_001, 8);
       updates[5].values[700] = Number.NaN;
       updates[3].values[900] = Number.POSITIVE_INFINITY;
@@ -149,7 +149,7 @@ describe('native aggregation kernel', () => {
 });
 
 describe('FedAvgAccumulator.queue', () => {
-  test('gives the bytes of add', () => {
+  test('matches add byte for byte', () => {
     const updates = Array.from({ length: 21 }, (_, k) => ({
       deltas: deltasOf(100 + k, 1 + k * 37),
       numExamples: 1 + k * 37,
@@ -175,7 +175,7 @@ describe('FedAvgAccumulator.queue', () => {
   });
 
   test(
-    'bad queued value fails the result, keeps the rest',
+    'bad queued value fails result',
     { skip: native.addon === null ? 'no batching kernel here' : false },
     () => {
       const accumulator = new FedAvgAccumulator(SIZES);

@@ -192,52 +192,81 @@ function valuesOf(tensors: WireTensor[]): Map<string, Float32Array> {
   return new Map(tensors.map((t) => [t.name, decodeTensorValues(t)]));
 }
 
-describe('aggregator with depot partials', () => {
-  let broker: RunningBroker;
-  let workspace: Workspace;
-  let images: RealImages;
-  let vehicles: TestVehicle[] = [];
-  let depots: TestDepot[] = [];
-  let aggregator: Aggregator | undefined;
+/** A broker and a workspace, with the vehicles, depots and aggregator on them. */
+interface PartialsBed {
+  broker: RunningBroker;
+  workspace: Workspace;
+  images: RealImages;
+  vehicles: TestVehicle[];
+  depots: TestDepot[];
+  aggregator: Aggregator | undefined;
+}
 
+/**
+ * Registers hooks in the enclosing describe that start a broker and a
+ * workspace before its tests and close all the bed contains after them.
+ */
+function usePartialsBed(): PartialsBed {
+  const bed = { vehicles: [], depots: [] } as unknown as PartialsBed;
   before(async () => {
-    images = await loadRealImages();
-    broker = await startTestBroker();
-    workspace = createWorkspace();
+    bed.images = await loadRealImages();
+    bed.broker = await startTestBroker();
+    bed.workspace = createWorkspace();
   });
-
   after(async () => {
-    await aggregator?.stop();
-    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
-    await Promise.all(depots.map((depot) => depot.close()));
-    await broker.close();
-    workspace.remove();
+    await bed.aggregator?.stop();
+    await Promise.all(bed.vehicles.map((vehicle) => vehicle.close()));
+    await Promise.all(bed.depots.map((depot) => depot.close()));
+    await bed.broker.close();
+    bed.workspace.remove();
   });
+  return bed;
+}
+
+/**
+ * Connects `vehicleIds` and `depotIds`, then creates (but does not start) an
+ * aggregator of two rounds that accepts partials from `acceptedDepots` only.
+ */
+async function openParticipants(
+  bed: PartialsBed,
+  vehicleIds: string[],
+  depotIds: string[],
+  acceptedDepots: string[],
+): Promise<Aggregator> {
+  const { broker } = bed;
+  bed.vehicles = await Promise.all(
+    vehicleIds.map((id) => TestVehicle.connect(broker, id)),
+  );
+  bed.depots = await Promise.all(
+    depotIds.map((id) => TestDepot.connect(broker.port, id)),
+  );
+  bed.aggregator = new Aggregator(
+    testOptions(broker, bed.workspace, bed.images, {
+      depots: acceptedDepots,
+      minVehiclesOnline: vehicleIds.length,
+      minUpdates: 1,
+      maxRounds: 2,
+      roundTimeoutMs: 60_000,
+      maxExamplesPerUpdate: 1000,
+    }),
+  );
+  return bed.aggregator;
+}
+
+describe('aggregator with depot partials', () => {
+  const bed = usePartialsBed();
 
   test('partials merge, resend, duplicates, bad input', async () => {
-    vehicles = await Promise.all(
-      ['veh-1', 'veh-2', 'veh-3', 'veh-4'].map((id) =>
-        TestVehicle.connect(broker, id),
-      ),
+    const aggregator = await openParticipants(
+      bed,
+      ['veh-1', 'veh-2', 'veh-3', 'veh-4'],
+      ['depot-a', 'depot-b', 'depot-x'],
+      ['depot-a', 'depot-b'],
     );
-    depots = await Promise.all(
-      ['depot-a', 'depot-b', 'depot-x'].map((id) =>
-        TestDepot.connect(broker.port, id),
-      ),
-    );
-    const [depotA, depotB, unknownDepot] = depots;
+    const { broker, vehicles, workspace } = bed;
+    const [depotA, depotB, unknownDepot] = bed.depots;
     const vehicle = (id: string): TestVehicle =>
       vehicles.find((candidate) => candidate.id === id)!;
-    aggregator = new Aggregator(
-      testOptions(broker, workspace, images, {
-        depots: ['depot-a', 'depot-b'],
-        minVehiclesOnline: 4,
-        minUpdates: 1,
-        maxRounds: 2,
-        roundTimeoutMs: 60_000,
-        maxExamplesPerUpdate: 1000,
-      }),
-    );
     const closedEvents: RoundClosedEvent[] = [];
     aggregator.on('round-closed', (event) => closedEvents.push(event));
     const opened = once(aggregator, 'round-opened');
@@ -253,7 +282,7 @@ describe('aggregator with depot partials', () => {
       'veh-4',
     ]);
 
-    // (a) and (b): depot-a merged 30 examples, depot-b 20.
+    // Two depots merge and forward: depot-a with 30 examples, depot-b with 20.
     const meanA = (_name: string, i: number): number => ((i % 7) - 3) / 500;
     const meanB = (name: string, i: number): number =>
       (name === 'dense2/bias' ? -1 : 1) * (((i % 5) + 1) / 300);
@@ -334,7 +363,7 @@ describe('aggregator with depot partials', () => {
     assert.equal(lateCopy.round, 1);
     assert.equal(lateCopy.currentRound, 2);
 
-    // (c) A direct update, then a partial covering the same vehicle.
+    // A direct update, then a partial covering the same vehicle.
     const direct1 = buildUpdate('veh-1', task2, { numExamples: 7 });
     const directAck = await vehicle('veh-1').send(encodeModelUpdate(direct1));
     assert.equal(directAck.status, AckStatus.Accepted, directAck.reason);
@@ -354,7 +383,7 @@ describe('aggregator with depot partials', () => {
     assert.match(mixed.reason, /vehicle veh-1 already has an accepted update/);
     assert.deepEqual(mixed.duplicateUpdateIds, ['veh-1-via-depot-a-r2']);
 
-    // (d) Each bad input is rejected with the current round and version.
+    // Each bad input is rejected with the current round and version.
     const valid = (overrides: Partial<PartialAggregate> = {}) =>
       buildPartial('depot-a', task2, [['veh-2', 20]], meanA, {
         partialId: `bad-${Math.random()}`,
@@ -478,7 +507,7 @@ describe('aggregator with depot partials', () => {
       current,
     );
 
-    // (c) again: a partial first, then a direct update and a reused id.
+    // The other order: a partial first, then a reused id and a direct update.
     const partialB2 = buildPartial(
       'depot-b',
       task2,
@@ -510,7 +539,7 @@ describe('aggregator with depot partials', () => {
     assert.equal(second.round, 2);
     assert.equal(second.accepted, 4);
     assert.equal(second.numVehicles, 4);
-    // 7 (veh-1) + 20 (depot-b) + 9 (veh-2): no rejected partial counted.
+    // 7 (veh-1) + 20 (depot-b) + 9 (veh-2), so no rejected partial counted.
     assert.equal(second.numExamples, 36);
     assert.equal(second.partials, 1);
     assert.deepEqual(second.rejectedByReason, {
@@ -538,52 +567,24 @@ describe('aggregator with depot partials', () => {
 });
 
 describe('depot partial acks and resends', () => {
-  let broker: RunningBroker;
-  let workspace: Workspace;
-  let images: RealImages;
-  let vehicles: TestVehicle[] = [];
-  let depots: TestDepot[] = [];
-  let aggregator: Aggregator | undefined;
-
-  before(async () => {
-    images = await loadRealImages();
-    broker = await startTestBroker();
-    workspace = createWorkspace();
-  });
-
-  after(async () => {
-    await aggregator?.stop();
-    await Promise.all(vehicles.map((vehicle) => vehicle.close()));
-    await Promise.all(depots.map((depot) => depot.close()));
-    await broker.close();
-    workspace.remove();
-  });
+  const bed = usePartialsBed();
 
   test('duplicates listed, resends counted once', async () => {
-    vehicles = await Promise.all(
-      ['veh-1', 'veh-2', 'veh-3'].map((id) => TestVehicle.connect(broker, id)),
+    const aggregator = await openParticipants(
+      bed,
+      ['veh-1', 'veh-2', 'veh-3'],
+      ['depot-a', 'depot-x'],
+      ['depot-a'],
     );
-    depots = await Promise.all(
-      ['depot-a', 'depot-x'].map((id) => TestDepot.connect(broker.port, id)),
-    );
-    const [depotA, unknownDepot] = depots;
+    const { broker, vehicles } = bed;
+    const [depotA, unknownDepot] = bed.depots;
     const [veh1] = vehicles;
-    aggregator = new Aggregator(
-      testOptions(broker, workspace, images, {
-        depots: ['depot-a'],
-        minVehiclesOnline: 3,
-        minUpdates: 1,
-        maxRounds: 2,
-        roundTimeoutMs: 60_000,
-        maxExamplesPerUpdate: 1000,
-      }),
-    );
     const firstClosed = once(aggregator, 'round-closed');
     await aggregator.start();
     const task = await veh1.nextTask();
     const mean = (_name: string, i: number): number => ((i % 3) - 1) / 400;
 
-    // (c) veh-1's update reaches the fleet straight and through depot-a.
+    // veh-1's update reaches the fleet directly and through depot-a.
     const direct = buildUpdate('veh-1', task, { numExamples: 7 });
     const directAck = await veh1.send(encodeModelUpdate(direct));
     assert.equal(directAck.status, AckStatus.Accepted, directAck.reason);
@@ -639,7 +640,7 @@ describe('depot partial acks and resends', () => {
     assert.equal(release.numVehicles, 3);
     assert.equal(release.numExamples, 32);
 
-    // (d) The resend of round 1's counted partial is acked again.
+    // The resend of round 1's counted partial is acked again.
     const secondClosed = once(aggregator, 'round-closed');
     const task2 = await veh1.nextTask();
     assert.equal(task2.round, 2);
@@ -649,7 +650,7 @@ describe('depot partial acks and resends', () => {
     assert.equal(lateRest.round, 1);
     assert.equal(lateRest.currentRound, 2);
 
-    // (a) Each rejection is acked under the partial's id.
+    // Each rejection is acked under the partial's id.
     const bad = (
       partialId: string,
       overrides: Partial<PartialAggregate> = {},
@@ -710,7 +711,7 @@ describe('depot partial acks and resends', () => {
       assert.deepEqual(ack.duplicateUpdateIds, []);
     }
 
-    // (b) Two more copies of the NaN partial get the same ack.
+    // Two more copies of the NaN partial get the same ack.
     const nanBytes = encodePartialAggregate(cases[0][1]);
     for (let attempt = 0; attempt < 2; attempt++) {
       const ack = await depotA.send(nanBytes);
@@ -740,7 +741,7 @@ describe('depot partial acks and resends', () => {
     });
     assert.equal(second.rejected, 6);
 
-    // (d) again, once the last round closed.
+    // The resend is acked again once the last round has closed.
     const afterLast = await depotA.send(rest);
     assertAccepted(afterLast, 'depot-a-r1-rest');
     assert.equal(afterLast.currentRound, 2);

@@ -38,7 +38,7 @@ import {
   waitUntil,
 } from './depot-fixtures.ts';
 
-/** A TCP forwarder on 127.0.0.1: a second address of one broker. */
+/** TCP forwarder on 127.0.0.1 that gives one broker a second address. */
 interface PortForward {
   port: number;
   close(): Promise<void>;
@@ -62,7 +62,7 @@ async function forwardPort(targetPort: number): Promise<PortForward> {
   });
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
-  // A TCP server listening on a port has an AddressInfo address.
+  // address() returns an AddressInfo for a TCP server that is listening.
   const { port } = server.address() as AddressInfo;
   return {
     port,
@@ -176,7 +176,7 @@ describe('depot brokers', () => {
     );
   });
 
-  test('own copies through a forward not relayed', async () => {
+  test('forwarded own copies not relayed', async () => {
     const forward = await forwardPort(fleetBroker.port);
     cleanups.push(() => forward.close());
     const fleet = await FakeFleet.connect(fleetBroker);
@@ -210,8 +210,8 @@ describe('depot brokers', () => {
     cleanups.push(() => vehicle.close());
     await sleep(1500);
 
-    // The retained task, the fleet's one and the depot's copy; each a
-    // status: the vehicle's and the copy.
+    // Tasks: the retained one, the fleet's and the depot's copy. Statuses:
+    // the vehicle's and the copy.
     assert.ok(taskCopies <= 3, `${taskCopies} round task messages`);
     assert.ok(statusCopies <= 2, `${statusCopies} status messages`);
     const skipped = lines.filter(
@@ -246,7 +246,8 @@ describe('depot brokers', () => {
     });
     failed.catch(() => {}); // awaited below
 
-    // It may see the other one while it starts, or just after.
+    // The second depot may notice the first while it starts or just after,
+    // so start() may reject or resolve.
     await second.start().catch(() => undefined);
     const [error] = await failed;
 

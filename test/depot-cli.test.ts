@@ -32,7 +32,7 @@ interface DepotRun {
   child: ChildProcess;
   exited: Promise<[number | null, string | null]>;
   output: () => string;
-  /** Resolves once the output contains `text`; rejects at exit. */
+  /** Resolves once the output contains `text`, and rejects at exit. */
   reached: (text: string) => Promise<void>;
 }
 

@@ -1,9 +1,9 @@
 /**
- * Shared pieces of the depot tests: a stand-in for the fleet aggregator
- * on the fleet broker (publishes round tasks, collects partials, sends
- * acks), round tasks, a log that records every line, and a test bed of
- * two brokers with the depots and vehicles a test opens.
+ * Shared pieces of the depot tests. FakeFleet stands in for the fleet
+ * aggregator on the fleet broker, and useDepotTestBed gives each test two
+ * brokers with the depots and vehicles it opens.
  */
+import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,14 +21,18 @@ import {
   type PartialAggregate,
   type RoundTask,
   decodeUpdateAck,
+  encodeModelUpdate,
   type UpdateAck,
 } from '../protocol/index.ts';
 import { endClient } from '../protocol/mqtt-end.ts';
 import { MODEL_NAME } from '../models/architecture.ts';
 import { Depot, type DepotOptions } from '../aggregator/depot/index.ts';
+import type { Aggregator, RoundClosedEvent } from '../aggregator/index.ts';
+import type { VehicleAgent } from '../vehicle-agent/index.ts';
 import {
   FLEET_ID,
   TestVehicle,
+  buildUpdate,
   quietLog,
   startTestBroker,
   topics,
@@ -129,6 +133,42 @@ export function recordAcks(vehicle: TestVehicle): UpdateAck[] {
 }
 
 /**
+ * Starts a depot with `overrides` for round 1 of veh-1, sends veh-1's update
+ * and returns the depot, its first partial and the acks veh-1 receives.
+ */
+export async function forwardOneUpdate(
+  bed: DepotTestBed,
+  overrides: Partial<DepotOptions> = {},
+): Promise<{ depot: Depot; partial: PartialAggregate; acks: UpdateAck[] }> {
+  const task = buildTask(1, ['veh-1']);
+  await bed.fleet.publishTask(task);
+  const v1 = await bed.vehicle('veh-1');
+  const acks = recordAcks(v1);
+  const depot = await bed.depot(overrides);
+  await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+  const partial = await bed.fleet.nthPartial(1);
+  return { depot, partial, acks };
+}
+
+/**
+ * Starts a depot for round 1 of veh-1 and veh-2, sends both updates and
+ * returns its first partial with each vehicle's next ack.
+ */
+export async function forwardTwoUpdates(
+  bed: DepotTestBed,
+): Promise<{ partial: PartialAggregate; acks: Array<Promise<UpdateAck>> }> {
+  const task = buildTask(1, ['veh-1', 'veh-2']);
+  await bed.fleet.publishTask(task);
+  const v1 = await bed.vehicle('veh-1');
+  const v2 = await bed.vehicle('veh-2');
+  await bed.depot();
+  await v1.publish(encodeModelUpdate(buildUpdate('veh-1', task)));
+  await v2.publish(encodeModelUpdate(buildUpdate('veh-2', task)));
+  const partial = await bed.fleet.nthPartial(1);
+  return { partial, acks: [v1.nextAck(), v2.nextAck()] };
+}
+
+/**
  * A fleet broker, a depot broker, a state directory and a FakeFleet for
  * each test, with the depots and vehicles the test opens through it.
  */
@@ -199,7 +239,7 @@ export function useDepotTestBed(): DepotTestBed {
   };
 }
 
-/** Resolves `check()` once it returns a value; rejects after `timeoutMs`. */
+/** Resolves `check()` once it returns a value, and rejects after `timeoutMs`. */
 export async function waitUntil<T>(
   description: string,
   check: () => T | undefined,
@@ -299,4 +339,45 @@ export class FakeFleet {
   async close(): Promise<void> {
     await endClient(this.client, 2000);
   }
+}
+
+/** Resolves when `agent` deploys `version`, and rejects after 90 s. */
+export function deploymentOf(
+  agent: VehicleAgent,
+  version: number,
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`no deployment of v${version} within 90 s`)),
+      90_000,
+    );
+    agent.on('release-deployed', (event) => {
+      if (event.version !== version) return;
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+/**
+ * Starts `agents`, then `aggregator`, and waits until its first round closes
+ * (within `timeoutMs`) and every agent has deployed version 1.
+ */
+export async function runFirstRound(
+  agents: VehicleAgent[],
+  aggregator: Aggregator,
+  timeoutMs: number,
+): Promise<RoundClosedEvent> {
+  const deployed = Promise.all(agents.map((agent) => deploymentOf(agent, 1)));
+  deployed.catch(() => {}); // Awaited below, after the round closes.
+  await Promise.all(agents.map((agent) => agent.start()));
+
+  const roundClosed = once(aggregator, 'round-closed', {
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  roundClosed.catch(() => {}); // Awaited below, after start().
+  await aggregator.start();
+  const [closed] = (await roundClosed) as [RoundClosedEvent];
+  await deployed;
+  return closed;
 }

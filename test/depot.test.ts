@@ -33,7 +33,12 @@ import {
   topics,
   type Workspace,
 } from './aggregator-fixtures.ts';
-import { FakeFleet, startDepot, waitUntil } from './depot-fixtures.ts';
+import {
+  FakeFleet,
+  runFirstRound,
+  startDepot,
+  waitUntil,
+} from './depot-fixtures.ts';
 
 /**
  * Frames of each vehicle, unequal so that the FedAvg weights differ
@@ -43,21 +48,6 @@ const FRAME_COUNTS = [50, 100, 150, 100];
 
 /** Largest difference allowed between released and recomputed weights. */
 const WEIGHT_TOLERANCE = 1e-7;
-
-/** Resolves when `agent` deploys `version`; rejects after 90 s. */
-function deploymentOf(agent: VehicleAgent, version: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`no deployment of v${version} within 90 s`)),
-      90_000,
-    );
-    agent.on('release-deployed', (event) => {
-      if (event.version !== version) return;
-      clearTimeout(timer);
-      resolve();
-    });
-  });
-}
 
 /** Subscribes to every vehicle update on `broker` and keeps the last one. */
 async function spyOnUpdates(
@@ -151,12 +141,6 @@ describe('hierarchical aggregation through two depots', () => {
           );
         }
       }
-      const deployed = Promise.all(
-        agents.map((agent) => deploymentOf(agent, 1)),
-      );
-      deployed.catch(() => {}); // awaited below, after the round closes
-      await Promise.all(agents.map((agent) => agent.start()));
-
       aggregator = new Aggregator(
         testOptions(fleetBroker, workspace, images, {
           depots: Object.keys(DEPOTS),
@@ -165,13 +149,7 @@ describe('hierarchical aggregation through two depots', () => {
           roundTimeoutMs: 90_000,
         }),
       );
-      const roundClosed = once(aggregator, 'round-closed', {
-        signal: AbortSignal.timeout(120_000),
-      });
-      roundClosed.catch(() => {}); // awaited below, after start()
-      await aggregator.start();
-      const [closed] = await roundClosed;
-      await deployed;
+      const closed = await runFirstRound(agents, aggregator, 120_000);
 
       assert.equal(closed.modelVersion, 1);
       assert.deepEqual(closed.selected, [...vehicleIds].sort());
@@ -220,7 +198,7 @@ describe('hierarchical aggregation through two depots', () => {
   );
 });
 
-describe('depot partial with an update counted directly', () => {
+describe('depot partial after direct update', () => {
   let fleetBroker: RunningBroker;
   let depotBroker: RunningBroker;
   let workspace: Workspace;
@@ -259,7 +237,7 @@ describe('depot partial with an update counted directly', () => {
         stateDir: join(workspace.dir, 'depot-a'),
         log: quietLog,
       });
-      // Records the partials only; the real aggregator acks them.
+      // Records the partials only, because the real aggregator acks them.
       partialSpy = await FakeFleet.connect(fleetBroker);
       const v1 = await TestVehicle.connect(depotBroker, 'veh-1');
       const v2 = await TestVehicle.connect(depotBroker, 'veh-2');

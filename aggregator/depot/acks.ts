@@ -92,7 +92,12 @@ export function rejectWithoutTask(
     trainableShapes: new Map(),
     ...caps,
   });
-  // Unreachable: without an open round every update is rejected.
-  if (decision.accepted) throw new Error('update accepted without a round');
+  // Unreachable, because without an open round every update is rejected.
+  if (decision.accepted) {
+    throw new Error(
+      `update of vehicle ${vehicleId} accepted without an open round, ` +
+        'which validateUpdate must reject',
+    );
+  }
   return { decision, ack: buildAck(decision, { round: 0, modelVersion: 0 }) };
 }

@@ -11,21 +11,29 @@ import { ErrorCode, FleetError, type Logger } from '../../protocol/index.ts';
 /** Resolves a host name to every address it has. */
 export type HostLookup = (hostname: string) => Promise<string[]>;
 
-/** Resolves `hostname` with node:dns `lookup` (hosts file, then DNS). */
+/**
+ * Resolves `hostname` with node:dns `lookup`, which uses the system
+ * resolver (getaddrinfo), so hosts file entries count as well as DNS.
+ */
 export async function lookupAddresses(hostname: string): Promise<string[]> {
   const found = await lookup(hostname, { all: true });
   return found.map((entry) => entry.address);
 }
 
-/** Host and port of a plain MQTT URL; the port defaults to 1883. */
+/**
+ * Returns the host and port of a plain MQTT URL, with 1883 as the default port.
+ */
 function endpointOf(url: string): { hostname: string; port: string } {
   const parsed = new URL(url);
-  // URL keeps the brackets of an IPv6 literal; lookup wants it bare.
+  // URL keeps the brackets of an IPv6 literal, but lookup expects it bare.
   const hostname = parsed.hostname.replace(/^\[(.*)\]$/, '$1');
   return { hostname, port: parsed.port === '' ? '1883' : parsed.port };
 }
 
-/** Writes an IPv4-mapped IPv6 address as the IPv4 address it maps. */
+/**
+ * Lowercases `address`, and writes an IPv4-mapped IPv6 address as its IPv4
+ * address.
+ */
 function normalizeAddress(address: string): string {
   const lower = address.toLowerCase();
   const mapped = lower.startsWith('::ffff:') ? lower.slice(7) : undefined;
@@ -34,8 +42,8 @@ function normalizeAddress(address: string): string {
 
 /**
  * Rejects two URLs that reach one broker: the same port and a host
- * address in common. The depot would copy its own copies back and forth
- * between its two connections. When a host name does not resolve, the
+ * address in common, because the depot would copy its own copies back and
+ * forth between its two connections. When a host name does not resolve, the
  * check is skipped with a warning, because the depot retries a broker it
  * cannot reach yet, and RelayEchoFilter still stops such a loop.
  *
@@ -51,6 +59,7 @@ export async function assertDistinctBrokers(
   const upstream = endpointOf(upstreamUrl);
   const downstream = endpointOf(downstreamUrl);
   if (upstream.port !== downstream.port) return;
+
   let upstreamAddresses: string[];
   let downstreamAddresses: string[];
   try {
@@ -65,6 +74,7 @@ export async function assertDistinctBrokers(
     );
     return;
   }
+
   const upstreamSet = new Set(upstreamAddresses.map(normalizeAddress));
   const shared = downstreamAddresses
     .map(normalizeAddress)
@@ -74,7 +84,7 @@ export async function assertDistinctBrokers(
     ErrorCode.InvalidConfig,
     `depot option downstreamUrl ${downstreamUrl} reaches the same broker as ` +
       `upstreamUrl ${upstreamUrl} (address ${shared}, port ` +
-      `${upstream.port}); expected the depot's own broker, another than ` +
+      `${upstream.port}); expected the depot's own broker, separate from ` +
       'the fleet broker',
   );
 }

@@ -30,7 +30,7 @@ const SHAPES_BY_NAME = new Map(
   TENSOR_SPECS.map((spec) => [spec.name, spec.shape]),
 );
 
-/** Caps an update is validated with; see DepotOptions. */
+/** Caps an update is validated with, as documented in DepotOptions. */
 export interface UpdateCaps {
   maxExamplesPerUpdate: number;
   maxAbsDeltaValue: number;
@@ -41,22 +41,23 @@ export interface UpdateCaps {
 export type DepotDecision =
   | AcceptedUpdate
   | RejectedUpdate
-  /** A copy of an update already merged; `outcome` once the fleet acked. */
+  /** Copy of an update already merged, with the fleet's ack once received. */
   | { accepted: 'resent'; updateId: string; outcome: UpdateAck | undefined };
 
 /** Phase of a round: taking updates, waiting for the fleet, or settled. */
 export type DepotRoundPhase = 'collecting' | 'forwarded' | 'settled';
 
-/** A sealed partial: the message and the entries it covers. */
+/** Sealed partial: the message and its partial id. */
 export interface SealedPartial {
   partial: PartialAggregate;
   partialId: string;
 }
 
 /**
- * Returns the partial id of `depotId`'s updates `updateIds` in `round`:
- * the same set always gives the same id, so a restarted depot resends a
- * partial the fleet may have counted under the id it counted it by.
+ * Returns the partial id of `depotId`'s updates `updateIds` in `round`.
+ * The same set of ids in any order gives the same partial id, so a
+ * restarted depot resends a partial under the id the fleet may have
+ * counted it by.
  */
 export function partialIdOf(
   depotId: string,
@@ -86,7 +87,9 @@ export class DepotRound {
   #phase: DepotRoundPhase = 'collecting';
   #sealed: SealedPartial | undefined;
   #outcome: UpdateAck | undefined;
-  /** True once the forward time passed with nothing to forward. */
+  /**
+   * True once the forward time passed, so any merged update forwards at once.
+   */
   #isPastForwardTime = false;
 
   constructor(depotId: string, task: RoundTask, caps: UpdateCaps) {
@@ -131,7 +134,7 @@ export class DepotRound {
 
   /** Accepted updates, sorted by vehicle id. */
   get entries(): DepotUpdateEntry[] {
-    // Code unit order, the order decodePartialAggregate checks.
+    // Sorts by UTF-16 code units, the order decodePartialAggregate checks.
     return [...this.#entries.values()].sort((a, b) => {
       if (a.vehicleId === b.vehicleId) return 0;
       return a.vehicleId < b.vehicleId ? -1 : 1;
@@ -147,7 +150,10 @@ export class DepotRound {
     return this.#outcome;
   }
 
-  /** Current round and version for acks the depot sends itself. */
+  /**
+   * Round and model version of the task, as the current ones in the depot's own
+   * acks.
+   */
   get current(): { round: number; modelVersion: number } {
     return { round: this.task.round, modelVersion: this.task.modelVersion };
   }
@@ -203,9 +209,9 @@ export class DepotRound {
   }
 
   /**
-   * True when the partial should go now: at least one update is merged
-   * and either every member has a decision or the forward time passed.
-   * Members are the selected vehicles seen on the depot broker.
+   * Returns true when the partial should be forwarded now: at least one update
+   * is merged and either every member has a decision or the forward time
+   * passed. Members are the selected vehicles seen on the depot broker.
    */
   isReadyToForward(seenVehicles: ReadonlySet<string>): boolean {
     if (this.#phase !== 'collecting' || this.#entries.size === 0) return false;
@@ -276,7 +282,10 @@ export class DepotRound {
     return this.vehicleAcks();
   }
 
-  /** Acks of the merged updates after the fleet's outcome; [] before. */
+  /**
+   * Returns the acks of the merged updates after the fleet's ack, or [] before
+   * it.
+   */
   vehicleAcks(): Array<{ vehicleId: string; ack: UpdateAck }> {
     const outcome = this.#outcome;
     if (outcome === undefined) return [];
@@ -286,7 +295,9 @@ export class DepotRound {
     }));
   }
 
-  /** Ack of a rejected update, with this round as the current one. */
+  /**
+   * Builds the ack of a rejected update, with this round as the current one.
+   */
   rejectionAck(decision: RejectedUpdate): UpdateAck {
     return buildAck(decision, this.current);
   }

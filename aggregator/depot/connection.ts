@@ -15,6 +15,7 @@ export type DepotSide = 'upstream' | 'downstream';
 
 /** Delay between connection attempts, in milliseconds. */
 const RECONNECT_PERIOD_MS = 1000;
+
 /** Minimum time between two connection error warnings of one side. */
 const ERROR_LOG_INTERVAL_MS = 30_000;
 
@@ -36,29 +37,32 @@ export interface SideOptions {
   onSessionLost: () => void;
   /** Last will the broker publishes when the connection is lost. */
   will?: IClientOptions['will'];
-  /** Aborted when the depot stops; later socket errors log at debug. */
+  /** Signal aborted when the depot stops. Later socket errors log at debug. */
   signal: AbortSignal;
   log: Logger;
 }
 
-/** A connection being opened: its client and when it is up. */
+/** Connection being opened: its client and its first connection. */
 export interface OpenedSide {
-  /** Usable at once: QoS 1 publishes wait in mqtt.js until connected. */
+  /**
+   * Client, usable at once because mqtt.js queues QoS 1 publishes until
+   * connected.
+   */
   client: MqttClient;
   /**
-   * Resolves once connected and subscribed. Rejects when `signal` aborts
-   * first, after ending the client.
+   * Promise that resolves once connected and subscribed. It rejects, after
+   * ending the client, when `signal` aborts first.
    */
   connected: Promise<void>;
 }
 
 /**
- * Opens a connection with MQTT 3.1.1 and a persistent session
- * (`clean: false`) that retries every second until the broker accepts,
- * then subscribes. mqtt.js does not subscribe again after a reconnection
- * with a persistent session, so when the broker lost the session, this
- * does. The client exists before the first message arrives, so a message
- * handler can publish on it.
+ * Opens a connection with MQTT 3.1.1 and a persistent session (`clean: false`)
+ * that retries every second until the broker accepts, then subscribes. mqtt.js
+ * does not subscribe again after a reconnection with a persistent session, so
+ * this function subscribes again when the broker lost the session. The client
+ * exists before the first message arrives, so a message handler can publish on
+ * it.
  */
 export function openSide(options: SideOptions): OpenedSide {
   const { side, url, clientId, log } = options;
@@ -71,6 +75,7 @@ export function openSide(options: SideOptions): OpenedSide {
     reconnectOnConnackError: true,
     will: options.will,
   });
+
   client.handleMessage = (packet, done) => {
     const payload = Buffer.isBuffer(packet.payload)
       ? packet.payload
@@ -78,14 +83,18 @@ export function openSide(options: SideOptions): OpenedSide {
     options.handleMessage(packet.topic, payload).then(
       () => done(),
       (err: unknown) => {
-        log.error({ err, side, topic: packet.topic }, 'message handler failed');
+        log.error(
+          { err, side, clientId, topic: packet.topic },
+          'message handler failed',
+        );
         done();
       },
     );
   };
   logConnectionEvents(client, options);
+
   const connected = awaitFirstConnection(client, options);
-  // Marked handled here; the caller awaits it.
+  // Marks a rejection as handled, because the caller awaits it later.
   connected.catch(() => undefined);
   return { client, connected };
 }
@@ -108,7 +117,8 @@ async function awaitFirstConnection(
     log.warn({ side, clientId }, 'broker lost the session, subscribing again');
     subscribe(client, options.subscriptions).then(
       () => options.onSessionLost(),
-      (err: unknown) => log.warn({ err, side }, 'subscription failed'),
+      (err: unknown) =>
+        log.warn({ err, side, clientId }, 'subscription failed'),
     );
   });
 }
@@ -153,11 +163,16 @@ function logConnectionEvents(client: MqttClient, options: SideOptions): void {
     errorLoggedAtMs = now;
     log.warn({ err, side, clientId, brokerUrl: url }, 'mqtt client error');
   });
+
   client.on('offline', () => {
-    if (signal.aborted) log.debug({ side }, 'broker connection lost');
-    else log.warn({ side, brokerUrl: url }, 'broker connection lost');
+    if (signal.aborted) {
+      log.debug({ side }, 'broker connection lost');
+      return;
+    }
+    log.warn({ side, brokerUrl: url }, 'broker connection lost');
   });
-  client.on('reconnect', () =>
-    log.debug({ side, brokerUrl: url }, 'reconnecting to broker'),
-  );
+
+  client.on('reconnect', () => {
+    log.debug({ side, brokerUrl: url }, 'reconnecting to broker');
+  });
 }

@@ -1,10 +1,9 @@
 /**
- * Update ids the fleet aggregator has counted, so that the depot acks a
- * vehicle that sends one of them again DUPLICATE_UPDATE, which the agent
- * treats as final, instead of ROUND_CLOSED once the round moved on. A
- * vehicle sends its outbox again after every reconnection, for example
- * after the depot broker restarted, and an ack lost on the way leaves the
- * update in its outbox.
+ * Update ids the fleet aggregator has counted. When a vehicle sends one of them
+ * again after its round moved on, the depot acks it DUPLICATE_UPDATE, which the
+ * agent treats as final, instead of ROUND_CLOSED. A vehicle sends its outbox
+ * again after every reconnection, for example after the depot broker restarted,
+ * and an ack lost on the way leaves the update in its outbox.
  */
 import {
   ErrorCode,
@@ -18,8 +17,8 @@ import type { RejectedUpdate } from '../validate.ts';
 export const DEFAULT_COUNTED_CAPACITY = 10_000;
 
 /**
- * The most recent update ids counted by the fleet, with their round. The
- * oldest id is forgotten once `capacity` ids are kept.
+ * Recent update ids counted by the fleet, with their round. Adding an id
+ * beyond `capacity` drops the oldest one.
  * NOTE: kept in memory only, so a restarted depot acks a resend of an
  * update counted before the restart ROUND_CLOSED again.
  */
@@ -49,15 +48,15 @@ export class CountedUpdates {
     }
   }
 
-  /** Round in which the fleet counted `updateId`, if it is kept. */
+  /** Returns the round in which the fleet counted `updateId`, if it is kept. */
   roundOf(updateId: string): number | undefined {
     return this.#rounds.get(updateId);
   }
 
   /**
-   * Returns the DUPLICATE_UPDATE ack for a rejected update from
-   * `vehicleId` that the fleet has counted already, or undefined when the
-   * rejection remains. `current` names the round and version of the depot's
+   * Returns the DUPLICATE_UPDATE ack for a rejected update from `vehicleId`
+   * that the fleet has counted already, or undefined when the original
+   * rejection applies. `current` contains the round and version of the depot's
    * latest task (round 0 and version 0 without one).
    */
   duplicateAck(

@@ -44,12 +44,12 @@ import { RoundFlow } from './round-flow.ts';
  */
 export const TASK_WAIT_MS = 2000;
 /**
- * Time after the connection to the depot broker before the depot counts
- * on knowing which vehicles are online there: the broker sends the
- * retained statuses after the subscription, in a burst. An estimate,
- * ample on loopback.
+ * Time after the connection to the depot broker before the depot treats
+ * its list of online vehicles as complete. The broker sends the retained
+ * statuses in a burst after the subscription. An estimate, ample on loopback.
  */
 export const STATUS_SETTLE_MS = 1000;
+
 /** Time `stop()` waits for the message in hand and for each disconnect. */
 const STOP_TIMEOUT_MS = 2000;
 
@@ -78,7 +78,7 @@ export class Depot extends EventEmitter<DepotEvents> {
   #phase: Phase = 'new';
   #up: OpenedSide | undefined;
   #down: OpenedSide | undefined;
-  /** Opens once the first round task was handled, or after TASK_WAIT_MS. */
+  /** Gate that opens after the first round task or after TASK_WAIT_MS. */
   readonly #taskGate: Promise<void>;
   #openTaskGate: () => void = () => undefined;
   #stopped: Promise<void> | undefined;
@@ -140,15 +140,20 @@ export class Depot extends EventEmitter<DepotEvents> {
    */
   async start(): Promise<void> {
     if (this.#phase !== 'new') {
-      throw new Error(`depot cannot start: it is ${this.#phase}`);
+      throw new Error(
+        `depot start failed: the depot is ${this.#phase}, and start() ` +
+          'runs only once. Create a new Depot to start again.',
+      );
     }
     this.#phase = 'starting';
+
     try {
       await this.#startSteps();
     } catch (err) {
       throw this.#failure ?? err;
     }
     if (this.#failure !== undefined) throw this.#failure;
+
     this.#phase = 'running';
     const { upstreamUrl, downstreamUrl, stateDir } = this.options;
     this.#log.info(
@@ -161,8 +166,9 @@ export class Depot extends EventEmitter<DepotEvents> {
     const { upstreamUrl, downstreamUrl, stateDir } = this.options;
     await assertDistinctBrokers(upstreamUrl, downstreamUrl, this.#log);
     await createStateDir(stateDir);
-    // Before the subscription, which delivers acks queued in the session.
+    // Loaded before the subscription delivers acks queued in the session.
     await this.#flow.loadUnsettled();
+
     const signal = this.#stopping.signal;
     signal.addEventListener('abort', () => this.#openTaskGate(), {
       once: true,
@@ -174,13 +180,14 @@ export class Depot extends EventEmitter<DepotEvents> {
     const gateTimer = setTimeout(() => this.#openTaskGate(), TASK_WAIT_MS);
     await this.#taskGate;
     clearTimeout(gateTimer);
+
     await this.#down.connected;
     this.#membersTimer = setTimeout(
       () => void this.#flow.markMembersKnown(),
       STATUS_SETTLE_MS,
     );
     if (this.#phase !== 'starting') {
-      throw new Error('depot stopped while starting');
+      throw new Error('depot start failed: stop() was called while starting');
     }
   }
 
@@ -232,9 +239,9 @@ export class Depot extends EventEmitter<DepotEvents> {
   }
 
   /**
-   * Stops forwarding, lets the message in hand finish (at most about
-   * 2 s) and disconnects from both brokers. Updates merged but not yet
-   * counted by the fleet stay in the journal for the next start.
+   * Stops forwarding, lets the message in hand finish (up to
+   * STOP_TIMEOUT_MS) and disconnects from both brokers. Updates merged but
+   * not yet counted by the fleet stay in the journal for the next start.
    */
   stop(): Promise<void> {
     this.#stopped ??= this.#stopSteps();
@@ -247,6 +254,7 @@ export class Depot extends EventEmitter<DepotEvents> {
     this.#stopping.abort();
     clearTimeout(this.#membersTimer);
     this.#flow.close();
+
     if (wasStarted) {
       await settleWithin(this.#flow.idle(), STOP_TIMEOUT_MS);
       if (this.#up?.client.connected === true) {
@@ -287,7 +295,7 @@ export class Depot extends EventEmitter<DepotEvents> {
     }
     if (topic === this.#topics.roundTask()) {
       // The task is handled before it is relayed, so that no vehicle can
-      // send an update for a round the depot does not know yet.
+      // send an update for a round the depot has not received yet.
       await this.#flow.onRoundTask(payload);
       this.#openTaskGate();
     }

@@ -1,6 +1,9 @@
 /** Events a Depot emits, for tests and embedding programs. */
 
-/** A new round task was taken, after the journal was read back. */
+/**
+ * Payload of 'round-started': a new round task, after the journal was read
+ * back.
+ */
 export interface DepotRoundStartedEvent {
   round: number;
   modelVersion: number;
@@ -9,19 +12,25 @@ export interface DepotRoundStartedEvent {
   restoredUpdates: number;
 }
 
-/** One update message from a vehicle was judged. */
+/**
+ * Payload of 'update-decided': the decision on one update message from a
+ * vehicle.
+ */
 export interface DepotUpdateDecidedEvent {
   vehicleId: string;
   /** Round named in the update, when it decoded. */
   round?: number;
   updateId?: string;
-  /** 'resent' for a copy of an update already merged. */
+  /** Decision, with 'resent' for a copy of an update already merged. */
   accepted: boolean | 'resent';
-  /** Reject reason code; undefined unless rejected. */
+  /** Rejection code, set only for a rejected update. */
   code?: string;
 }
 
-/** The partial of a round was sealed and first sent. */
+/**
+ * Payload of 'partial-forwarded': a round's partial, sealed and sent for the
+ * first time.
+ */
 export interface DepotPartialForwardedEvent {
   round: number;
   partialId: string;
@@ -30,11 +39,14 @@ export interface DepotPartialForwardedEvent {
   bytes: number;
 }
 
-/** The fleet acked the partial of a round, and the vehicles were acked. */
+/**
+ * Payload of 'partial-settled': the fleet's ack of a round's partial, sent on
+ * to the vehicles.
+ */
 export interface DepotPartialSettledEvent {
   round: number;
   partialId: string;
-  /** An AckStatus value. */
+  /** Fleet's ack status, an AckStatus value. */
   status: number;
   reasonCode: string;
 }

@@ -31,7 +31,7 @@ export function resendWaitMs(
 
 /** Dependencies of PartialForwarder, supplied by the depot. */
 export interface ForwarderOptions {
-  /** Publishes the partial upstream with QoS 1; logs its own failures. */
+  /** Publishes the partial upstream with QoS 1 and logs its own failures. */
   publish: (bytes: Uint8Array) => void;
   ackTimeoutMs: number;
   log: Logger;
@@ -44,13 +44,14 @@ export interface OutgoingPartial {
   partialId: string;
   round: number;
   bytes: Uint8Array;
-  /** The round's deadline in epoch milliseconds; no send after it. */
+  /** Deadline of the round in epoch milliseconds. No send starts after it. */
   deadlineMs: number;
 }
 
 /** Sends one partial at a time and matches the fleet's acks to it. */
 export class PartialForwarder {
   readonly #options: ForwarderOptions;
+  /** Send in progress and the callback that hands it its ack. */
   #waiting:
     { partialId: string; resolve: (ack: UpdateAck) => void } | undefined;
 
@@ -71,6 +72,7 @@ export class PartialForwarder {
     const { log, ackTimeoutMs, publish } = this.#options;
     const now = this.#options.now ?? Date.now;
     const fields = { round: partial.round, partialId: partial.partialId };
+
     let received: UpdateAck | undefined;
     let wake: () => void = () => undefined;
     this.#waiting = {
@@ -80,6 +82,7 @@ export class PartialForwarder {
         wake();
       },
     };
+
     try {
       for (let attempt = 0; ; attempt++) {
         if (signal.aborted) return undefined;
@@ -87,7 +90,7 @@ export class PartialForwarder {
         if (leftMs <= 0) {
           log.error(
             { ...fields, attempts: attempt, deadlineMs: partial.deadlineMs },
-            'partial not acknowledged before the round deadline',
+            'partial ack timed out at the round deadline, partial dropped',
           );
           return undefined;
         }
@@ -126,15 +129,12 @@ export class PartialForwarder {
    * Hands a fleet ack to the send waiting for it. Returns false when no
    * send waits for this partial id (a late or repeated ack).
    *
-   * A rejection whose update id is UNKNOWN_UPDATE_ID settles the partial
-   * in flight too. The fleet sends it when it could not read the partial
-   * id (a partial above its size limit, or bytes it cannot decode), and
-   * sending the same bytes again would fail the same way. The ack is
-   * handed on with the partial id in place of the unknown one.
-   * NOTE: a late rejection of this kind for an earlier partial would
-   * settle the current one. The depot has one partial in flight and stops
-   * resending at the first ack, so that takes a copy delayed past the
-   * next round's forward.
+   * A rejection with UNKNOWN_UPDATE_ID settles the partial in flight too,
+   * with the partial id put in. The fleet sends it for a partial it could
+   * not read (too large or not decodable), which a resend would not fix.
+   * NOTE: a late copy of such a rejection would settle the next partial
+   * instead. The depot stops resending at the first ack, so only a copy
+   * delayed past the next round's forward can do that.
    */
   receiveAck(ack: UpdateAck): boolean {
     const waiting = this.#waiting;

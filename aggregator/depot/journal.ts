@@ -61,7 +61,7 @@ async function writeAtomically(file: string, bytes: Uint8Array): Promise<void> {
   await rename(temp, file);
 }
 
-/** Reads and parses a JSON file; undefined when it does not exist. */
+/** Reads and parses a JSON file, or returns undefined when it is missing. */
 async function readJson(file: string): Promise<unknown> {
   try {
     return JSON.parse(await readFile(file, 'utf8'));
@@ -106,7 +106,7 @@ export class DepotJournal {
     return path.join(this.#roundDir(round), UPDATES_DIR, `${name}.pb`);
   }
 
-  /** Stores an accepted update; complete on disk when it resolves. */
+  /** Stores an accepted update, which is on disk once the promise resolves. */
   async addUpdate(
     round: number,
     updateId: string,
@@ -115,7 +115,7 @@ export class DepotJournal {
     await writeAtomically(this.#updateFile(round, updateId), payload);
   }
 
-  /** Deletes a journaled update; does nothing when it is missing. */
+  /** Deletes a journaled update, or does nothing when it is missing. */
   async removeUpdate(round: number, updateId: string): Promise<void> {
     await rm(this.#updateFile(round, updateId), { force: true });
   }
@@ -145,7 +145,7 @@ export class DepotJournal {
     await writeAtomically(file, Buffer.from(JSON.stringify(outcome)));
   }
 
-  /** Reads what the journal holds for `round`; empty when nothing. */
+  /** Reads the journal of `round`, which is empty when nothing was stored. */
   async read(round: number): Promise<JournalRound> {
     const dir = this.#roundDir(round);
     const updatesDir = path.join(dir, UPDATES_DIR);
@@ -169,7 +169,7 @@ export class DepotJournal {
     return { updates, forwarded, outcome };
   }
 
-  /** Returns the rounds the journal holds, in ascending order. */
+  /** Returns the rounds the journal contains, in ascending order. */
   async rounds(): Promise<number[]> {
     let names: string[];
     try {
@@ -227,8 +227,8 @@ async function readableUpdates(
         movedTo = await journal.setAside(file);
       } catch (renameErr) {
         log.error(
-          { err: renameErr, file },
-          'unreadable update not moved aside',
+          { err: renameErr, round, file },
+          'renaming the unreadable update failed, it is read again later',
         );
       }
       log.error({ err, round, file, movedTo }, 'journaled update unreadable');
@@ -248,6 +248,7 @@ export async function restoreRound(
 ): Promise<number> {
   const stored = await journal.read(round.round);
   const restored = await mergeUpdates(round, stored.updates, journal, log);
+
   if (stored.forwarded !== undefined && restored > 0) {
     const sealed = round.seal(Date.now());
     if (sealed.partialId !== stored.forwarded.partialId) {
@@ -283,15 +284,11 @@ async function mergeUpdates(
   log: Logger,
   keep?: ReadonlySet<string>,
 ): Promise<number> {
+  const readable = await readableUpdates(round.round, updates, journal, log);
   let merged = 0;
-  for (const { payload, entry } of await readableUpdates(
-    round.round,
-    updates,
-    journal,
-    log,
-  )) {
+  for (const { payload, entry } of readable) {
     if (keep !== undefined && !keep.has(entry.updateId)) continue;
-    // Judged as of the round's opening: it was accepted in time before.
+    // Judged as of the round's opening, because it was accepted in time before.
     const decision = round.judge(
       entry.vehicleId,
       payload,

@@ -24,7 +24,7 @@ import {
 
 /**
  * Flags of the fleet aggregator or the agent that a depot would need to
- * honour but does not yet, with the reason given when one is set.
+ * honour but does not yet, each with the reason its error gives.
  */
 const UNSUPPORTED_FLAGS: ReadonlyArray<[flag: string, reason: string]> = [
   ['--tls-ca <file>', 'TLS to either broker is not supported by the depot yet'],
@@ -70,7 +70,7 @@ const program = new Command('depot')
   )
   .option(
     '--state-dir <dir>',
-    'journal of the open round (default state/depot-<depot id>)',
+    "directory of the open round's journal (default state/depot-<depot id>)",
   )
   .option(
     '--max-examples-per-update <count>',
@@ -142,7 +142,9 @@ function rejectUnsupportedFlags(): void {
     );
   }
   for (const [flag, reason] of UNSUPPORTED_FLAGS) {
-    const option = program.options.find((o) => o.flags === flag)!;
+    const option = program.options.find(
+      (candidate) => candidate.flags === flag,
+    )!;
     if (program.getOptionValue(option.attributeName()) === undefined) continue;
     throw new InvalidArgumentError(
       `${option.long} is not supported by the depot: ${reason}`,
@@ -165,7 +167,8 @@ async function main(): Promise<void> {
 
   const shutdown = stopOnSignals(depot, log);
   let isStarted = false;
-  // A failure during start rejects start() instead, handled below.
+  // A failure during start rejects start(), which startOrExit reports, so
+  // this handler covers only failures after the start.
   depot.on('failed', (err) => {
     if (!isStarted || shutdown.isStopping) return;
     process.exit(reportStartError('depot', err, log, 'depot stopped'));

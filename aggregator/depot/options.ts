@@ -20,26 +20,28 @@ import { MAX_ABS_WEIGHTED_DELTA, MAX_EXAMPLES_PER_ADD } from '../fedavg.ts';
 
 /** Default of `forwardMarginMs`. */
 export const DEFAULT_FORWARD_MARGIN_MS = 2000;
+
 /** Default of `partialAckTimeoutMs`. */
 export const DEFAULT_PARTIAL_ACK_TIMEOUT_MS = 1000;
 
 /** URL schemes of plain MQTT over TCP, the only transport the depot uses. */
 const PLAIN_SCHEMES = ['mqtt:', 'tcp:'];
+
 /** URL schemes that would need TLS, which the depot does not support yet. */
 const TLS_SCHEMES = ['mqtts:', 'ssl:', 'tls:', 'wss:'];
 
 /** Options of a Depot. Only the ids and the two URLs are required. */
 export interface DepotOptions {
-  /** Depot id; one MQTT topic level. */
+  /** Depot id, one MQTT topic level. */
   depotId: string;
-  /** Fleet id; one MQTT topic level. */
+  /** Fleet id, one MQTT topic level. */
   fleetId: string;
   /** Plain MQTT URL of the fleet broker, for example mqtt://10.0.0.1:1883. */
   upstreamUrl: string;
   /** Plain MQTT URL of the depot's own broker, where its vehicles connect. */
   downstreamUrl: string;
   /**
-   * Directory of the update journal; created when missing. Default
+   * Directory of the update journal, created when missing. Default
    * `state/depot-<depotId>`.
    */
   stateDir?: string;
@@ -50,20 +52,21 @@ export interface DepotOptions {
   /** Maximum size of an update and of the partial. Default 64 MiB. */
   maxMessageBytes?: number;
   /**
-   * Time before the round's deadline at which the partial goes out at the
-   * latest. Default 2000 ms.
+   * Time before the round's deadline at which the partial is forwarded at
+   * the latest, in milliseconds. Default 2000 ms.
    */
   forwardMarginMs?: number;
   /**
-   * Wait for the fleet's ack before the partial is sent again. Later
-   * waits double, with jitter. Default 1000 ms.
+   * First wait for the fleet's ack before the partial is sent again, in
+   * milliseconds. Later waits double, with jitter, up to 30 s. Default
+   * 1000 ms.
    */
   partialAckTimeoutMs?: number;
-  /** Parent logger; the depot logs through a child. */
+  /** Parent logger. The depot logs through a child of it. */
   log?: Logger;
 }
 
-/** Options with defaults filled in and checked. */
+/** Depot options with defaults filled in and checked. */
 export type ResolvedDepotOptions = Required<Omit<DepotOptions, 'log'>> & {
   log: Logger;
 };
@@ -71,6 +74,7 @@ export type ResolvedDepotOptions = Required<Omit<DepotOptions, 'log'>> & {
 const { invalid, requireDuration, requireInteger }: OptionChecks =
   optionChecks('depot option');
 
+/** Rejects a value that is not one valid MQTT topic level. */
 function requireTopicLevel(option: string, kind: string, value: unknown): void {
   if (typeof value !== 'string') {
     throw new TypeError(
@@ -108,8 +112,8 @@ export function checkBrokerUrl(option: string, value: unknown): string {
   } catch (err) {
     throw new FleetError(
       ErrorCode.InvalidConfig,
-      `depot option ${option} is ${value}, which is not a URL; expected ` +
-        'mqtt://host:port',
+      `depot option ${option} is ${value}, which is not a URL. Expected a ` +
+        'URL such as mqtt://host:1883',
       { cause: err },
     );
   }
@@ -148,6 +152,7 @@ export function resolveDepotOptions(
       `another broker than upstreamUrl ${options.upstreamUrl}`,
     );
   }
+
   const resolved: ResolvedDepotOptions = {
     depotId: options.depotId,
     fleetId: options.fleetId,
@@ -163,23 +168,25 @@ export function resolveDepotOptions(
       options.partialAckTimeoutMs ?? DEFAULT_PARTIAL_ACK_TIMEOUT_MS,
     log: options.log ?? createLogger(),
   };
-  checkNumbers(resolved);
+  checkResolvedValues(resolved);
   return resolved;
 }
 
-function checkNumbers(options: ResolvedDepotOptions): void {
+function checkResolvedValues(options: ResolvedDepotOptions): void {
   if (typeof options.stateDir !== 'string' || options.stateDir === '') {
     invalid('stateDir', JSON.stringify(options.stateDir), 'a directory path');
   }
+
   requireInteger('maxMessageBytes', options.maxMessageBytes, 1024);
   requireInteger('maxExamplesPerUpdate', options.maxExamplesPerUpdate, 1);
   if (options.maxExamplesPerUpdate > MAX_EXAMPLES_PER_ADD) {
     invalid(
       'maxExamplesPerUpdate',
       options.maxExamplesPerUpdate,
-      `at most ${MAX_EXAMPLES_PER_ADD}`,
+      `an integer <= ${MAX_EXAMPLES_PER_ADD}`,
     );
   }
+
   const maxAbs = options.maxAbsDeltaValue;
   if (!(maxAbs > 0) || !Number.isFinite(maxAbs)) {
     invalid('maxAbsDeltaValue', maxAbs, 'a positive number');
@@ -190,10 +197,11 @@ function checkNumbers(options: ResolvedDepotOptions): void {
     invalid(
       'maxAbsDeltaValue',
       maxAbs,
-      `at most ${MAX_ABS_WEIGHTED_DELTA} / maxExamplesPerUpdate ` +
+      `a number <= ${MAX_ABS_WEIGHTED_DELTA} / maxExamplesPerUpdate ` +
         `(${options.maxExamplesPerUpdate})`,
     );
   }
+
   requireDuration('forwardMarginMs', options.forwardMarginMs, 0);
   requireDuration('partialAckTimeoutMs', options.partialAckTimeoutMs, 1);
 }

@@ -1,10 +1,10 @@
 /**
  * Detection of two depot aggregators that use one depot id. Both connect
- * to the fleet broker with the client id `depot-<depot id>-up`, and the
- * broker closes the older connection of a client id each time the other
- * connects (MQTT 3.1.1, conformance rule MQTT-3.1.4-2). Without this
- * check the two take the connection from each other every second, and
- * fleet acks reach whichever is connected.
+ * to the fleet broker with the client id `depot-<depot id>-up`. The broker
+ * closes the older connection of a client id each time the other connects
+ * (MQTT 3.1.1, conformance rule MQTT-3.1.4-2). Without this check the two
+ * take the connection from each other every second, and fleet acks reach
+ * whichever is connected.
  *
  * Each depot instance has a random instance id. On every connection it
  * subscribes to its presence topic again, which makes the broker send the
@@ -12,8 +12,9 @@
  * offline presence stamped with the time of its latest connection loss.
  * A presence of another instance published after this one started proves
  * that the other is running. A stopped or crashed instance publishes
- * nothing after that, because the broker publishes its will at the
- * latest when the new connection takes over the client id. The instance
+ * nothing stamped after the new one started, because the broker publishes
+ * its earlier-stamped will at the latest when the new connection takes
+ * over the client id. The instance
  * that started later stops with an error, and the other keeps running.
  */
 import { randomBytes } from 'node:crypto';
@@ -65,14 +66,16 @@ export class DepotPresence {
   readonly instanceId = randomBytes(8).toString('hex');
   readonly startedAtMs = Date.now();
   readonly #options: PresenceOptions;
-  /** Later instances already logged, to log each once. */
+  /** Ids of later instances already logged, so each is logged once. */
   readonly #reported = new Set<string>();
 
   constructor(options: PresenceOptions) {
     this.#options = options;
   }
 
-  /** The last will of the upstream connection: this instance offline. */
+  /**
+   * Returns the last will of the upstream connection: this instance offline.
+   */
   will(): IClientPublishOptions & { topic: string; payload: Buffer } {
     return {
       topic: this.#options.topic,
@@ -107,14 +110,19 @@ export class DepotPresence {
   }
 
   /**
-   * Takes a message from the presence topic. Returns the error to stop
+   * Checks a message from the presence topic. Returns the error to stop
    * with when it shows another running instance that started first.
+   * NOTE: compares the wall clocks of two hosts. A clock skew larger than
+   * the gap between the other's last presence and this start misleads it.
    */
   receive(payload: Buffer): FleetError | undefined {
     const { log, depotId, clientId } = this.#options;
     const other = parsePresence(payload);
     if (other === undefined) {
-      log.warn({ bytes: payload.length }, 'invalid depot presence ignored');
+      log.warn(
+        { depotId, bytes: payload.length },
+        'invalid depot presence ignored',
+      );
       return undefined;
     }
     if (other.instanceId === this.instanceId) return undefined;

@@ -10,10 +10,18 @@ import type { MqttClient } from 'mqtt';
 import type { FleetTopics, Logger } from '../../protocol/index.ts';
 import { subscribe, type DepotSide } from './connection.ts';
 
-/** Topics per side whose last relayed payload RelayEchoFilter keeps. */
+/**
+ * Max number of topics per side whose last relayed payload RelayEchoFilter
+ * keeps.
+ */
 const MAX_REMEMBERED_TOPICS = 10_000;
-/** Skipped copies within ECHO_WINDOW_MS that make the filter warn. */
+
+/**
+ * Number of skipped copies within ECHO_WINDOW_MS that makes the filter warn.
+ */
 const ECHO_WARN_COUNT = 20;
+
+/** Window in which skipped copies are counted, in milliseconds. */
 const ECHO_WINDOW_MS = 10_000;
 
 /** Filters of the fleet broker's topics that the depot copies down. */
@@ -47,9 +55,9 @@ export function isRelayedUp(topics: FleetTopics, topic: string): boolean {
  * Publishes a copy of one message on `target` with QoS 1, and logs a
  * failure. Every relayed topic carries retained state in this protocol
  * (round task, releases, chunks, statuses, reports), so the copy is always
- * retained. The flag of the received message does not show it, because an MQTT
- * 3.1.1 broker clears it on a message it forwards to an existing
- * subscription (conformance rule MQTT-3.3.1-9). An empty payload stays
+ * retained. The retain flag of the received message cannot decide this,
+ * because an MQTT 3.1.1 broker clears it on a message it forwards to an
+ * existing subscription (conformance rule MQTT-3.3.1-9). An empty payload stays
  * empty, so a cleared retained message is cleared on the other broker too.
  */
 export function relayMessage(
@@ -74,7 +82,7 @@ export function relayMessage(
  * reach one broker under different addresses (a port forward, or a LAN
  * address and a loopback one), every copy the depot publishes comes back
  * on the subscription it was copied from. Without this filter the depot
- * would copy it again, without end.
+ * would copy it back and forth forever.
  *
  * The filter also skips a genuine repeat of the last payload, which is
  * harmless, because the target broker retains that payload already.
@@ -166,10 +174,10 @@ export class Relay {
   }
 
   /**
-   * Subscribes `source` again to the topics relayed from it, after the
-   * other broker lost its session and with it the retained copies: the
-   * new subscription delivers the retained messages again, which are
-   * copied.
+   * Subscribes `source` again to the topics relayed from it, so that its
+   * broker sends their retained messages again and they are copied. Called
+   * when the other broker lost the depot's session, because it may then
+   * have lost the retained copies too.
    */
   copyAgainFrom(source: MqttClient | undefined, from: DepotSide): void {
     if (source === undefined) return;
@@ -180,8 +188,8 @@ export class Relay {
         ? downstreamRelayFilters(this.#topics)
         : upstreamRelayFilters(this.#topics);
     this.#log.info({ side: from, filters }, 'copying retained messages again');
-    subscribe(source, filters).catch((err: unknown) =>
-      this.#log.warn({ err, side: from }, 'subscription failed'),
-    );
+    subscribe(source, filters).catch((err: unknown) => {
+      this.#log.warn({ err, side: from, filters }, 'subscription failed');
+    });
   }
 }

@@ -34,7 +34,7 @@ export interface RoundFlowOptions {
   forwarder: PartialForwarder;
   /** Vehicles online on the depot broker. */
   members: () => ReadonlySet<string>;
-  /** Publishes an ack on the vehicle's ack topic; logs its own failures. */
+  /** Publishes an ack on the vehicle's ack topic and logs its own failures. */
   publishAck: (vehicleId: string, ack: UpdateAck) => void;
   /** The depot's `emit`. */
   emit: EventEmitter<DepotEvents>['emit'];
@@ -49,12 +49,12 @@ export class RoundFlow {
   readonly #replies: UpdateReplies;
   readonly #earlier: EarlierPartials;
   #round: DepotRound | undefined;
-  /** Aborted when the round is replaced or the depot stops. */
+  /** Controller aborted when the round is replaced or the depot stops. */
   #roundAbort = new AbortController();
   #forwardTimer: NodeJS.Timeout | undefined;
   #queue: Promise<void> = Promise.resolve();
   #isClosed = false;
-  /** False until the depot broker's retained statuses had time to arrive. */
+  /** Flag set once the depot broker's retained statuses had time to arrive. */
   #areMembersKnown = false;
 
   constructor(options: RoundFlowOptions) {
@@ -105,7 +105,7 @@ export class RoundFlow {
     return this.#round;
   }
 
-  /** Resolves once the queued steps have run. */
+  /** Returns a promise that resolves once the queued steps have run. */
   idle(): Promise<void> {
     return this.#queue;
   }
@@ -121,7 +121,10 @@ export class RoundFlow {
   #serially(step: () => Promise<void>): Promise<void> {
     const run = this.#queue.then(() => (this.#isClosed ? undefined : step()));
     this.#queue = run.catch((err: unknown) => {
-      this.#log.error({ err }, 'depot round step failed');
+      this.#log.error(
+        { err, round: this.#round?.round },
+        'depot round step failed',
+      );
     });
     return this.#queue;
   }
@@ -144,8 +147,10 @@ export class RoundFlow {
         );
         return;
       }
+
       const current = this.#round;
       if (current !== undefined && task.round === current.round) return;
+
       // A lower round number is new only when it opened later, which
       // happens when the fleet aggregator started over on a new state
       // directory.
@@ -160,6 +165,7 @@ export class RoundFlow {
         );
         return;
       }
+
       await this.#startRound(task);
     });
   }
@@ -229,6 +235,7 @@ export class RoundFlow {
         this.#replies.reject(vehicleId, decision, ack, current);
         return;
       }
+
       const decision = round.judge(vehicleId, payload, Date.now());
       if (decision.accepted === 'resent') {
         this.#replies.resent(round, vehicleId, decision.updateId);
@@ -240,13 +247,17 @@ export class RoundFlow {
         await this.#forwardIfReady(round, false);
         return;
       }
+
       const { updateId, numExamples } = decision.update;
       try {
         await this.#options.journal.addUpdate(round.round, updateId, payload);
       } catch (err) {
         // NOTE: the update still counts, but a depot crash before the
         // fleet's ack loses it until the vehicle resends it.
-        this.#log.error({ err, vehicleId, updateId }, 'update not journaled');
+        this.#log.error(
+          { err, vehicleId, round: round.round, updateId },
+          'journaling the accepted update failed, it is merged anyway',
+        );
       }
       this.#log.debug(
         { vehicleId, round: round.round, updateId, numExamples },
@@ -265,8 +276,8 @@ export class RoundFlow {
   /**
    * Lets the partial go once every member has a decision. Until then only
    * the forward time sends it. Right after a restart the depot may not yet
-   * know which vehicles are online on its broker, and would otherwise
-   * forward the journaled updates alone.
+   * have the statuses of its online vehicles, and would otherwise forward
+   * the journaled updates alone.
    */
   markMembersKnown(): Promise<void> {
     this.#areMembersKnown = true;
@@ -276,8 +287,8 @@ export class RoundFlow {
   /** Forwards the partial of the current round if it is ready. */
   checkForward(): Promise<void> {
     return this.#serially(async () => {
-      if (this.#round !== undefined)
-        await this.#forwardIfReady(this.#round, false);
+      if (this.#round === undefined) return;
+      await this.#forwardIfReady(this.#round, false);
     });
   }
 
@@ -303,6 +314,7 @@ export class RoundFlow {
     }
     if (!isForwardTime && !this.#areMembersKnown) return;
     if (!round.isReadyToForward(this.#options.members())) return;
+
     clearTimeout(this.#forwardTimer);
     const sealed = round.seal(Date.now());
     try {
@@ -312,8 +324,8 @@ export class RoundFlow {
       });
     } catch (err) {
       this.#log.error(
-        { err, round: round.round },
-        'forwarded partial not journaled',
+        { err, round: round.round, partialId: sealed.partialId },
+        'journaling the forwarded partial failed, it is sent anyway',
       );
     }
     this.#delivery.send(round, this.#roundAbort.signal);

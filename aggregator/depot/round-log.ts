@@ -5,7 +5,7 @@ import type { DepotRound } from './collector.ts';
 /**
  * Logs a new round task at info, and what the depot cannot do in it at
  * error or warn: tensors this model lacks, secure aggregation, and a
- * forward margin as long as the round.
+ * forward margin at least as long as the round.
  */
 export function logRoundStart(
   log: Logger,
@@ -38,7 +38,7 @@ export function logRoundStart(
   }
   if (task.deadlineMs - task.openedAtMs <= forwardMarginMs) {
     log.warn(
-      { round: task.round, forwardMarginMs: forwardMarginMs },
+      { round: task.round, forwardMarginMs },
       'forward margin is not shorter than the round, the first accepted ' +
         'update forwards the partial',
     );

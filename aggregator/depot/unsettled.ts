@@ -12,6 +12,7 @@ import {
   type Logger,
   type UpdateAck,
 } from '../../protocol/index.ts';
+import { truncateText } from '../messages.ts';
 import { duplicateAckOf, duplicateEntriesOf, vehicleAckOf } from './acks.ts';
 import type { CountedUpdates } from './counted-updates.ts';
 import type { DepotEvents } from './events.ts';
@@ -21,7 +22,7 @@ import type { DepotJournal, UnsettledPartial } from './journal.ts';
 export interface EarlierPartialsOptions {
   journal: DepotJournal;
   counted: CountedUpdates;
-  /** Publishes an ack on the vehicle's ack topic; logs its own failures. */
+  /** Publishes an ack on the vehicle's ack topic and logs its own failures. */
   publishAck: (vehicleId: string, ack: UpdateAck) => void;
   emit: EventEmitter<DepotEvents>['emit'];
   log: Logger;
@@ -36,7 +37,7 @@ export class EarlierPartials {
     this.#options = options;
   }
 
-  /** Waits for the fleet's ack of each of `partials`. */
+  /** Adds `partials` to those awaiting their fleet ack. */
   add(partials: readonly UnsettledPartial[]): void {
     for (const partial of partials) {
       this.#partials.set(partial.partialId, partial);
@@ -51,7 +52,7 @@ export class EarlierPartials {
     }
   }
 
-  /** True when `partialId` is one of these partials. */
+  /** Returns true when `partialId` is one of these partials. */
   has(partialId: string): boolean {
     return this.#partials.has(partialId);
   }
@@ -70,8 +71,8 @@ export class EarlierPartials {
    * true. Returns false when the ack is for none of these partials.
    *
    * A rejection that lists entries the fleet counted otherwise acks only
-   * those. The other entries stay in the journal: if their round task
-   * arrives, the depot sends them again without the counted ones.
+   * those. The other entries stay in the journal, so that the depot sends
+   * them again without the counted ones if their round task arrives.
    */
   async settle(fleetAck: UpdateAck): Promise<boolean> {
     const partial = this.#partials.get(fleetAck.updateId);
@@ -79,6 +80,7 @@ export class EarlierPartials {
     const { journal, counted, publishAck, log } = this.#options;
     const { round, partialId, entries } = partial;
     this.#partials.delete(partialId);
+
     const duplicates = duplicateEntriesOf(entries, fleetAck);
     if (duplicates.length > 0 && duplicates.length < entries.length) {
       const ids = duplicates.map((entry) => entry.updateId);
@@ -89,7 +91,14 @@ export class EarlierPartials {
       counted.add(round, ids);
       for (const entry of duplicates) {
         publishAck(entry.vehicleId, duplicateAckOf(entry, round, fleetAck));
-        await journal.removeUpdate(round, entry.updateId);
+      }
+      try {
+        for (const id of ids) await journal.removeUpdate(round, id);
+      } catch (err) {
+        log.error(
+          { err, round, partialId, duplicates: ids },
+          'removing counted updates from the journal failed',
+        );
       }
       return true;
     }
@@ -104,12 +113,23 @@ export class EarlierPartials {
       );
     } else {
       log.warn(
-        { ...fields, code: fleetAck.reasonCode, reason: fleetAck.reason },
+        {
+          ...fields,
+          code: fleetAck.reasonCode,
+          reason: truncateText(fleetAck.reason),
+        },
         'partial of an earlier run rejected by the fleet',
       );
     }
-    if ((await journal.rounds()).includes(round)) {
-      await journal.recordOutcome(round, fleetAck);
+    try {
+      if ((await journal.rounds()).includes(round)) {
+        await journal.recordOutcome(round, fleetAck);
+      }
+    } catch (err) {
+      log.error(
+        { err, round, partialId },
+        'journaling the fleet ack failed, vehicles are acked anyway',
+      );
     }
     for (const entry of entries) {
       publishAck(entry.vehicleId, vehicleAckOf(entry, round, fleetAck));

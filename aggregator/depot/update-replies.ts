@@ -14,7 +14,7 @@ import type { DepotEvents } from './events.ts';
 /** Dependencies of UpdateReplies, supplied by the depot. */
 export interface UpdateRepliesOptions {
   counted: CountedUpdates;
-  /** Publishes an ack on the vehicle's ack topic; logs its own failures. */
+  /** Publishes an ack on the vehicle's ack topic and logs its own failures. */
   publishAck: (vehicleId: string, ack: UpdateAck) => void;
   emit: EventEmitter<DepotEvents>['emit'];
   log: Logger;
@@ -29,9 +29,9 @@ export class UpdateReplies {
   }
 
   /**
-   * Acks a rejected update with `ack`, or DUPLICATE_UPDATE when the fleet
-   * has counted that update already: a vehicle sends its outbox again
-   * after it reconnects, after its round may have closed.
+   * Acks a rejected update with `ack`, or with DUPLICATE_UPDATE when the
+   * fleet has counted that update already. A vehicle resends its outbox
+   * after it reconnects, possibly after the round closed.
    */
   reject(
     vehicleId: string,
@@ -46,10 +46,14 @@ export class UpdateReplies {
       round: update?.round,
       updateId: update?.updateId,
     };
+
     const duplicate = counted.duplicateAck(vehicleId, decision, current);
     if (duplicate !== undefined) {
       publishAck(vehicleId, duplicate);
-      log.info(fields, 'copy of an update the fleet counted');
+      log.info(
+        fields,
+        'copy of an update the fleet counted, acked DUPLICATE_UPDATE',
+      );
       emit('update-decided', {
         ...fields,
         accepted: false,
@@ -57,6 +61,7 @@ export class UpdateReplies {
       });
       return;
     }
+
     publishAck(vehicleId, ack);
     log.warn(
       {
@@ -71,7 +76,7 @@ export class UpdateReplies {
 
   /** Acks a copy of a merged update again once the fleet has acked it. */
   resent(round: DepotRound, vehicleId: string, updateId: string): void {
-    const entry = round.entries.find((e) => e.updateId === updateId);
+    const entry = round.entries.find((item) => item.updateId === updateId);
     const outcome = round.outcome;
     if (outcome !== undefined && entry !== undefined) {
       this.#options.publishAck(

@@ -5,12 +5,12 @@
  * sums below 2^53 are exact in any order, so the same updates give the
  * same bytes whatever their arrival order.
  *
- * Three implementations give identical limbs: a native addon (AVX-512 or
- * AVX2, on the caller's arrays, see native-sums.ts) where it was built,
- * WebAssembly SIMD (two float64 lanes per instruction, input staged
- * through a small buffer in the module's memory), and a plain JavaScript
- * loop for runtimes without WebAssembly SIMD or models too large for one
- * 32-bit memory.
+ * Three implementations give identical limbs. The native addon
+ * (AVX-512 or AVX2, see native-sums.ts) works on the caller's arrays where
+ * it was built. WebAssembly SIMD runs two float64 lanes per instruction on
+ * input staged through a small buffer in the module's memory. A plain
+ * JavaScript loop serves runtimes without WebAssembly SIMD and models too
+ * large for one 32-bit memory.
  */
 import {
   addOneByOne,
@@ -60,7 +60,7 @@ export interface ExactSums {
    */
   divide(tensor: number, divisor: number): Float32Array;
   /**
-   * Updates that `addBatch` sums per pass over the state; 1 when the
+   * Updates that `addBatch` sums per pass over the state, or 1 when the
    * implementation has no batched add.
    */
   readonly batchSize: number;
@@ -120,9 +120,9 @@ export function createExactSums(
 }
 
 /**
- * Names the kernel that FedAvg sums run on here, for logs: `native
- * (avx512f)`, or `wasm-simd` or `js` with the reason the native one is not
- * used.
+ * Returns the name of the kernel FedAvg sums run on, for logs: `native
+ * (avx512f)`, or `wasm-simd` or `js` with the reason the native kernel is
+ * not used.
  */
 export function aggregationKernelName(): string {
   const { addon, reason } = nativeLimbAddon();

@@ -15,10 +15,10 @@ export interface Limbs {
 }
 
 /**
- * Zero limbs for `size` elements. The arrays are written once here, so
- * that the operating system maps their pages when a round opens. Without
- * that, first-touch page faults made the first sums about 3 times slower
- * on the 2-core development VM.
+ * Creates zero limbs for `size` elements. The arrays are written once
+ * here, so that the operating system maps their pages when a round opens.
+ * Without that, first-touch page faults made the first sums about 3 times
+ * slower (measured on a 2-core VM).
  */
 export function createLimbs(size: number): Limbs {
   return {
@@ -40,8 +40,8 @@ export function divideLimbs(limbs: Limbs, divisor: number): Float32Array {
 }
 
 /**
- * ExactSums.addBatch for implementations without a batched kernel: adds
- * the updates one by one and, on an invalid value, subtracts the ones
+ * Adds the updates one by one, as ExactSums.addBatch for implementations
+ * without a batched kernel. On an invalid value it subtracts the updates
  * already added, which is exact because the limbs are integers.
  */
 export function addOneByOne(

@@ -3,7 +3,7 @@
  * `npm run build:native` (node-gyp, run by `npm ci`). The addon works on
  * the caller's typed arrays in place, without a copy, and computes the
  * same limbs as the JavaScript loop bit for bit. Its batched add sums the
- * limbs of up to 8 updates in registers before it touches the state; the
+ * limbs of up to 8 updates in registers before it touches the state. The
  * limbs are integers whose partial sums stay below 2^53, so the order does
  * not change the result.
  */
@@ -37,11 +37,14 @@ interface LimbAddon {
     numExamples: Float64Array,
     maxAbsValues: Float64Array,
   ): -1 | [number, number];
-  /** 'avx512f', 'avx2' or 'baseline': the kernels picked for this CPU. */
+  /**
+   * Instruction set of the kernels picked for this CPU: 'avx512f', 'avx2'
+   * or 'baseline'.
+   */
   instructionSet(): string;
 }
 
-/** Updates per batched add: the kernel's register batch. */
+/** Updates per batched add: the register batch, MAX_CHUNK in kernels.cc. */
 const NATIVE_BATCH_SIZE = 8;
 
 const ADDON_PATH = '../../build/Release/limbs.node';
@@ -49,9 +52,10 @@ const ADDON_PATH = '../../build/Release/limbs.node';
 let loaded: { addon: LimbAddon | null; reason: string } | undefined;
 
 /**
- * Loads the addon once. Returns null, with the reason, when it was not
- * built or when it would only run baseline x86-64 code, which is slower
- * than the WebAssembly kernel.
+ * Loads the addon once and caches the outcome. Returns a null addon with
+ * the reason when it fails to load or would only run baseline x86-64 code,
+ * which is slower than the WebAssembly kernel. Otherwise the reason is the
+ * instruction set.
  */
 export function nativeLimbAddon(): { addon: LimbAddon | null; reason: string } {
   if (loaded !== undefined) return loaded;
@@ -68,7 +72,9 @@ export function nativeLimbAddon(): { addon: LimbAddon | null; reason: string } {
   } catch (err) {
     loaded = {
       addon: null,
-      reason: `the addon was not built (${(err as Error).message.split('\n')[0]})`,
+      reason:
+        `the addon failed to load (${(err as Error).message.split('\n')[0]}); ` +
+        'build it with npm run build:native',
     };
   }
   return loaded;

@@ -35,7 +35,8 @@ bool getArgs(napi_env env, napi_callback_info info, Args& args,
   return true;
 }
 
-// Data pointer and length of a typed array of `type`, or throws.
+// Reads the data pointer and length of a typed array of `type`, or throws
+// TypeError.
 template <typename T>
 bool typedArray(napi_env env, napi_value value, napi_typedarray_type type,
                 const char* name, T** data, size_t* length) {
@@ -83,7 +84,7 @@ napi_value numberValue(napi_env env, double value) {
   return result;
 }
 
-// whole, high, low of equal length, at least `count` long.
+// State limbs: three Float64Arrays, each at least `count` long.
 struct Separate {
   double* whole;
   double* high;
@@ -107,7 +108,8 @@ bool separate(napi_env env, const napi_value* argv, size_t count,
   return true;
 }
 
-// (whole, high, low, values, numExamples, maxAbsValue) -> -1 or index.
+// Adds one update: (whole, high, low, values, numExamples, maxAbsValue).
+// Returns -1, or the first invalid index with the state unchanged.
 napi_value AddSeparate(napi_env env, napi_callback_info info) {
   Args args;
   if (!getArgs(env, info, args, 6)) return nullptr;
@@ -122,8 +124,8 @@ napi_value AddSeparate(napi_env env, napi_callback_info info) {
       !number(env, args.values[5], "maxAbsValue", &maxAbs)) {
     return nullptr;
   }
-  int64_t invalid = kernels().addSeparate(state.whole, state.high, state.low, values,
-                                count, n, maxAbs);
+  int64_t invalid = kernels().addSeparate(state.whole, state.high, state.low,
+                                          values, count, n, maxAbs);
   return numberValue(env, static_cast<double>(invalid));
 }
 
@@ -140,7 +142,8 @@ napi_value SubtractSeparate(napi_env env, napi_callback_info info) {
       !number(env, args.values[4], "numExamples", &n)) {
     return nullptr;
   }
-  kernels().subtractSeparate(state.whole, state.high, state.low, values, count, n);
+  kernels().subtractSeparate(state.whole, state.high, state.low, values,
+                             count, n);
   return nullptr;
 }
 
@@ -167,14 +170,21 @@ bool batch(napi_env env, const napi_value* argv, Batch* out) {
   for (uint32_t k = 0; k < updates; k++) {
     napi_value element;
     napi_get_element(env, argv[3], k, &element);
+    char name[32];
+    std::snprintf(name, sizeof name, "updates[%u]", k);
     float* values;
     size_t count;
-    if (!typedArray(env, element, napi_float32_array, "updates[k]", &values,
+    if (!typedArray(env, element, napi_float32_array, name, &values,
                     &count)) {
       return false;
     }
     if (k > 0 && count != out->count) {
-      return rangeError(env, "updates[k]", count, out->count);
+      char message[128];
+      std::snprintf(message, sizeof message,
+                    "%s has length %zu, expected %zu like updates[0]", name,
+                    count, out->count);
+      napi_throw_range_error(env, nullptr, message);
+      return false;
     }
     out->count = count;
     out->values.push_back(values);
@@ -186,15 +196,17 @@ bool batch(napi_env env, const napi_value* argv, Batch* out) {
                   &out->maxAbs, &maxLength)) {
     return false;
   }
-  if (nLength < updates) return rangeError(env, "numExamples", nLength, updates);
+  if (nLength < updates) {
+    return rangeError(env, "numExamples", nLength, updates);
+  }
   if (maxLength < updates) {
     return rangeError(env, "maxAbsValues", maxLength, updates);
   }
   return separate(env, argv, out->count, &out->state);
 }
 
-// -1 when the batch was added, otherwise [update, index] of the first
-// invalid value (by update, then index) with the state left unchanged.
+// Converts a batch result to -1 when the batch was added, or else to
+// [update, index] of the first invalid value (by update, then index).
 napi_value failureValue(napi_env env, BatchFailure failure) {
   if (failure.update < 0) return numberValue(env, -1);
   napi_value pair;

@@ -15,9 +15,9 @@ constexpr double SCALE = 67108864.0;  // 2^26
 #ifndef MAX_CHUNK
 #define MAX_CHUNK 8
 #endif
-// Elements ahead of the current block that the batched kernel asks the
-// cache to fetch, in the inputs and in the three state arrays (2 KB ahead
-// per input, 4 KB per state array). Prefetching the state as well cut
+// Elements ahead of the current block that the batched kernel prefetches,
+// in the inputs and in the three state arrays (2 KB ahead per input, 4 KB
+// per state array). Prefetching the state as well cut
 // 100 updates of 1e6 values in batches of 8 from 26 ms to 18 ms (AMD EPYC
 // family 26 VM, AVX-512 build; TypedArray.set of the same bytes 14 ms).
 // Distances from 256 to 2048 measured the same. PREFETCH_DISTANCE
@@ -58,8 +58,8 @@ INLINE VecLimbs splitVec(const float* values, Vec n) {
   return {whole, high, low};
 }
 
-// Largest float32 at most `limit`: comparing a float32 with it gives the
-// same answer as comparing the value widened to float64 with `limit`.
+// Returns the largest float32 at most `limit`. Comparing a float32 with it
+// gives the same result as comparing the float64 value with `limit`.
 INLINE float float32AtMost(double limit) {
   if (std::isnan(limit)) return NAN;
   if (limit == INFINITY) return INFINITY;
@@ -152,7 +152,7 @@ BatchFailure scanBatch(const float* const* values, const double* maxAbs,
 }
 
 // Prefetches the BLOCK float64 state elements at `state` (two cache lines)
-// for writing; without -mprfchw the compiler emits prefetcht0.
+// for writing. Without -mprfchw the compiler emits prefetcht0 instead.
 INLINE void prefetchStateBlock(const double* state) {
   static_assert(BLOCK * sizeof(double) == 128, "two 64-byte lines per block");
   __builtin_prefetch(state, 1);

@@ -26,16 +26,16 @@ struct BatchFailure {
 
 struct KernelTable {
   const char* instructionSet;
-  // One update, state as three arrays. Adds values * n when every
-  // |value| <= maxAbs and returns -1; otherwise leaves the state unchanged
-  // and returns the first invalid index.
+  // One update, state as three arrays. Adds values * n and returns -1 when
+  // every |value| <= maxAbs. Otherwise it leaves the state unchanged and
+  // returns the first invalid index.
   int64_t (*addSeparate)(double* whole, double* high, double* low,
                          const float* values, size_t count, double n,
                          double maxAbs);
   void (*subtractSeparate)(double* whole, double* high, double* low,
                            const float* values, size_t count, double n);
-  // A batch: the limbs of up to 8 updates summed in registers, then
-  // added to the state once per element.
+  // A batch of any size, taken in chunks of up to MAX_CHUNK updates (8 by
+  // default) whose limbs are summed in registers, then added to the state.
   BatchFailure (*addBatchRegisters)(double* whole, double* high, double* low,
                                     const float* const* values,
                                     const double* n, const double* maxAbs,
